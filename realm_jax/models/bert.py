@@ -1,0 +1,236 @@
+"""A pure Flax (linen) BERT encoder: the backbone of every REALM tower.
+
+REALM (Guu et al., 2020, §3.4) uses BERT-base for the query embedder, the document embedder and the
+knowledge-augmented encoder. This module is the plain transformer encoder of Devlin et al. (2019) with
+post-layer-norm blocks, laid out so that Hugging Face `BertModel` checkpoints map onto it one tensor for
+one tensor (see `checkpoint_import.py`).
+
+Parameter tree (names are stable; checkpoints and sharding rules depend on them):
+
+    embeddings/word_embeddings/embedding          [vocab_size, hidden]
+    embeddings/position_embeddings/embedding      [max_position_embeddings, hidden]
+    embeddings/token_type_embeddings/embedding    [type_vocab_size, hidden]
+    embeddings/layer_norm/{scale,bias}            [hidden]
+    layer_{i}/attention/{query,key,value}/kernel  [hidden, num_heads, head_dim]
+    layer_{i}/attention/{query,key,value}/bias    [num_heads, head_dim]
+    layer_{i}/attention/out/kernel                [num_heads, head_dim, hidden]
+    layer_{i}/attention/out/bias                  [hidden]
+    layer_{i}/attention_layer_norm/{scale,bias}   [hidden]
+    layer_{i}/intermediate/{kernel,bias}          [hidden, intermediate], [intermediate]
+    layer_{i}/output/{kernel,bias}                [intermediate, hidden], [hidden]
+    layer_{i}/output_layer_norm/{scale,bias}      [hidden]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT encoder (the fields of a Hugging Face `config.json`).
+
+  Attributes:
+    vocab_size: WordPiece vocabulary size (30,522 for uncased BERT and MiniLM).
+    hidden_size: width of every token representation.
+    num_layers: number of transformer blocks.
+    num_heads: attention heads per block; must divide `hidden_size`.
+    intermediate_size: width of the feed-forward layer.
+    max_position_embeddings: longest sequence the position table covers (tokens).
+    type_vocab_size: number of segment ids (2: query / document).
+    hidden_dropout: dropout rate on embeddings and block outputs (training only).
+    attention_dropout: dropout rate on attention probabilities (training only).
+    layer_norm_eps: LayerNorm epsilon (1e-12 in BERT).
+    dtype: compute dtype name ("float32" or "bfloat16"); parameters stay float32.
+    remat: rematerialise each block in the backward pass (saves activation memory on TPU).
+
+  Raises:
+    ValueError: in `__post_init__` if the sizes are inconsistent.
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"BertConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"BertConfig: {name} must be positive, got {getattr(self, name)}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"BertConfig: unsupported dtype {self.dtype!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "BertConfig":
+    """Builds a config from a Hugging Face BERT `config.json` dictionary.
+
+    Raises:
+      ValueError: if the checkpoint is not a post-LN BERT with GELU activations.
+    """
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_python"):
+      raise ValueError(f"config.json: hidden_act={act!r} is not supported (expected 'gelu')")
+    kwargs = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+class BertLayer(nn.Module):
+  """One post-LN transformer block: self-attention, residual, LN, GELU MLP, residual, LN."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, attention_bias: Array, deterministic: bool) -> Array:
+    """Applies the block.
+
+    Args:
+      x: `[batch, seq_len, hidden]` activations.
+      attention_bias: `[batch, 1, 1, seq_len]` float additive mask (0 or a large negative number).
+      deterministic: disables dropout when True.
+
+    Returns:
+      `[batch, seq_len, hidden]` activations in the compute dtype.
+    """
+    cfg = self.config
+    dt = cfg.compute_dtype
+    h = _Attention(cfg, name="attention")(x, attention_bias, deterministic)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="attention_layer_norm")(x + h)
+    h = nn.Dense(cfg.intermediate_size, dtype=dt, kernel_init=_init, name="intermediate")(x)
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dense(cfg.hidden_size, dtype=dt, kernel_init=_init, name="output")(h)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="output_layer_norm")(x + h)
+
+
+class _Attention(nn.Module):
+  """Multi-head scaled dot-product self-attention (parameters live in the given sub-modules)."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, attention_bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dense = lambda name, **kw: nn.DenseGeneral(  # noqa: E731
+        name=name, dtype=cfg.compute_dtype, kernel_init=_init, **kw)
+    heads = (cfg.num_heads, cfg.head_dim)
+    q, k, v = (dense(n, features=heads)(x) for n in ("query", "key", "value"))
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32) + attention_bias
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return dense("out", features=cfg.hidden_size, axis=(-2, -1))(context)
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + segment embeddings, LayerNorm and dropout."""
+
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_init)
+    self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                        embedding_init=_init)
+    self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                          embedding_init=_init)
+    self.layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype)
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, input_ids: Array, segment_ids: Array, deterministic: bool) -> Array:
+    seq_len = input_ids.shape[-1]
+    if seq_len > self.config.max_position_embeddings:
+      raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
+                       f"{self.config.max_position_embeddings}")
+    positions = jnp.arange(seq_len)[None, :]
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(segment_ids))
+    x = self.layer_norm(x).astype(self.config.compute_dtype)
+    return self.dropout(x, deterministic=deterministic)
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the word-embedding table: `[..., hidden]` -> `[..., vocab_size]`."""
+    return self.word_embeddings.attend(x)
+
+
+class BertEncoder(nn.Module):
+  """BERT encoder (Devlin et al., 2019): token ids -> contextual token representations.
+
+  Call signature: `apply(params, input_ids, segment_ids, input_mask, deterministic=True)`.
+
+  Args:
+    input_ids: `[batch, seq_len]` int32 WordPiece ids.
+    segment_ids: `[batch, seq_len]` int32 segment ids (0 for the first segment, 1 for the second).
+    input_mask: `[batch, seq_len]` int32/bool, 1 for real tokens and 0 for padding.
+    deterministic: disables dropout when True; dropout needs the `dropout` rng otherwise.
+
+  Returns:
+    `[batch, seq_len, hidden]` token representations in the config's compute dtype.
+
+  Raises:
+    ValueError: if `seq_len > max_position_embeddings`.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embeddings = BertEmbeddings(cfg)
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+    self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+
+  def __call__(self, input_ids: Array, segment_ids: Array, input_mask: Array,
+               deterministic: bool = True) -> Array:
+    x = self.embeddings(input_ids, segment_ids, deterministic)
+    mask = input_mask.astype(bool)[:, None, None, :]
+    attention_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    for layer in self.layers:
+      x = layer(x, attention_bias, deterministic)
+    return x
+
+  def attend(self, x: Array) -> Array:
+    """Tied output projection: `[..., hidden]` -> `[..., vocab_size]` logits (masked-LM decoder)."""
+    return self.embeddings.attend(x)

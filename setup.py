@@ -1,0 +1,38 @@
+"""realm_jax: REALM (Guu et al., 2020) in JAX/Flax — retrieval-augmented pre-training and Open-QA."""
+import setuptools
+
+# Versions that were installed and tested together (CPU, Python 3.11). On TPU VMs, install
+# `jax[tpu]==0.10.2` in addition (see tpu/setup.sh).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "sentencepiece==0.2.3",
+    "scann==1.4.2",
+    "gin-config==0.5.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    "numpy==2.4.6",
+]
+EXTRAS = {
+    "test": ["pytest==9.2.0", "chex==0.1.92"],
+    "bench": ["bm25s==0.3.16"],
+}
+
+setuptools.setup(
+    name="realm_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["realm_jax", "realm_jax.*"]),
+    package_data={"realm_jax": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["realm-jax=realm_jax.cli:main"]},
+)
