@@ -1,0 +1,161 @@
+"""`realm-jax <command> --gin_file … --gin_param … --workdir …`: parse, bind, call.
+
+Commands and the top-level function each one calls (the only gin-configured functions):
+  main           the CPU demo on the embedded SQuAD data (experiments/cpu/squad_minilm.gin)
+  finetune       training.finetune.train_and_evaluate   (Open-QA fine-tuning, REALM §3.4)
+  evaluate       the same with num_train_steps=0         (restores WORKDIR's newest checkpoint)
+  predict        predict.predict                        (question → answer + evidence)
+  pretrain       training.pretrain.train                (REALM pre-training, §3.4)
+  ict            training.ict.train                     (ICT warm start, ORQA §5)
+  index-builder  index_builder.run                      (asynchronous index refresh, §3.4)
+The resolved configuration is written to `WORKDIR/config.gin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Sequence
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_EXPERIMENT = "experiments/cpu/squad_minilm.gin"
+
+# command → (module, function, gin files always parsed first)
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "main": ("realm_jax.training.finetune", "train_and_evaluate", (DEFAULT_EXPERIMENT,)),
+    "finetune": ("realm_jax.training.finetune", "train_and_evaluate", ()),
+    "evaluate": ("realm_jax.training.finetune", "train_and_evaluate", ()),
+    "predict": ("realm_jax.predict", "predict", ()),
+    "pretrain": ("realm_jax.training.pretrain", "train", ()),
+    "ict": ("realm_jax.training.ict", "train", ()),
+    "index-builder": ("realm_jax.index_builder", "run", ()),
+}
+
+
+class UsageError(Exception):
+  """A problem with the command line or an input file, reported without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="realm-jax", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("command", choices=sorted(COMMANDS))
+  p.add_argument("questions", nargs="*", help="questions (predict only)")
+  p.add_argument("--workdir", default=None,
+                 help="run directory (local or gs://); default workdirs/<experiment name>")
+  p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  p.add_argument("--gin_param", action="append", default=[],
+                 help="gin binding, e.g. 'train_and_evaluate.num_train_steps=10' (repeatable)")
+  p.add_argument("--log_level", default="INFO")
+  return p
+
+
+def _resolve_gin_file(name: str) -> str:
+  for base in (pathlib.Path.cwd(), PROJECT_ROOT):
+    candidate = base / name
+    if candidate.is_file():
+      return str(candidate)
+  raise UsageError(f"gin file not found: {name} (looked in {pathlib.Path.cwd()} and "
+                   f"{PROJECT_ROOT})")
+
+
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  """Parses gin files (includes resolve against the project root) and bindings.
+
+  Raises:
+    UsageError: naming the file and the offending line on a gin error.
+  """
+  import gin
+  gin.clear_config()
+  gin.add_config_file_search_path(str(PROJECT_ROOT))
+  files = [_resolve_gin_file(f) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
+  except (ValueError, SyntaxError, KeyError, ImportError) as e:
+    raise UsageError(f"gin configuration error: {e}") from e
+
+
+def default_workdir(command: str, gin_files: Sequence[str]) -> str:
+  name = pathlib.Path(gin_files[-1]).stem if gin_files else command
+  return str(pathlib.Path("workdirs") / name)
+
+
+def configured(module: str, function: str) -> Callable[..., Any]:
+  """The gin-configured version of `module.function`."""
+  import gin
+  fn = getattr(importlib.import_module(module), function)
+  return gin.get_configurable(fn)
+
+
+def write_config(workdir: str) -> None:
+  """Writes the resolved gin configuration to `WORKDIR/config.gin` (atomically)."""
+  import gin
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.gin")
+  with open(path + ".tmp", "w") as f:
+    f.write(gin.config_str())
+  os.replace(path + ".tmp", path)
+
+
+def run(argv: Sequence[str]) -> Any:
+  """Parses `argv` (without the program name) and runs the command; returns its result."""
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  module, function, preset = COMMANDS[args.command]
+  gin_files = list(preset) + list(args.gin_file)
+  workdir = args.workdir
+  if args.command in ("predict",) and workdir and not args.gin_file:
+    cfg = os.path.join(workdir, "config.gin")
+    if not os.path.isfile(cfg):
+      raise UsageError(f"{cfg} not found: run `realm-jax main` or `finetune` with this workdir "
+                       "first, or pass --gin_file")
+    gin_files = [cfg]
+  if not gin_files and args.command != "main":
+    raise UsageError(f"`realm-jax {args.command}` needs --gin_file (see experiments/)")
+  workdir = workdir or default_workdir(args.command, gin_files)
+  params = list(args.gin_param)
+  parse_gin(gin_files, params)
+  fn = configured(module, function)
+  kwargs: dict[str, Any] = {"workdir": workdir}
+  if args.command == "evaluate":
+    kwargs["num_train_steps"] = 0
+  if args.command == "predict":
+    if not args.questions:
+      raise UsageError("predict needs at least one question, e.g. realm-jax predict "
+                       "--workdir W \"Who wrote Hamlet?\"")
+    kwargs["questions"] = args.questions
+  if args.command != "predict":
+    write_config(workdir)
+  result = fn(**kwargs)
+  if args.command == "main":
+    from realm_jax import reporting
+    print(reporting.format_summary(result))
+  elif args.command == "predict":
+    from realm_jax import reporting
+    print(reporting.format_predictions(result))
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Console entry point: exit code 0 on success, 2 with a one-line message on bad input."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  from realm_jax.data import corpus as corpus_lib
+  known_errors: tuple[type[BaseException], ...] = (UsageError, FileNotFoundError,
+                                                   corpus_lib.DataFormatError)
+  try:
+    run(argv)
+  except known_errors as e:
+    print(f"realm-jax: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

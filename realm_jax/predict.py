@@ -1,0 +1,81 @@
+"""Question → answer with its evidence: the top blocks and their retrieval probabilities p(z|x).
+
+`realm-jax predict --workdir W "question" …` reads `W/config.gin`, the newest checkpoint in
+`W/checkpoints` (or the pretrained initialisation if there is none) and the newest snapshot in
+`W/snapshots`, retrieves with MIPS, reads the top blocks and prints the best span (REALM §3.4, ORQA §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+
+from realm_jax.data.questions import Question
+from realm_jax.models import realm
+from realm_jax.training import finetune
+from realm_jax.training import sharding
+
+
+def predict(workdir: str, questions: Sequence[str],
+            model: realm.ModelConfig = realm.ModelConfig(),
+            data: finetune.OpenQADataConfig = finetune.OpenQADataConfig(),
+            task: finetune.OpenQAConfig = finetune.OpenQAConfig(),
+            searcher: str = "scann", seed: int = 0, mesh_shape: tuple[int, ...] = (-1, 1),
+            **unused: Any) -> list[dict[str, Any]]:
+  """Answers free-text questions with the run's newest model and index.
+
+  Args:
+    workdir: a run directory with `snapshots/` (and usually `checkpoints/`).
+    questions: the questions, plain strings.
+    model / data / task: as in `finetune.train_and_evaluate` (read from `config.gin`).
+    searcher: `"scann"` or `"exact"`.
+
+  Returns:
+    One dict per question: `question`, `prediction` (answer text), `score`, `evidence_rank` and
+    `top_blocks` (block id, title, text, p(z|x)).
+
+  Raises:
+    FileNotFoundError: if the work directory has no snapshot.
+  """
+  from realm_jax import index_builder
+  from realm_jax.retrieval import searchers as searchers_lib
+  from realm_jax.retrieval import snapshot as snapshot_lib
+  from realm_jax.training import checkpointing
+
+  del unused
+  mesh = sharding.make_mesh(mesh_shape)
+  root = os.path.join(workdir, "snapshots")
+  path = snapshot_lib.latest_snapshot(root) if os.path.isdir(root) else None
+  if path is None:
+    raise FileNotFoundError(f"{root}: no embedding snapshot; run `realm-jax main` or `finetune` "
+                            "with this workdir first")
+  tokenizer, corpus, _, _ = finetune.load_openqa_data(
+      data, model, workdir, seed)
+  snapshot = snapshot_lib.read_snapshot(path)
+  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
+  params = jax.device_put(params, sharding.replicated(mesh))
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  if os.path.isdir(ckpt_dir):
+    try:
+      params, step = checkpointing.restore_params(ckpt_dir, checkpointing.abstract_like(params))
+      logging.info("predicting with the params of step %d", step)
+    except FileNotFoundError:
+      logging.info("no checkpoint in %s: using the initial params", ckpt_dir)
+  search = searchers_lib.searcher_from_snapshot(snapshot, kind=searcher, mesh=mesh)
+  from realm_jax.training import optim
+  tx = optim.bert_adamw(optim.OptimizerConfig())
+  _, eval_fn = finetune.make_steps(model, task, tx, mesh)
+  featurizer = finetune.OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids,
+                                         snapshot.embeddings, task, model.max_span_width)
+  evaluator = finetune.OpenQAEvaluator(featurizer, search,
+                                       index_builder.make_query_embed_fn(model.retriever_config(),
+                                                                         mesh),
+                                       eval_fn, mesh, recall_ks=(task.num_read,))
+  qs = [Question(qid=str(i), question=q, answers=[]) for i, q in enumerate(questions)]
+  _, predictions = evaluator(params, qs, desc="predicting")
+  for p in predictions:
+    p.pop("answers", None)
+  return predictions

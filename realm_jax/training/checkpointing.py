@@ -1,0 +1,132 @@
+"""Orbax checkpoints of the train state and the input-pipeline state.
+
+A checkpoint `WORKDIR/checkpoints/<step>/` holds three named items:
+  * `params`    — the model parameters (StandardSave; the index builder restores only this item),
+  * `opt_state` — the optimiser state,
+  * `meta`      — JSON: the step, the data-iterator state, and the name of the model config.
+Saving is asynchronous; `CheckpointManager.close()` waits for pending writes.
+
+Resume order (t5x, big_vision): a checkpoint in the work directory > an `init_from` checkpoint
+(params only) > the pretrained initialisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """`WORKDIR/checkpoints` (local path or `gs://…`)."""
+  return os.path.join(workdir, "checkpoints")
+
+
+class CheckpointManager:
+  """Thin wrapper over `orbax.checkpoint.CheckpointManager` with REALM's three items.
+
+  Args:
+    directory: where step folders are written (`WORKDIR/checkpoints`).
+    max_to_keep: newest checkpoints kept (older ones are deleted).
+    save_interval_steps: `should_save(step)` is true every this many steps.
+    async_save: write in a background thread (the train loop goes on).
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1000,
+               async_save: bool = True):
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=(PARAMS, OPT_STATE, META))
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any],
+           force: bool = False) -> bool:
+    """Saves (asynchronously) params, optimiser state and JSON metadata at `step`.
+
+    Returns:
+      Whether a save was started (False when `step` is not on the save interval and not forced).
+    """
+    meta = dict(meta, step=int(step))
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        OPT_STATE: ocp.args.StandardSave(opt_state),
+        META: ocp.args.JsonSave(meta),
+    }), force=force)
+
+  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any,
+                                                                                      dict]:
+    """Restores `(params, opt_state, meta)` onto the shardings of the abstract targets.
+
+    Args:
+      step: the step to restore.
+      abstract_params / abstract_opt_state: pytrees of `jax.ShapeDtypeStruct` with shardings
+        (from `jax.eval_shape`), so arrays land directly on their devices.
+
+    Raises:
+      FileNotFoundError: if the step does not exist.
+    """
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract_params),
+        OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+        META: ocp.args.JsonRestore(),
+    }))
+    return restored[PARAMS], restored[OPT_STATE], dict(restored[META])
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any,
+                                                                                          int]:
+  """Restores only the `params` item of the newest (or given) checkpoint in `directory`.
+
+  Used by `init_from` and by the index builder, which never needs the optimiser state.
+
+  Returns:
+    `(params, step)`.
+
+  Raises:
+    FileNotFoundError: if `directory` holds no checkpoint.
+  """
+  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint found")
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract_params)}))
+    logging.info("restored params of step %d from %s", step, directory)
+    return restored[PARAMS], int(step)
+  finally:
+    manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s (with shardings) for every array of `tree`."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

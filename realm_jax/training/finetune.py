@@ -1,0 +1,726 @@
+"""Open-QA fine-tuning of REALM/ORQA: pure train / eval steps and their loop.
+
+REALM §3.4 (fine-tuning) and ORQA §4 (Lee et al., 2019). For each question x:
+  1. the query embedder (trained) embeds x and MIPS over the frozen document index returns the top
+     `num_retrieved` blocks (5,000 in the paper) — on the host, before the step;
+  2. retriever loss: −log Σ_{z ∋ answer} p(z|x) over the retrieved blocks, with
+     p(z|x) ∝ exp(score_scale · Embed_input(x)ᵀ Embed_doc(z)) and Embed_doc(z) read from the snapshot;
+  3. reader loss over the top `num_read` (5) blocks × spans ≤ `max_span_width` (10):
+     −log Σ_{(z, s) correct} p(z, s|x), joint logit = span logit + retriever logit of z;
+     a term is zeroed when nothing is correct.
+The document index stays frozen (the snapshot's embeddings are inputs); the query tower and the reader
+train. Steps are `jax.jit`-ed once over the mesh with named shardings; the batch is split over `data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from realm_jax import evaluation
+from realm_jax.data import featurize
+from realm_jax.data.questions import Question
+from realm_jax.models import encoder as encoder_lib
+from realm_jax.models import realm
+from realm_jax.models import retriever as retriever_lib
+from realm_jax.training import losses
+from realm_jax.training import sharding
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQAConfig:
+  """The shapes of one Open-QA example.
+
+  Attributes:
+    num_retrieved: blocks retrieved per question for the retriever loss (5,000 in the paper).
+    num_read: top blocks the reader reads (5 in the paper).
+    query_length: `[CLS] question [SEP]` length for the query embedder, in wordpieces.
+    reader_length: `[CLS] question [SEP] block [SEP]` length (288 + 32 in the paper).
+    reader_query_length: wordpieces of the question kept in the reader input (incl. [CLS], [SEP]).
+
+  Raises:
+    ValueError: if `num_read > num_retrieved` or a length is too small.
+  """
+
+  num_retrieved: int = 5000
+  num_read: int = 5
+  query_length: int = 64
+  reader_length: int = 320
+  reader_query_length: int = 32
+
+  def __post_init__(self):
+    if not 0 < self.num_read <= self.num_retrieved:
+      raise ValueError(f"OpenQAConfig: need 0 < num_read ({self.num_read}) <= num_retrieved "
+                       f"({self.num_retrieved})")
+    if self.reader_length <= self.reader_query_length + 1:
+      raise ValueError("OpenQAConfig: reader_length must exceed reader_query_length + 1")
+    if self.query_length < 3:
+      raise ValueError("OpenQAConfig: query_length must be at least 3")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Train state: `step` (int32 scalar), `params` ({"retriever", "reader"}), `opt_state`."""
+
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side: retrieval results → fixed-shape batch.
+# ---------------------------------------------------------------------------------------------------
+
+
+class OpenQAFeaturizer:
+  """Turns questions and their retrieved blocks into a numpy batch for the jitted steps.
+
+  Args:
+    tokenizer: a `realm_jax.tokenization.Tokenizer`.
+    corpus: a corpus of blocks, indexable by block id (`corpus[block_id]` returns a `Block` with
+      `text`, `body_ids`, `body_offsets`, `doc_id`).
+    snapshot_block_ids: `[num_blocks]` int64 block id of each snapshot row.
+    snapshot_embeddings: `[num_blocks, dim]` float32 document embeddings (the frozen index).
+    config: the example shapes.
+    max_span_width: the reader's maximum span width.
+  """
+
+  def __init__(self, tokenizer, corpus, snapshot_block_ids: np.ndarray,
+               snapshot_embeddings: np.ndarray, config: OpenQAConfig, max_span_width: int):
+    self.tokenizer = tokenizer
+    self.corpus = corpus
+    self.embeddings = snapshot_embeddings
+    self.config = config
+    self.row_of_block = {int(b): i for i, b in enumerate(snapshot_block_ids)}
+    self.position_of_block = {int(b): i for i, b in enumerate(corpus.block_ids)}
+    self.starts, self.ends = encoder_lib.span_candidates(config.reader_length, max_span_width)
+    self._has_answer_cache: dict[tuple[int, str], bool] = {}
+
+  def query_batch(self, questions: Sequence[Question]) -> dict[str, np.ndarray]:
+    """`[n, query_length]` int32 query inputs."""
+    ids = [self.tokenizer.encode(q.question) for q in questions]
+    return featurize.query_inputs(ids, self.config.query_length, self.tokenizer.cls_id,
+                                  self.tokenizer.sep_id, self.tokenizer.pad_id)
+
+  def block(self, block_id: int):
+    """The corpus `Block` with this id."""
+    return self.corpus[self.position_of_block[block_id]]
+
+  def has_answer(self, block_id: int, question: Question) -> bool:
+    key = (block_id, question.qid)
+    if key not in self._has_answer_cache:
+      self._has_answer_cache[key] = evaluation.has_answer(
+          self.block(block_id).text, question.answers,
+          answers_are_regex=question.answers_are_regex)
+    return self._has_answer_cache[key]
+
+  def batch(self, questions: Sequence[Question], retrieved_block_ids: np.ndarray,
+            with_labels: bool = True) -> tuple[dict[str, np.ndarray], list[list[dict]]]:
+    """Builds the step inputs for `n` questions.
+
+    Args:
+      questions: the `n` questions.
+      retrieved_block_ids: `[n, num_retrieved]` int64 block ids, best first; −1 marks padding.
+      with_labels: compute `retrieved_has_answer` and `span_is_answer` (training).
+
+    Returns:
+      `(batch, reads)`: `batch` holds `query_*` `[n, query_length]`, `retrieved_embeddings`
+      `[n, K, dim]` float32, `retrieved_valid` / `retrieved_has_answer` `[n, K]` bool, `reader_*`
+      `[n, R, reader_length]` int32 and `span_is_answer` `[n, R, num_spans]` bool; `reads[i][r]`
+      keeps the block id, text, offsets and body start of each read block (to map spans to text).
+    """
+    cfg = self.config
+    n, k = retrieved_block_ids.shape
+    if k != cfg.num_retrieved:
+      raise ValueError(f"expected {cfg.num_retrieved} retrieved blocks per question, got {k}")
+    batch = {f"query_{k_}": v for k_, v in self.query_batch(questions).items()}
+    valid = retrieved_block_ids >= 0
+    rows = np.array([[self.row_of_block.get(int(b), 0) for b in row] for row in retrieved_block_ids])
+    batch["retrieved_embeddings"] = self.embeddings[rows].astype(np.float32)
+    batch["retrieved_valid"] = valid
+    if with_labels:
+      batch["retrieved_has_answer"] = np.array(
+          [[bool(v) and self.has_answer(int(b), q) for b, v in zip(row, vrow)]
+           for q, row, vrow in zip(questions, retrieved_block_ids, valid)])
+    shape = (n, cfg.num_read, cfg.reader_length)
+    reader = {name: np.zeros(shape, np.int32)
+              for name in ("input_ids", "segment_ids", "input_mask", "body_mask")}
+    span_labels = np.zeros((n, cfg.num_read, len(self.starts)), bool)
+    reads: list[list[dict]] = []
+    for i, q in enumerate(questions):
+      q_ids = self.tokenizer.encode(q.question)
+      reads.append([])
+      for r in range(cfg.num_read):
+        block_id = int(retrieved_block_ids[i, r])
+        if block_id < 0:
+          reads[i].append({"block_id": -1})
+          continue
+        block = self.block(block_id)
+        joined = featurize.join_inputs(q_ids, block.body_ids, cfg.reader_length,
+                                       self.tokenizer.cls_id, self.tokenizer.sep_id,
+                                       self.tokenizer.pad_id, cfg.reader_query_length)
+        for name in reader:
+          reader[name][i, r] = joined[name]
+        reads[i].append({"block_id": block_id, "body_start": joined["body_start"],
+                         "body_len": joined["body_len"]})
+        if with_labels and batch["retrieved_has_answer"][i, r]:
+          span_labels[i, r] = featurize.span_answer_labels(
+              block.text, block.body_offsets, joined["body_start"], joined["body_len"],
+              q.answers, self.starts, self.ends, q.answers_are_regex)
+    batch.update({f"reader_{k_}": v for k_, v in reader.items()})
+    if with_labels:
+      batch["span_is_answer"] = span_labels
+    return batch, reads
+
+
+def pad_batch(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+  """Pads the leading axis to a multiple of `multiple` (repeating row 0; zero masks mark padding).
+
+  Returns:
+    `(padded_batch, n)` with `n` the number of real rows. Padded rows get
+    `retrieved_valid = False`, so they contribute no loss.
+  """
+  n = len(next(iter(batch.values())))
+  pad = (-n) % multiple
+  if not pad:
+    return batch, n
+  out = {}
+  for key, v in batch.items():
+    filler = np.repeat(v[:1], pad, axis=0)
+    if key in ("retrieved_valid", "retrieved_has_answer", "span_is_answer"):
+      filler = np.zeros_like(filler)
+    out[key] = np.concatenate([v, filler], axis=0)
+  return out, n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device side: pure steps.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _forward(params, batch, retriever_cfg: retriever_lib.RetrieverConfig,
+             reader_cfg: encoder_lib.ReaderConfig, num_read: int, deterministic: bool,
+             rng: Array | None):
+  """Retriever logits `[b, K]` and reader span logits `[b, R, num_spans]`."""
+  rngs = None if deterministic else dict(zip(("dropout",), jax.random.split(rng, 1)))
+  rngs_reader = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
+  q = retriever_lib.Retriever(retriever_cfg).apply(
+      {"params": params["retriever"]}, batch["query_input_ids"], batch["query_input_mask"],
+      batch["query_segment_ids"], deterministic, method=retriever_lib.Retriever.embed_queries,
+      rngs=rngs)
+  retriever_logits = retriever_lib.relevance_scores(q, batch["retrieved_embeddings"],
+                                                    retriever_cfg.score_scale)
+  retriever_logits = jnp.where(batch["retrieved_valid"], retriever_logits, -1e9)
+  span_logits = encoder_lib.SpanReader(reader_cfg).apply(
+      {"params": params["reader"]}, batch["reader_input_ids"], batch["reader_segment_ids"],
+      batch["reader_input_mask"], batch["reader_body_mask"], deterministic, rngs=rngs_reader)
+  return retriever_logits, span_logits
+
+
+def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
+               tx: optax.GradientTransformation, retriever_cfg, reader_cfg, num_read: int
+               ) -> tuple[TrainState, dict[str, Array]]:
+  """One Open-QA update: the ORQA/REALM retriever + reader marginal losses (module docstring).
+
+  Args:
+    state: the train state (replicated).
+    batch: the featurised batch (see `OpenQAFeaturizer.batch`), leading axis split over `data`.
+    rng: PRNG key; folded with the step for dropout.
+
+  Returns:
+    `(new_state, metrics)`; metric keys are namespaced (`train/…`) float32 scalars.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  span_valid = encoder_lib.span_mask(batch["reader_body_mask"], reader_cfg.max_span_width)
+  example_valid = batch["retrieved_valid"][:, 0]
+
+  def loss_fn(params):
+    retriever_logits, span_logits = _forward(params, batch, retriever_cfg, reader_cfg, num_read,
+                                             False, rng)
+    r_loss, r_ok = losses.retriever_loss(retriever_logits, batch["retrieved_has_answer"],
+                                         batch["retrieved_valid"])
+    s_loss, s_ok = losses.reader_loss(span_logits, retriever_logits[:, :num_read],
+                                      batch["span_is_answer"], span_valid)
+    loss = losses.weighted_mean(r_loss + s_loss, example_valid)
+    return loss, (r_loss, s_loss, r_ok, s_ok, retriever_logits, span_logits)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  r_loss, s_loss, r_ok, s_ok, retriever_logits, span_logits = aux
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  joint = span_logits + retriever_logits[:, :num_read, None]
+  best = jnp.argmax(joint.reshape(joint.shape[0], -1), axis=-1)
+  best_correct = jnp.take_along_axis(batch["span_is_answer"].reshape(joint.shape[0], -1),
+                                     best[:, None], axis=-1)[:, 0]
+  w = example_valid.astype(jnp.float32)
+  metrics = {
+      "train/loss": loss,
+      "train/retriever_loss": losses.weighted_mean(r_loss, w),
+      "train/reader_loss": losses.weighted_mean(s_loss, w),
+      "train/answer_in_retrieved": losses.weighted_mean(r_ok, w),
+      "train/answer_span_in_read": losses.weighted_mean(s_ok, w),
+      "train/reader_accuracy": losses.weighted_mean(best_correct, w),
+      "train/grad_norm": optax.global_norm(grads),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict[str, Array], *, retriever_cfg, reader_cfg, num_read: int
+              ) -> dict[str, Array]:
+  """Predicts the best span over the top `num_read` blocks (joint logit, ORQA §4.2).
+
+  Returns:
+    `best_read [b]` int32 (which read block), `best_span [b]` int32 (index into
+    `span_candidates`), `best_score [b]` float32, `p_z [b, K]` float32 retriever posterior p(z|x)
+    over the retrieved blocks.
+  """
+  retriever_logits, span_logits = _forward(params, batch, retriever_cfg, reader_cfg, num_read,
+                                           True, None)
+  joint = span_logits + retriever_logits[:, :num_read, None]
+  flat = joint.reshape(joint.shape[0], -1)
+  best = jnp.argmax(flat, axis=-1)
+  num_spans = span_logits.shape[-1]
+  return {
+      "best_read": (best // num_spans).astype(jnp.int32),
+      "best_span": (best % num_spans).astype(jnp.int32),
+      "best_score": jnp.max(flat, axis=-1),
+      "p_z": jax.nn.softmax(retriever_logits, axis=-1),
+  }
+
+
+def make_steps(model_cfg: realm.ModelConfig, task: OpenQAConfig, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh):
+  """Jits `train_step` and `eval_step` over the mesh (params replicated, batch split over `data`).
+
+  Returns:
+    `(train_step(state, batch, rng) -> (state, metrics), eval_step(params, batch) -> outputs)`;
+    the train step donates its state.
+  """
+  retriever_cfg, reader_cfg = model_cfg.retriever_config(), model_cfg.reader_config()
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  train = jax.jit(
+      functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
+                        num_read=task.num_read),
+      in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+  evaluate = jax.jit(
+      functools.partial(eval_step, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
+                        num_read=task.num_read),
+      in_shardings=(rep, data), out_shardings=data)
+  return train, evaluate
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                       ) -> TrainState:
+  """Places params and a fresh optimiser state on the mesh (replicated) without a host copy of the
+  optimiser state: `jax.jit(init, out_shardings=…)`."""
+  rep = sharding.replicated(mesh)
+  params = jax.device_put(params, rep)
+
+  @functools.partial(jax.jit, out_shardings=rep)
+  def init(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+  return init(params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (host loop around eval_step).
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OpenQAEvaluator:
+  """Evaluates Open-QA: recall@k of the retriever, exact match of the reader, predictions.
+
+  Args:
+    featurizer: builds the step inputs.
+    searcher: MIPS over the snapshot (`search(q [n, dim], k) -> (scores, block_ids)`).
+    query_embed_fn / eval_fn: the jitted query tower and `eval_step`.
+    mesh: the device mesh.
+    batch_size: questions per eval step (rounded up to a multiple of the `data` axis).
+    recall_ks: the k of recall@k (REALM reports 5; DPR-style 1/5/20/100).
+  """
+
+  featurizer: OpenQAFeaturizer
+  searcher: Any
+  query_embed_fn: Any
+  eval_fn: Any
+  mesh: jax.sharding.Mesh
+  batch_size: int = 8
+  recall_ks: tuple[int, ...] = (1, 5, 20, 100)
+
+  def retrieve(self, retriever_params: Any, questions: Sequence[Question], k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Embeds the questions and returns MIPS `(scores [n, k] float32, block_ids [n, k] int64)`."""
+    from realm_jax import index_builder  # local: index_builder imports this package's models
+    queries = self.featurizer.query_batch(questions)
+    q = index_builder.run_batched(self.query_embed_fn, retriever_params, queries,
+                                  max(self.batch_size, 64), self.mesh, bucket=16, progress=False)
+    return self.searcher.search(q, k)
+
+  def __call__(self, params: Any, questions: Sequence[Question], desc: str = "evaluating"
+               ) -> tuple[dict[str, float], list[dict]]:
+    """Runs retrieval + reading over `questions`.
+
+    Returns:
+      `(metrics, predictions)`: metrics `exact_match`, `answer_recall@k`, `gold_recall@k` (when the
+      questions carry gold documents, as SQuAD-open does) in [0, 1], and `num_questions`;
+      predictions are JSON-ready dicts (question, answers, prediction, exact_match, top blocks with
+      p(z|x)).
+    """
+    import tqdm  # host-side progress only
+    cfg = self.featurizer.config
+    k_search = max(max(self.recall_ks), cfg.num_retrieved)
+    data_size = self.mesh.shape[sharding.DATA_AXIS]
+    batch_size = -(-self.batch_size // data_size) * data_size
+    corpus = self.featurizer.corpus
+    em, answer_hits, gold_hits, predictions = [], [], [], []
+    has_gold = all(q.gold_doc_ids for q in questions)
+    for begin in tqdm.trange(0, len(questions), batch_size, desc=desc, unit="batch"):
+      chunk = list(questions[begin:begin + batch_size])
+      _, block_ids = self.retrieve(params["retriever"], chunk, k_search)
+      batch, reads = self.featurizer.batch(chunk, block_ids[:, :cfg.num_retrieved],
+                                           with_labels=False)
+      batch, n = pad_batch(batch, data_size)
+      out = jax.device_get(self.eval_fn(params, batch))
+      for i, q in enumerate(chunk):
+        top = block_ids[i, :max(self.recall_ks)]
+        answer_hits.append([b >= 0 and self.featurizer.has_answer(int(b), q) for b in top])
+        if has_gold:
+          gold = set(q.gold_doc_ids)
+          answer_doc = [b >= 0 and corpus.doc_ids[self.featurizer.position_of_block[int(b)]] in gold
+                        for b in top]
+          gold_hits.append(answer_doc)
+        r, s = int(out["best_read"][i]), int(out["best_span"][i])
+        read = reads[i][r]
+        prediction = ""
+        if read["block_id"] >= 0:
+          block = self.featurizer.block(read["block_id"])
+          start, end = self.featurizer.starts[s], self.featurizer.ends[s]
+          prediction = featurize.span_text(block.text, block.body_offsets, read["body_start"],
+                                           start, end)
+        correct = evaluation.exact_match(prediction, q.answers, q.answers_are_regex)
+        em.append(correct)
+        top_blocks = []
+        for rank in range(min(cfg.num_read, block_ids.shape[1])):
+          b = int(block_ids[i, rank])
+          if b < 0:
+            continue
+          blk = self.featurizer.block(b)
+          top_blocks.append({"block_id": b, "doc_id": str(blk.doc_id), "title": blk.title,
+                             "p_z": float(out["p_z"][i, rank]), "text": blk.text})
+        predictions.append({"qid": q.qid, "question": q.question, "answers": list(q.answers),
+                            "prediction": prediction, "score": float(out["best_score"][i]),
+                            "exact_match": bool(correct), "evidence_rank": r,
+                            "top_blocks": top_blocks})
+    metrics = {"num_questions": float(len(questions)),
+               "exact_match": float(np.mean(em)) if em else 0.0}
+    hits = np.asarray(answer_hits, bool).reshape(len(questions), -1)
+    for k, v in evaluation.recall_at_k(hits, self.recall_ks).items():
+      metrics[f"answer_recall@{k}"] = v
+    if has_gold and gold_hits:
+      gold = np.asarray(gold_hits, bool).reshape(len(questions), -1)
+      for k, v in evaluation.recall_at_k(gold, self.recall_ks).items():
+        metrics[f"gold_recall@{k}"] = v
+    return metrics, predictions
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run: data, first index, train loop, evaluation.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQADataConfig:
+  """Where the knowledge corpus and the questions come from.
+
+  Attributes:
+    corpus_sources: files of the knowledge corpus Z (SQuAD JSON, JSONL or text; see `data.corpus`).
+      Empty means the embedded SQuAD v1.1 files (dev + 30 train articles).
+    train_questions / eval_questions: question files; empty means the embedded SQuAD train / dev.
+    questions_format: `squad_open`, `nq_open`, `webquestions` or `curatedtrec`.
+    max_block_length: wordpieces per block, `3 + title + body` (288 in the paper).
+    tokenizer: `"wordpiece"` (the checkpoint's vocab.txt) or `"sentencepiece"`.
+    tokenizer_path: vocab / model file; empty means the checkpoint's `vocab.txt`.
+    data_dir: TFDS data directory; empty means `WORKDIR/tfds`.
+    max_train_questions / max_eval_questions: 0 for all; otherwise a seeded random sample.
+  """
+
+  corpus_sources: tuple[str, ...] = ()
+  train_questions: str = ""
+  eval_questions: str = ""
+  questions_format: str = "squad_open"
+  max_block_length: int = 288
+  tokenizer: str = "wordpiece"
+  tokenizer_path: str = ""
+  data_dir: str = ""
+  max_train_questions: int = 0
+  max_eval_questions: int = 0
+
+  def __post_init__(self):
+    if self.questions_format not in ("squad_open", "nq_open", "webquestions", "curatedtrec"):
+      raise ValueError(f"OpenQADataConfig.questions_format={self.questions_format!r} is unknown")
+    if self.max_block_length < 8:
+      raise ValueError(f"OpenQADataConfig.max_block_length={self.max_block_length} is too small")
+
+
+def _sample(questions: list[Question], limit: int, seed: int) -> list[Question]:
+  if not limit or limit >= len(questions):
+    return questions
+  order = np.random.default_rng(seed).permutation(len(questions))[:limit]
+  return [questions[i] for i in sorted(order)]
+
+
+class QuestionIterator:
+  """Deterministic, resumable order over training questions (one permutation per epoch).
+
+  State `{"epoch", "position"}` goes into the checkpoint; in multi-host runs each process takes rows
+  `[process_index * local, (process_index + 1) * local)` of every global batch.
+  """
+
+  def __init__(self, num_questions: int, global_batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if num_questions <= 0:
+      raise ValueError("no training questions")
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
+                       "processes")
+    self.num_questions, self.global_batch_size, self.seed = num_questions, global_batch_size, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.epoch, self.position = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_questions)
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self._order = self._permutation(self.epoch)
+
+  def next_local_indices(self) -> np.ndarray:
+    """The `[global_batch / process_count]` int64 question indices of this process's next batch."""
+    picked = []
+    while len(picked) < self.global_batch_size:
+      if self.position >= self.num_questions:
+        self.epoch, self.position = self.epoch + 1, 0
+        self._order = self._permutation(self.epoch)
+      take = min(self.global_batch_size - len(picked), self.num_questions - self.position)
+      picked.extend(self._order[self.position:self.position + take])
+      self.position += take
+    local = self.global_batch_size // self.process_count
+    return np.asarray(picked[self.process_index * local:(self.process_index + 1) * local])
+
+
+def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: str, seed: int):
+  """Tokenizer, blocked corpus (TFDS) and question sets of an Open-QA run.
+
+  Returns:
+    `(tokenizer, corpus, train_questions, eval_questions)`.
+
+  Raises:
+    FileNotFoundError / data.corpus.DataFormatError: naming the bad file, line and field.
+  """
+  import os
+  from realm_jax import tokenization
+  from realm_jax.data import corpus as corpus_lib
+  from realm_jax.data import tfds_builders
+
+  tok_path = data.tokenizer_path or os.path.join(model.checkpoint_dir() or "", "vocab.txt")
+  tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
+  embedded = None
+  if not (data.corpus_sources and data.train_questions and data.eval_questions):
+    embedded = corpus_lib.embedded_squad_paths()
+  sources = list(data.corpus_sources) or [str(embedded["dev"]), str(embedded["train"])]
+  data_dir = data.data_dir or os.path.join(workdir, "tfds")
+  corpus = tfds_builders.build_corpus(sources, tokenizer, data_dir, data.max_block_length)
+  splits = {"train": data.train_questions or str(embedded["train"]),
+            "eval": data.eval_questions or str(embedded["dev"])}
+  questions = tfds_builders.build_questions(splits, data.questions_format, data_dir)
+  train = _sample(questions["train"], data.max_train_questions, seed)
+  evals = _sample(questions["eval"], data.max_eval_questions, seed + 1)
+  logging.info("corpus: %d blocks (%s); %d train / %d eval questions", len(corpus),
+               corpus.fingerprint[:12], len(train), len(evals))
+  return tokenizer, corpus, train, evals
+
+
+def train_and_evaluate(workdir: str,
+                       model: realm.ModelConfig = realm.ModelConfig(),
+                       data: OpenQADataConfig = OpenQADataConfig(),
+                       task: OpenQAConfig = OpenQAConfig(),
+                       optimizer: "optim.OptimizerConfig | None" = None,
+                       batch_size: int = 8,
+                       num_train_steps: int = 100,
+                       eval_batch_size: int = 8,
+                       log_every_steps: int = 10,
+                       checkpoint_every_steps: int = 100,
+                       searcher: str = "scann",
+                       index_batch_size: int = 64,
+                       zero_shot_eval: bool = True,
+                       seed: int = 0,
+                       mesh_shape: tuple[int, ...] = (-1, 1)) -> dict[str, Any]:
+  """Fine-tunes REALM/ORQA on Open-QA and evaluates it (REALM §3.4 / ORQA §4).
+
+  Order of work: data → model init (pretrained BERT) → the first embedding snapshot (built here when
+  `WORKDIR/snapshots` has none for this corpus) → searcher → resume from `WORKDIR/checkpoints` →
+  optional zero-shot evaluation → `num_train_steps` steps → final evaluation, predictions JSONL and
+  `summary.json` in the work directory.
+
+  Args:
+    workdir: the run's directory (local or `gs://`).
+    model / data / task / optimizer: configuration dataclasses (gin builds them).
+    batch_size: global questions per step (a multiple of the mesh's `data` size).
+    num_train_steps: total steps (0 evaluates only).
+    searcher: `"scann"` (host ScaNN) or `"exact"` (sharded on-device top-k).
+    zero_shot_eval: evaluate before training too (the "before" column of the benchmarks).
+
+  Returns:
+    A summary dict: `zero_shot` and `final` metric dicts, `train` (last logged metrics),
+    `predictions_path`, `num_blocks`, timings in seconds.
+
+  Raises:
+    ValueError: on inconsistent configuration (e.g. a batch that does not split over the mesh).
+  """
+  import json
+  import os
+  import time
+  import tensorboardX
+  from realm_jax import index_builder
+  from realm_jax.retrieval import searchers as searchers_lib
+  from realm_jax.retrieval import snapshot as snapshot_lib
+  from realm_jax.training import checkpointing
+  from realm_jax.training import optim
+
+  optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
+  timings: dict[str, float] = {}
+  t0 = time.time()
+  sharding.initialize_distributed()
+  mesh = sharding.make_mesh(mesh_shape)
+  data_size = mesh.shape[sharding.DATA_AXIS]
+  if batch_size % data_size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh data axis "
+                     f"({data_size} devices)")
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+
+  tokenizer, corpus, train_qs, eval_qs = load_openqa_data(data, model, workdir, seed)
+  timings["data_s"] = time.time() - t0
+
+  retriever_cfg = model.retriever_config()
+  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
+
+  # First index: the document embedder's snapshot of the corpus (frozen during fine-tuning).
+  t1 = time.time()
+  snapshots_root = os.path.join(workdir, "snapshots")
+  path = snapshot_lib.latest_snapshot(snapshots_root) if os.path.isdir(snapshots_root) else None
+  if path is not None and snapshot_lib.read_manifest(path)["corpus_fingerprint"] != corpus.fingerprint:
+    raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
+  if path is None:
+    path = index_builder.build_snapshot(snapshots_root, corpus, retriever_cfg,
+                                        params["retriever"], params_step=0,
+                                        batch_size=index_batch_size)
+  snapshot = snapshot_lib.read_snapshot(path)
+  timings["index_s"] = time.time() - t1
+  t2 = time.time()
+  search = searchers_lib.searcher_from_snapshot(snapshot, kind=searcher, mesh=mesh)
+  timings["searcher_build_s"] = time.time() - t2
+
+  tx = optim.bert_adamw(optimizer)
+  state = create_train_state(params, tx, mesh)
+  ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(workdir),
+                                         save_interval_steps=checkpoint_every_steps)
+  iterator = QuestionIterator(len(train_qs), batch_size, seed, jax.process_index(),
+                              jax.process_count())
+  latest = ckpt.latest_step()
+  if latest is not None:
+    p, o, meta = ckpt.restore(latest, checkpointing.abstract_like(state.params),
+                              checkpointing.abstract_like(state.opt_state))
+    state = TrainState(step=jnp.asarray(latest, jnp.int32), params=p, opt_state=o)
+    iterator.restore(meta["data"])
+    logging.info("resumed from step %d", latest)
+
+  train_fn, eval_fn = make_steps(model, task, tx, mesh)
+  query_embed_fn = index_builder.make_query_embed_fn(retriever_cfg, mesh)
+  featurizer = OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids, snapshot.embeddings, task,
+                                model.max_span_width)
+  evaluator = OpenQAEvaluator(featurizer, search, query_embed_fn, eval_fn, mesh, eval_batch_size)
+  summary: dict[str, Any] = {"num_blocks": len(corpus), "num_train_questions": len(train_qs),
+                             "num_eval_questions": len(eval_qs), "snapshot": str(path)}
+
+  start_step = int(jax.device_get(state.step))
+  if zero_shot_eval and start_step == 0:
+    t3 = time.time()
+    summary["zero_shot"], _ = evaluator(state.params, eval_qs, desc="zero-shot eval")
+    timings["zero_shot_eval_s"] = time.time() - t3
+    _write_scalars(writer, "zero_shot", summary["zero_shot"], 0)
+
+  rng = jax.random.key(seed + 1)
+  t4 = time.time()
+  last_metrics: dict[str, float] = {}
+  import tqdm
+  bar = tqdm.tqdm(range(start_step, num_train_steps), desc="fine-tuning", unit="step",
+                  disable=not is_main)
+  for step in bar:
+    local = [train_qs[i] for i in iterator.next_local_indices()]
+    _, retrieved = evaluator.retrieve(state.params["retriever"], local, task.num_retrieved)
+    batch, _ = featurizer.batch(local, retrieved, with_labels=True)
+    batch = sharding.global_batch_from_local(batch, mesh)
+    state, metrics = train_fn(state, batch, rng)
+    if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(last_metrics["train/loss"]):
+        raise FloatingPointError(f"step {step + 1}: loss is {last_metrics['train/loss']}")
+      bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
+      logging.info("step %d: %s", step + 1, last_metrics)
+      _write_scalars(writer, None, last_metrics, step + 1)
+    if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
+      ckpt.save(step + 1, state.params, state.opt_state,
+                {"data": iterator.state(), "model": dataclasses.asdict(model)},
+                force=step + 1 == num_train_steps)
+  ckpt.close()
+  timings["train_s"] = time.time() - t4
+  summary["train"] = last_metrics
+  summary["steps"] = num_train_steps
+
+  t5 = time.time()
+  summary["final"], predictions = evaluator(state.params, eval_qs, desc="final eval")
+  timings["final_eval_s"] = time.time() - t5
+  _write_scalars(writer, "eval", summary["final"], num_train_steps)
+  if is_main:
+    pred_dir = os.path.join(workdir, "predictions")
+    os.makedirs(pred_dir, exist_ok=True)
+    pred_path = os.path.join(pred_dir, f"eval-step{num_train_steps}.jsonl")
+    evaluation.write_predictions_jsonl(pred_path, predictions)
+    summary["predictions_path"] = pred_path
+    summary["examples"] = predictions[:3]
+  timings["total_s"] = time.time() - t0
+  summary["timings"] = timings
+  if is_main:
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump({k: v for k, v in summary.items() if k != "examples"}, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
+  if writer is not None:
+    writer.close()
+  return summary
+
+
+def _write_scalars(writer, prefix: str | None, metrics: dict[str, float], step: int) -> None:
+  if writer is None:
+    return
+  for key, value in metrics.items():
+    writer.add_scalar(f"{prefix}/{key}" if prefix else key, value, step)
+  writer.flush()
