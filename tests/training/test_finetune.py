@@ -1,0 +1,132 @@
+"""Open-QA fine-tuning: featurisation labels, one jitted step on 8 devices, 1-vs-8-device agreement."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realm_jax import tokenization
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import featurize
+from realm_jax.data.questions import Question
+from realm_jax.models import bert
+from realm_jax.models import realm
+from realm_jax.training import finetune
+from realm_jax.training import optim
+from realm_jax.training import sharding
+
+DOCS = [
+    corpus_lib.Document("paris#0", "Paris", "Paris is the capital of France. The Eiffel Tower was "
+                        "built in 1889 for the World's Fair."),
+    corpus_lib.Document("rome#0", "Rome", "Rome is the capital of Italy. The Colosseum could hold "
+                        "50,000 spectators."),
+    corpus_lib.Document("tokyo#0", "Tokyo", "Tokyo is the capital of Japan. It hosted the Summer "
+                        "Olympics in 1964 and 2021."),
+    corpus_lib.Document("nile#0", "Nile", "The Nile is a river in Africa. It flows into the "
+                        "Mediterranean Sea."),
+]
+QUESTIONS = [
+    Question("q0", "When was the Eiffel Tower built?", ["1889"], gold_doc_ids=("paris#0",)),
+    Question("q1", "How many spectators could the Colosseum hold?", ["50,000"]),
+    Question("q2", "What is the capital of Japan?", ["Tokyo"]),
+    Question("q3", "Where does the Nile flow?", ["the Mediterranean Sea"]),
+]
+TASK = finetune.OpenQAConfig(num_retrieved=4, num_read=2, query_length=16, reader_length=48,
+                             reader_query_length=16)
+MODEL = realm.ModelConfig(
+    init_checkpoint=None, pooling="cls_projection", projection_size=8, span_hidden_size=8,
+    max_span_width=4,
+    bert=bert.BertConfig(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
+                         intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
+                         attention_dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  tok = tokenization.WordPieceTokenizer.from_vocab_file(
+      tokenization.minilm_model_dir() / "vocab.txt")
+  blocks = corpus_lib.split_into_blocks(DOCS, tok, 64, show_progress=False)
+  corpus = corpus_lib.Corpus(blocks, tok, 64)
+  rng = np.random.default_rng(0)
+  embeddings = rng.normal(size=(len(corpus), MODEL.retriever_config().embedding_dim)).astype(
+      np.float32)
+  featurizer = finetune.OpenQAFeaturizer(tok, corpus, corpus.block_ids, embeddings, TASK,
+                                         MODEL.max_span_width)
+  # Question i retrieves its own block first, then the others.
+  retrieved = np.array([[i] + [j for j in range(4) if j != i] for i in range(4)], np.int64)
+  batch, reads = featurizer.batch(QUESTIONS, retrieved, with_labels=True)
+  return tok, corpus, featurizer, batch, reads
+
+
+def test_span_labels_recover_the_answer_text(setup):
+  _, corpus, featurizer, batch, reads = setup
+  assert batch["retrieved_has_answer"][:, 0].all()
+  for i, q in enumerate(QUESTIONS):
+    hits = np.nonzero(batch["span_is_answer"][i, 0])[0]
+    assert len(hits) >= 1, q
+    block = featurizer.block(reads[i][0]["block_id"])
+    texts = {featurize.span_text(block.text, block.body_offsets, reads[i][0]["body_start"],
+                                 featurizer.starts[h], featurizer.ends[h]) for h in hits}
+    assert any(t.lower().endswith(q.answers[0].lower().replace("the ", "")) for t in texts), texts
+    # Spans only ever fall on body tokens.
+    body = batch["reader_body_mask"][i, 0]
+    for h in hits:
+      assert body[featurizer.starts[h]] and body[featurizer.ends[h]]
+  # The other blocks hold no answer to question 0.
+  assert not batch["retrieved_has_answer"][0, 1:].any()
+
+
+def _run_steps(batch, mesh, num_steps):
+  tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=100,
+                                              warmup_steps=0))
+  params = realm.init_params(MODEL, jax.random.key(0))
+  state = finetune.create_train_state(params, tx, mesh)
+  train_fn, eval_fn = finetune.make_steps(MODEL, TASK, tx, mesh)
+  out = []
+  for _ in range(num_steps):
+    state, metrics = train_fn(state, sharding.global_batch_from_local(batch, mesh),
+                              jax.random.key(1))
+    out.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+  return out, state, eval_fn
+
+
+def test_train_step_on_8_devices_learns(setup):
+  batch = {k: np.concatenate([v, v]) for k, v in setup[3].items()}  # 8 questions
+  mesh = sharding.make_mesh()
+  assert mesh.shape["data"] == 8
+  metrics, state, eval_fn = _run_steps(batch, mesh, 8)
+  assert all(np.isfinite(m["train/loss"]) for m in metrics)
+  assert metrics[-1]["train/loss"] < metrics[0]["train/loss"]
+  assert metrics[0]["train/answer_in_retrieved"] == 1.0
+  out = jax.device_get(eval_fn(state.params, sharding.global_batch_from_local(batch, mesh)))
+  assert out["p_z"].shape == (8, TASK.num_retrieved)
+  np.testing.assert_allclose(out["p_z"].sum(-1), 1.0, rtol=1e-5)
+  assert (out["best_read"] < TASK.num_read).all()
+
+
+def test_same_loss_on_1_and_8_devices(setup):
+  batch = {k: np.concatenate([v, v]) for k, v in setup[3].items()}
+  m8, _, _ = _run_steps(batch, sharding.make_mesh(), 2)
+  m1, _, _ = _run_steps(batch, sharding.make_mesh(devices=jax.devices()[:1]), 2)
+  for a, b in zip(m1, m8):
+    np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=2e-4)
+
+
+def test_question_iterator_is_resumable():
+  it = finetune.QuestionIterator(10, 4, seed=3)
+  first = [it.next_local_indices() for _ in range(3)]
+  state = it.state()
+  rest = [it.next_local_indices() for _ in range(4)]
+  it2 = finetune.QuestionIterator(10, 4, seed=3)
+  it2.restore(state)
+  np.testing.assert_array_equal(np.concatenate(rest),
+                                np.concatenate([it2.next_local_indices() for _ in range(4)]))
+  # Each epoch is a permutation.
+  it3 = finetune.QuestionIterator(8, 4, seed=0)
+  assert sorted(np.concatenate([it3.next_local_indices() for _ in range(2)])) == list(range(8))
+  # Processes split each global batch into disjoint parts.
+  a = finetune.QuestionIterator(8, 4, 0, process_index=0, process_count=2).next_local_indices()
+  b = finetune.QuestionIterator(8, 4, 0, process_index=1, process_count=2).next_local_indices()
+  assert len(a) == len(b) == 2 and not set(a) & set(b)
