@@ -1,0 +1,149 @@
+"""ScaNN vs the exact sharded searcher: build time, queries per second, recall@k (REALM §3.4, "MIPS").
+
+Data: `N` rows of 128-d float32 from a Gaussian mixture (`--data clustered`, default: sqrt(N) unit-norm
+centres, rows = centre + isotropic noise of expected norm `--noise`, not normalised — like document
+embeddings of topical clusters) or i.i.d. standard Gaussian rows (`--data gaussian`, the hardest case
+for partitioning). Queries: half are fresh draws from the same distribution ("random"), half are a
+random row plus noise of 10% of its norm ("near-dup", e.g. a question paraphrasing a passage).
+
+Recall@k of ScaNN is measured against the exact searcher's top-k on the same queries. The exact searcher
+runs on this machine's CPU as 1 XLA device and as 8 simulated devices (`--xla_force_host_platform_
+device_count=8`, set here before JAX is imported; the 8 "devices" share the same CPU cores, so this
+measures the sharding overhead, not a speed-up).
+
+Run:
+  .venv/bin/python benchmarks/scann_vs_exact.py                 # N = 20k and 1M, ~3-4 min on 2 cores
+  .venv/bin/python benchmarks/scann_vs_exact.py --quick         # N = 5k and 20k, ~20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from realm_jax.retrieval import searchers  # noqa: E402
+from realm_jax.training import sharding  # noqa: E402
+
+
+def make_data(n: int, dim: int, kind: str, noise: float,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Returns (`[n, dim]` float32 rows, `[num_centres, dim]` float32 unit centres, `[n]` int labels).
+
+  For `kind="gaussian"` there are no centres (`[0, dim]`) and all labels are 0.
+  """
+  if kind == "gaussian":
+    return rng.standard_normal((n, dim), np.float32), np.zeros((0, dim), np.float32), np.zeros(n, int)
+  num_centres = max(1, int(round(np.sqrt(n))))
+  centres = rng.standard_normal((num_centres, dim), np.float32)
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  labels = rng.integers(num_centres, size=n)
+  rows = centres[labels] + rng.standard_normal((n, dim), np.float32) * (noise / np.sqrt(dim))
+  return rows.astype(np.float32), centres, labels
+
+
+def make_queries(rows: np.ndarray, centres: np.ndarray, num_queries: int, kind: str, noise: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Half fresh draws ("random"), half near-duplicates of rows; returns (queries, is_near_dup)."""
+  n, dim = rows.shape
+  num_random = num_queries // 2
+  if kind == "gaussian":
+    fresh = rng.standard_normal((num_random, dim), np.float32)
+  else:
+    fresh = (centres[rng.integers(len(centres), size=num_random)] +
+             rng.standard_normal((num_random, dim), np.float32) * (noise / np.sqrt(dim)))
+  base = rows[rng.integers(n, size=num_queries - num_random)]
+  near = base + rng.standard_normal(base.shape, np.float32) * (
+      0.1 * np.linalg.norm(base, axis=1, keepdims=True) / np.sqrt(dim))
+  queries = np.concatenate([fresh, near]).astype(np.float32)
+  return queries, np.arange(num_queries) >= num_random
+
+
+def timed_search(searcher, queries: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, float]:
+  """Searches in batches of `batch` (after one warm-up batch); returns (ids, queries per second)."""
+  searcher.search(queries[:batch], k)  # Compile / warm caches.
+  start = time.perf_counter()
+  ids = [searcher.search(queries[i:i + batch], k)[1] for i in range(0, len(queries), batch)]
+  elapsed = time.perf_counter() - start
+  return np.concatenate(ids), len(queries) / elapsed
+
+
+def recall(ids: np.ndarray, exact_ids: np.ndarray) -> float:
+  """Mean over queries of |retrieved ∩ exact| / k."""
+  return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(),
+                                                                     exact_ids.tolist())]))
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="20000,1000000", help="comma-separated corpus sizes N")
+  parser.add_argument("--dim", type=int, default=128)
+  parser.add_argument("--num_queries", type=int, default=1000)
+  parser.add_argument("--k", type=int, default=10)
+  parser.add_argument("--data", choices=("clustered", "gaussian"), default="clustered")
+  parser.add_argument("--noise", type=float, default=0.5,
+                      help="clustered data: expected noise norm around unit-norm centres")
+  parser.add_argument("--devices", default="1,8", help="device counts for the exact searcher")
+  parser.add_argument("--exact_batch", type=int, default=100,
+                      help="queries per exact search call (bounds [batch, N/devices] scores)")
+  parser.add_argument("--scann_batch", type=int, default=1000, help="queries per ScaNN call")
+  parser.add_argument("--quick", action="store_true", help="N = 5k, 20k and 200 queries")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  sizes = [5000, 20000] if args.quick else [int(s) for s in args.sizes.split(",")]
+  num_queries = 200 if args.quick else args.num_queries
+  device_counts = [int(d) for d in args.devices.split(",")]
+  if max(device_counts) > jax.device_count():
+    sys.exit(f"--devices {args.devices}: only {jax.device_count()} devices")
+  meshes = {d: sharding.make_mesh(devices=jax.devices()[:d]) for d in device_counts}
+
+  print(f"# ScaNN vs exact MIPS: {args.data} data, dim {args.dim}, {num_queries} queries "
+        f"(half random, half near-duplicate), k={args.k}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  header = ["N", "scann index", "build s", "scann QPS"] + [
+      f"exact QPS ({d} dev)" for d in device_counts] + [
+      f"recall@{args.k}", "recall random", "recall near-dup"]
+  rows = []
+  for n in sizes:
+    rng = np.random.default_rng(args.seed)
+    emb, centres, _ = make_data(n, args.dim, args.data, args.noise, rng)
+    queries, near_dup = make_queries(emb, centres, num_queries, args.data, args.noise, rng)
+    block_ids = np.arange(n, dtype=np.int64)
+    exact_ids, exact_qps = None, {}
+    for d, mesh in meshes.items():
+      exact = searchers.ExactSearcher(emb, block_ids, mesh=mesh)
+      ids, exact_qps[d] = timed_search(exact, queries, args.k, args.exact_batch)
+      if exact_ids is None:
+        exact_ids = ids
+      del exact
+    scann = searchers.ScannSearcher(emb, block_ids)
+    scann_ids, scann_qps = timed_search(scann, queries, args.k, args.scann_batch)
+    config = (f"{scann.mode} {scann.num_leaves}/{scann.num_leaves_to_search} r{scann.reorder_k}"
+              if scann.mode == "tree_ah" else scann.mode)
+    rows.append([f"{n:,}", config, f"{scann.build_seconds:.1f}", f"{scann_qps:,.0f}"] +
+                [f"{exact_qps[d]:,.0f}" for d in device_counts] +
+                [f"{recall(scann_ids, exact_ids):.3f}",
+                 f"{recall(scann_ids[~near_dup], exact_ids[~near_dup]):.3f}",
+                 f"{recall(scann_ids[near_dup], exact_ids[near_dup]):.3f}"])
+    print("  done N =", n, file=sys.stderr, flush=True)
+    del scann, emb
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in rows:
+    print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+  print("scann index = mode leaves/searched r<reorder candidates>; QPS = queries per second "
+        f"(exact in batches of {args.exact_batch}, ScaNN in batches of {args.scann_batch}).")
+
+
+if __name__ == "__main__":
+  main()

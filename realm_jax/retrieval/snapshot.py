@@ -1,0 +1,926 @@
+"""Embedding snapshots: the document index that the index builder writes and the trainer reads.
+
+REALM (Guu et al., 2020, §3.4, "asynchronous index refresh") re-embeds every block of the knowledge
+corpus with a recent copy of the document embedder while the trainer keeps using the previous index. The
+official code commits a new index by renaming a temporary directory; this module does the same, so that a
+reader never sees a half-written snapshot.
+
+Layout of one committed snapshot:
+
+    <root>/<params_step>/manifest.json                          written LAST
+    <root>/<params_step>/embeddings-00000-of-00004.npy          [rows, dim] float32 (or float16)
+    <root>/<params_step>/block_ids-00000-of-00004.npy           [rows] int64
+    <root>/<params_step>/shard-00000-of-00004.json              per-shard commit record (checksums)
+    <root>/<params_step>/writer.json                            the writers' shared settings
+
+A directory without a valid `manifest.json` is not a snapshot: `list_snapshots` skips it. Writers work
+in `<root>/.tmp-<params_step>/` (a deterministic name, so that a restarted builder resumes the shards
+already written); each shard is written to `*.partial` files and renamed, then its commit record is
+written the same way. Several processes may write disjoint shards into the same temporary directory
+(one index builder per host); exactly one of them calls `SnapshotWriter.commit`, which checks every
+shard, writes the manifest and renames the directory to `<root>/<params_step>`.
+
+Rows keep the shard order: row `r` of `Snapshot.embeddings` is the embedding of `Snapshot.block_ids[r]`,
+and the searchers return these row numbers (see `retrieval/searchers.py`).
+
+Only local (POSIX) file systems are supported: commits rely on `os.rename` being atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import time
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import tqdm
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WRITER_CONFIG_NAME = "writer.json"
+SUPPORTED_DTYPES = ("float32", "float16")
+TMP_PREFIX = ".tmp-"
+# Directories being replaced (`.old-`) or deleted (`.deleting-`): never read; `prune_snapshots` removes
+# leftovers.
+_OLD_PREFIX = ".old-"
+_DELETING_PREFIX = ".deleting-"
+_HASH_CHUNK_BYTES = 1 << 22
+_FINITE_CHECK_ROWS = 1 << 16
+_STEP_DIR_RE = re.compile(r"^[0-9]+$")
+
+PathLike = str | os.PathLike
+
+
+class SnapshotError(ValueError):
+  """A snapshot (or a temporary snapshot directory) is missing, malformed or inconsistent.
+
+  The message names the offending file and the manifest field (or array property) that is wrong.
+  """
+
+
+# ----------------------------------------------------------------------------------------------------
+# File names and small helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def embeddings_file_name(shard_index: int, num_shards: int) -> str:
+  """`embeddings-<shard:05d>-of-<num_shards:05d>.npy`."""
+  return f"embeddings-{shard_index:05d}-of-{num_shards:05d}.npy"
+
+
+def block_ids_file_name(shard_index: int, num_shards: int) -> str:
+  """`block_ids-<shard:05d>-of-<num_shards:05d>.npy`."""
+  return f"block_ids-{shard_index:05d}-of-{num_shards:05d}.npy"
+
+
+def shard_record_file_name(shard_index: int, num_shards: int) -> str:
+  """`shard-<shard:05d>-of-<num_shards:05d>.json`: the commit record of one written shard."""
+  return f"shard-{shard_index:05d}-of-{num_shards:05d}.json"
+
+
+def _sha256(path: pathlib.Path) -> str:
+  """Hex SHA-256 of a file, read in 4 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK_BYTES):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  """Flushes a directory entry (after a rename) to disk; a no-op where directories cannot be opened."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _partial_name(path: pathlib.Path) -> pathlib.Path:
+  """A unique `*.partial` sibling of `path` (unique so concurrent writers never share one)."""
+  return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
+
+
+def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes `array` as `.npy` to a `*.partial` file, fsyncs it, then renames it onto `path`."""
+  tmp = _partial_name(path)
+  try:
+    with open(tmp, "wb") as f:
+      np.save(f, array, allow_pickle=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  _fsync_dir(path.parent)
+
+
+def _atomic_write_json(path: pathlib.Path, obj: Mapping[str, Any]) -> None:
+  """Writes `obj` as indented JSON to a `*.partial` file, fsyncs it, then renames it onto `path`."""
+  tmp = _partial_name(path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  _fsync_dir(path.parent)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  """Parses a JSON object file.
+
+  Raises:
+    SnapshotError: if the file is missing, unreadable, not JSON or not a JSON object.
+  """
+  try:
+    text = path.read_text(encoding="utf-8")
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{path}: file not found") from e
+  except OSError as e:
+    raise SnapshotError(f"{path}: cannot read ({e})") from e
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SnapshotError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(obj, dict):
+    raise SnapshotError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...], file: pathlib.Path) -> Any:
+  """Returns `obj[name]`, checking that it exists and has one of `types` (bool is never an int).
+
+  Raises:
+    SnapshotError: naming `file` and the field.
+  """
+  if name not in obj:
+    raise SnapshotError(f"{file}: missing field {name!r}")
+  value = obj[name]
+  types = types if isinstance(types, tuple) else (types,)
+  if isinstance(value, bool) and bool not in types:
+    raise SnapshotError(f"{file}: field {name!r} must be {'/'.join(t.__name__ for t in types)}, "
+                        f"got {value!r}")
+  if not isinstance(value, types):
+    raise SnapshotError(f"{file}: field {name!r} must be {'/'.join(t.__name__ for t in types)}, "
+                        f"got {type(value).__name__} {value!r}")
+  return value
+
+
+def check_finite(array: np.ndarray, file: PathLike | str, field: str) -> None:
+  """Checks that a `[rows, ...]` float array holds no NaN or infinity (in row chunks, mmap friendly).
+
+  Args:
+    array: the array (a memmap is read 65,536 rows at a time).
+    file: the file (or object) named in the error message.
+    field: the field named in the error message.
+
+  Raises:
+    SnapshotError: naming `file`, `field` and the first bad row.
+  """
+  for start in range(0, array.shape[0], _FINITE_CHECK_ROWS):
+    chunk = np.asarray(array[start:start + _FINITE_CHECK_ROWS])
+    if not np.isfinite(chunk).all():
+      bad = start + int(np.argwhere(~np.isfinite(chunk))[0][0])
+      raise SnapshotError(f"{file}: field {field!r} holds a non-finite value (first at row {bad})")
+
+
+def check_unique_block_ids(block_ids: np.ndarray, file: PathLike | str,
+                           field: str = "block_ids") -> None:
+  """Checks that a `[rows]` integer array has no repeated id (sorts a copy: O(rows log rows)).
+
+  Raises:
+    SnapshotError: naming `file`, `field`, one repeated id and the number of duplicates.
+  """
+  if block_ids.size < 2:
+    return
+  ordered = np.sort(block_ids, kind="stable")
+  dup = np.nonzero(ordered[1:] == ordered[:-1])[0]
+  if dup.size:
+    raise SnapshotError(f"{file}: field {field!r} repeats block id {int(ordered[dup[0]])} "
+                        f"({dup.size} duplicate(s))")
+
+
+def _validate_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+  """Returns a JSON-safe copy of `metadata` (a string-keyed dict), or raises SnapshotError."""
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+    raise SnapshotError(f"{where}: field 'metadata' must be a dict with string keys, got {metadata!r}")
+  try:
+    return json.loads(json.dumps(dict(metadata)))
+  except (TypeError, ValueError) as e:
+    raise SnapshotError(f"{where}: field 'metadata' is not JSON-serialisable ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# The in-memory snapshot
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Snapshot:
+  """One committed embedding snapshot (or the shards of it that were loaded), REALM §3.4.
+
+  Attributes:
+    path: the snapshot directory `<root>/<params_step>`.
+    params_step: the training step of the embedder parameters that produced the embeddings.
+    corpus_fingerprint: fingerprint of the knowledge corpus (block ids and texts) that was embedded.
+    block_ids: `[num_blocks]` int64, unique; row `r` of `embeddings` embeds block `block_ids[r]`.
+    embeddings: `[num_blocks, dim]` float32 (float16 if stored so); a read-only `np.memmap` when read
+      with `mmap=True` and a single shard was loaded.
+    metadata: free-form JSON metadata from the writer (e.g. the embedder's config name).
+    num_shards: number of shards the snapshot was written in.
+    shard_indices: which shards were loaded, in row order.
+    shard_row_ranges: `(start, end)` rows of each loaded shard inside `block_ids` / `embeddings`
+      (default: one range covering all rows).
+
+  Raises:
+    SnapshotError: in `__post_init__` if the arrays disagree in shape or type.
+  """
+
+  path: pathlib.Path
+  params_step: int
+  corpus_fingerprint: str
+  block_ids: np.ndarray
+  embeddings: np.ndarray
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  num_shards: int = 1
+  shard_indices: tuple[int, ...] = (0,)
+  shard_row_ranges: tuple[tuple[int, int], ...] | None = None
+
+  def __post_init__(self):
+    where = f"Snapshot({self.path})"
+    if self.embeddings.ndim != 2:
+      raise SnapshotError(f"{where}: field 'embeddings' must be [num_blocks, dim], "
+                          f"got shape {self.embeddings.shape}")
+    if self.block_ids.ndim != 1 or self.block_ids.shape[0] != self.embeddings.shape[0]:
+      raise SnapshotError(f"{where}: field 'block_ids' must be [{self.embeddings.shape[0]}], "
+                          f"got shape {self.block_ids.shape}")
+    if not np.issubdtype(self.block_ids.dtype, np.integer):
+      raise SnapshotError(f"{where}: field 'block_ids' must be integer, got {self.block_ids.dtype}")
+    if self.shard_row_ranges is None:
+      object.__setattr__(self, "shard_row_ranges", ((0, int(self.embeddings.shape[0])),))
+    ranges = self.shard_row_ranges
+    expected_start = 0
+    for start, end in ranges:
+      if start != expected_start or end < start:
+        raise SnapshotError(f"{where}: field 'shard_row_ranges' {ranges} is not contiguous")
+      expected_start = end
+    if expected_start != self.embeddings.shape[0]:
+      raise SnapshotError(f"{where}: field 'shard_row_ranges' {ranges} does not cover "
+                          f"{self.embeddings.shape[0]} rows")
+
+  @property
+  def num_blocks(self) -> int:
+    """Number of rows (blocks) loaded."""
+    return int(self.embeddings.shape[0])
+
+  @property
+  def dim(self) -> int:
+    """Embedding dimension (128 in REALM)."""
+    return int(self.embeddings.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+class SnapshotWriter:
+  """Writes the shards of one snapshot into `<root>/.tmp-<params_step>/`, then commits it (REALM §3.4).
+
+  Resumable: the temporary directory name depends only on `params_step`, and `completed_shards()` lists
+  the shards already written and checksummed, so a restarted index builder skips them. Several processes
+  may construct a writer with the same arguments and write disjoint shards concurrently; exactly one then
+  calls `commit()`. The writers' shared settings (`num_shards`, `corpus_fingerprint`, `dim`, `dtype`) are
+  recorded in `writer.json` by the first writer, and a later writer with different settings is refused.
+  The manifest `metadata` is the committing writer's.
+
+  If `<root>/<params_step>` already exists, the constructor and `commit()` raise `SnapshotError` unless
+  `overwrite=True`; with `overwrite=True` the commit renames the old directory aside, renames the new one
+  into place and then deletes the old one (readers see the old snapshot, then for an instant no snapshot
+  at that step, then the new one — never a mixture).
+
+  Example:
+    writer = SnapshotWriter(root, params_step=500, num_shards=4, corpus_fingerprint=fp, dim=128)
+    for shard in sorted(set(range(4)) - set(writer.completed_shards())):
+      writer.write_shard(shard, block_ids_of(shard), embed(shard))
+    path = writer.commit()
+  """
+
+  def __init__(self,
+               root: PathLike,
+               params_step: int,
+               num_shards: int,
+               corpus_fingerprint: str,
+               dim: int,
+               dtype: str = "float32",
+               metadata: Mapping[str, Any] | None = None,
+               overwrite: bool = False):
+    """Creates (or joins) the temporary directory of one snapshot.
+
+    Args:
+      root: the snapshots directory, e.g. `WORKDIR/snapshots`; created if missing.
+      params_step: training step of the embedder parameters (the snapshot's directory name); >= 0.
+      num_shards: number of shards the embeddings are split into; >= 1.
+      corpus_fingerprint: fingerprint of the embedded corpus (non-empty string).
+      dim: embedding dimension; >= 1.
+      dtype: storage dtype, one of `SUPPORTED_DTYPES`; embeddings are cast to it.
+      metadata: free-form JSON metadata for the manifest.
+      overwrite: replace an already committed `<root>/<params_step>` on commit.
+
+    Raises:
+      SnapshotError: on a bad argument, if the snapshot is already committed (and not `overwrite`), or if
+        the temporary directory was started with different settings.
+    """
+    where = f"SnapshotWriter({root})"
+    if (isinstance(params_step, bool) or not isinstance(params_step, (int, np.integer)) or
+        params_step < 0):
+      raise SnapshotError(f"{where}: field 'params_step' must be an int >= 0, got {params_step!r}")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+      raise SnapshotError(f"{where}: field 'num_shards' must be an int >= 1, got {num_shards!r}")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+      raise SnapshotError(f"{where}: field 'dim' must be an int >= 1, got {dim!r}")
+    if not isinstance(corpus_fingerprint, str) or not corpus_fingerprint:
+      raise SnapshotError(f"{where}: field 'corpus_fingerprint' must be a non-empty string, "
+                          f"got {corpus_fingerprint!r}")
+    if dtype not in SUPPORTED_DTYPES:
+      raise SnapshotError(f"{where}: field 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    self.root = pathlib.Path(root)
+    self.params_step = int(params_step)
+    self.num_shards = int(num_shards)
+    self.corpus_fingerprint = corpus_fingerprint
+    self.dim = int(dim)
+    self.dtype = dtype
+    self.metadata = _validate_metadata(metadata, where)
+    self.overwrite = overwrite
+    self.tmp_dir = self.root / f"{TMP_PREFIX}{self.params_step}"
+    self.final_dir = self.root / str(self.params_step)
+    self._committed = False
+    if self.final_dir.exists() and not overwrite:
+      raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
+                          "exists (pass overwrite=True to replace it)")
+    self.tmp_dir.mkdir(parents=True, exist_ok=True)
+    self._join_writer_config()
+
+  # -- settings shared by all writers of this temporary directory ---------------------------------
+
+  def _settings(self) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "params_step": self.params_step,
+            "num_shards": self.num_shards, "corpus_fingerprint": self.corpus_fingerprint,
+            "dim": self.dim, "dtype": self.dtype}
+
+  def _join_writer_config(self) -> None:
+    """Records the settings in `writer.json` (first writer, race-free via `os.link`) or checks them."""
+    config_path = self.tmp_dir / WRITER_CONFIG_NAME
+    if not config_path.exists():
+      tmp = _partial_name(config_path)
+      try:
+        with open(tmp, "w", encoding="utf-8") as f:
+          json.dump(self._settings(), f, indent=2, sort_keys=True)
+          f.flush()
+          os.fsync(f.fileno())
+        try:
+          os.link(tmp, config_path)  # Fails if another writer won the race; then we check theirs.
+        except FileExistsError:
+          pass
+      finally:
+        tmp.unlink(missing_ok=True)
+    existing = _read_json(config_path)
+    for name, value in self._settings().items():
+      if existing.get(name) != value:
+        raise SnapshotError(
+            f"{config_path}: field {name!r} is {existing.get(name)!r} but this writer has {value!r}; "
+            f"the temporary directory {self.tmp_dir} was started by a different job (delete it to "
+            "start over)")
+
+  # -- shards --------------------------------------------------------------------------------------
+
+  def _shard_paths(self, shard_index: int) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    return (self.tmp_dir / embeddings_file_name(shard_index, self.num_shards),
+            self.tmp_dir / block_ids_file_name(shard_index, self.num_shards),
+            self.tmp_dir / shard_record_file_name(shard_index, self.num_shards))
+
+  def _check_shard_index(self, shard_index: int) -> None:
+    if (isinstance(shard_index, bool) or not isinstance(shard_index, (int, np.integer)) or
+        not 0 <= shard_index < self.num_shards):
+      raise SnapshotError(f"{self.tmp_dir}: field 'shard_index' must be in [0, {self.num_shards}), "
+                          f"got {shard_index!r}")
+
+  def write_shard(self, shard_index: int, block_ids: np.ndarray, embeddings: np.ndarray) -> None:
+    """Writes one shard (both arrays, then its commit record), replacing an earlier copy of it.
+
+    Args:
+      shard_index: which shard, in `[0, num_shards)`; shards are concatenated in index order.
+      block_ids: `[rows]` integer block ids (stored as int64), unique within the shard.
+      embeddings: `[rows, dim]` float embeddings (stored as `dtype`); rows may be 0.
+
+    Raises:
+      SnapshotError: on a bad shard index, wrong shapes, non-integer or repeated block ids, NaN/inf
+        embeddings, or after `commit()`.
+    """
+    if self._committed:
+      raise SnapshotError(f"{self.final_dir}: snapshot already committed; cannot write shard "
+                          f"{shard_index}")
+    self._check_shard_index(shard_index)
+    emb_path, ids_path, record_path = self._shard_paths(shard_index)
+    block_ids = np.asarray(block_ids)
+    embeddings = np.asarray(embeddings)
+    if block_ids.ndim != 1 or not np.issubdtype(block_ids.dtype, np.integer):
+      raise SnapshotError(f"{ids_path}: field 'block_ids' must be a 1-D integer array, got "
+                          f"shape {block_ids.shape} dtype {block_ids.dtype}")
+    if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+      raise SnapshotError(f"{emb_path}: field 'embeddings' must have shape [rows, {self.dim}], got "
+                          f"{embeddings.shape}")
+    if embeddings.shape[0] != block_ids.shape[0]:
+      raise SnapshotError(f"{emb_path}: field 'embeddings' has {embeddings.shape[0]} rows but "
+                          f"'block_ids' has {block_ids.shape[0]}")
+    if not np.issubdtype(embeddings.dtype, np.floating):
+      raise SnapshotError(f"{emb_path}: field 'embeddings' must be floating point, got "
+                          f"{embeddings.dtype}")
+    stored = np.ascontiguousarray(embeddings, dtype=self.dtype)
+    check_finite(stored, emb_path, "embeddings")
+    ids64 = np.ascontiguousarray(block_ids, dtype=np.int64)
+    check_unique_block_ids(ids64, ids_path)
+    record_path.unlink(missing_ok=True)  # The shard is incomplete from here until its record exists.
+    _atomic_save_npy(emb_path, stored)
+    _atomic_save_npy(ids_path, ids64)
+    record = {
+        "shard_index": int(shard_index),
+        "num_shards": self.num_shards,
+        "num_rows": int(stored.shape[0]),
+        "dim": self.dim,
+        "dtype": self.dtype,
+        "embeddings_file": emb_path.name,
+        "block_ids_file": ids_path.name,
+        "embeddings_sha256": _sha256(emb_path),
+        "block_ids_sha256": _sha256(ids_path),
+    }
+    _atomic_write_json(record_path, record)
+
+  def _load_record(self, shard_index: int, verify: bool) -> dict[str, Any]:
+    """Reads and checks one shard's commit record; with `verify`, re-hashes its files.
+
+    Raises:
+      SnapshotError: if the record is missing, malformed, or does not match the files.
+    """
+    emb_path, ids_path, record_path = self._shard_paths(shard_index)
+    record = _read_json(record_path)
+    for name, types in (("shard_index", int), ("num_shards", int), ("num_rows", int), ("dim", int),
+                        ("dtype", str), ("embeddings_file", str), ("block_ids_file", str),
+                        ("embeddings_sha256", str), ("block_ids_sha256", str)):
+      _field(record, name, types, record_path)
+    expected = {"shard_index": shard_index, "num_shards": self.num_shards, "dim": self.dim,
+                "dtype": self.dtype, "embeddings_file": emb_path.name,
+                "block_ids_file": ids_path.name}
+    for name, value in expected.items():
+      if record[name] != value:
+        raise SnapshotError(f"{record_path}: field {name!r} is {record[name]!r}, expected {value!r}")
+    for path, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
+      if not path.exists():
+        raise SnapshotError(f"{path}: file not found (named by field {name!r} of {record_path})")
+      if verify and _sha256(path) != record[name]:
+        raise SnapshotError(f"{path}: checksum does not match field {name!r} of {record_path}")
+    return record
+
+  def completed_shards(self, verify: bool = True) -> list[int]:
+    """Shards already fully written: their commit record exists and (with `verify`) checksums match.
+
+    Args:
+      verify: re-hash each shard's files (reads them all); otherwise trust the records.
+
+    Returns:
+      Sorted shard indices.
+    """
+    done = []
+    for shard_index in range(self.num_shards):
+      if not self._shard_paths(shard_index)[2].exists():
+        continue
+      try:
+        self._load_record(shard_index, verify=verify)
+      except SnapshotError as e:
+        logging.warning("Snapshot shard %d will be rewritten: %s", shard_index, e)
+        continue
+      done.append(shard_index)
+    return done
+
+  def commit(self, verify: bool = True) -> pathlib.Path:
+    """Checks every shard, writes the manifest, and renames the directory to `<root>/<params_step>`.
+
+    Args:
+      verify: re-hash every shard file and check block-id uniqueness across shards before committing.
+
+    Returns:
+      The committed snapshot directory.
+
+    Raises:
+      SnapshotError: if a shard is missing or corrupt, block ids repeat across shards, the corpus is
+        empty, the step was committed meanwhile (and not `overwrite`), or the temporary directory is
+        gone.
+    """
+    if self._committed:
+      raise SnapshotError(f"{self.final_dir}: already committed by this writer")
+    if not self.tmp_dir.is_dir():
+      raise SnapshotError(f"{self.tmp_dir}: temporary directory not found (committed by another "
+                          "process?)")
+    if self.final_dir.exists() and not self.overwrite:
+      raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
+                          "exists (pass overwrite=True to replace it)")
+    missing = [i for i in range(self.num_shards) if not self._shard_paths(i)[2].exists()]
+    if missing:
+      raise SnapshotError(f"{self.tmp_dir}: cannot commit, {len(missing)} of {self.num_shards} shards "
+                          f"missing (first: {shard_record_file_name(missing[0], self.num_shards)})")
+    records = [self._load_record(i, verify=verify)
+               for i in tqdm.trange(self.num_shards, desc="verify snapshot shards",
+                                    disable=self.num_shards < 8 or not verify)]
+    if verify:
+      all_ids = np.concatenate([np.load(self.tmp_dir / r["block_ids_file"]) for r in records])
+      check_unique_block_ids(all_ids, self.tmp_dir / "block_ids-*.npy")
+    num_blocks = sum(r["num_rows"] for r in records)
+    if num_blocks == 0:
+      raise SnapshotError(f"{self.tmp_dir}: field 'num_blocks' is 0; a snapshot needs at least one row")
+    shards, row = [], 0
+    for r in records:
+      shards.append({
+          "index": r["shard_index"],
+          "embeddings_file": r["embeddings_file"],
+          "block_ids_file": r["block_ids_file"],
+          "row_start": row,
+          "row_end": row + r["num_rows"],
+          "shape": [r["num_rows"], self.dim],
+          "embeddings_sha256": r["embeddings_sha256"],
+          "block_ids_sha256": r["block_ids_sha256"],
+      })
+      row += r["num_rows"]
+    now = time.time()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "params_step": self.params_step,
+        "corpus_fingerprint": self.corpus_fingerprint,
+        "num_blocks": num_blocks,
+        "dim": self.dim,
+        "dtype": self.dtype,
+        "num_shards": self.num_shards,
+        "shards": shards,
+        "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+        "created_unix": now,
+        "metadata": self.metadata,
+    }
+    for stale in self.tmp_dir.glob("*.partial"):
+      stale.unlink(missing_ok=True)
+    _atomic_write_json(self.tmp_dir / MANIFEST_NAME, manifest)
+    old = None
+    if self.final_dir.exists():  # Only reachable with overwrite=True.
+      old = self.root / f"{_OLD_PREFIX}{self.params_step}-{uuid.uuid4().hex[:8]}"
+      os.rename(self.final_dir, old)
+    try:
+      os.rename(self.tmp_dir, self.final_dir)
+    except OSError as e:
+      raise SnapshotError(f"{self.final_dir}: cannot rename {self.tmp_dir} into place ({e}); was the "
+                          "step committed concurrently?") from e
+    _fsync_dir(self.root)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+    self._committed = True
+    logging.info("Committed snapshot %s: %d blocks x %d (%s) in %d shard(s)", self.final_dir,
+                 num_blocks, self.dim, self.dtype, self.num_shards)
+    return self.final_dir
+
+  def discard(self) -> None:
+    """Deletes the temporary directory (all shards written so far, by any writer)."""
+    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def write_snapshot(root: PathLike,
+                   params_step: int,
+                   block_ids: np.ndarray,
+                   embeddings: np.ndarray,
+                   corpus_fingerprint: str,
+                   num_shards: int = 1,
+                   metadata: Mapping[str, Any] | None = None,
+                   dtype: str = "float32",
+                   overwrite: bool = False) -> pathlib.Path:
+  """Writes and commits a whole snapshot from in-memory arrays (rows split into contiguous shards).
+
+  Args:
+    root: the snapshots directory.
+    params_step: embedder parameter step (directory name).
+    block_ids: `[num_blocks]` integer block ids, unique.
+    embeddings: `[num_blocks, dim]` float embeddings.
+    corpus_fingerprint: fingerprint of the embedded corpus.
+    num_shards: number of near-equal contiguous shards (`np.array_split` sizes).
+    metadata: free-form JSON metadata.
+    dtype: storage dtype, one of `SUPPORTED_DTYPES`.
+    overwrite: replace an existing snapshot at this step (see `SnapshotWriter`).
+
+  Returns:
+    The committed directory `<root>/<params_step>`.
+
+  Raises:
+    SnapshotError: as `SnapshotWriter.write_shard` / `commit`.
+  """
+  embeddings = np.asarray(embeddings)
+  block_ids = np.asarray(block_ids)
+  if embeddings.ndim != 2:
+    raise SnapshotError(f"write_snapshot({root}): field 'embeddings' must be [num_blocks, dim], got "
+                        f"shape {embeddings.shape}")
+  if block_ids.ndim != 1 or len(block_ids) != len(embeddings):
+    raise SnapshotError(f"write_snapshot({root}): field 'block_ids' must be [{len(embeddings)}], got "
+                        f"shape {block_ids.shape}")
+  writer = SnapshotWriter(root, params_step, num_shards, corpus_fingerprint, embeddings.shape[1],
+                          dtype=dtype, metadata=metadata, overwrite=overwrite)
+  sizes = [len(embeddings) // num_shards + (i < len(embeddings) % num_shards)
+           for i in range(num_shards)]
+  bounds = np.cumsum([0] + sizes)
+  for shard in tqdm.trange(num_shards, desc="write snapshot", disable=num_shards < 8):
+    start, end = bounds[shard], bounds[shard + 1]
+    writer.write_shard(shard, block_ids[start:end], embeddings[start:end])
+  return writer.commit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+  """Reads and schema-checks `<path>/manifest.json` (no file hashing).
+
+  Args:
+    path: a snapshot directory.
+
+  Returns:
+    The manifest as a dict (fields as written by `SnapshotWriter.commit`).
+
+  Raises:
+    SnapshotError: naming the manifest file and the field, if it is missing or inconsistent.
+  """
+  path = pathlib.Path(path)
+  file = path / MANIFEST_NAME
+  m = _read_json(file)
+  version = _field(m, "format_version", int, file)
+  if version != FORMAT_VERSION:
+    raise SnapshotError(f"{file}: field 'format_version' is {version}, this code reads "
+                        f"{FORMAT_VERSION}")
+  step = _field(m, "params_step", int, file)
+  if step < 0:
+    raise SnapshotError(f"{file}: field 'params_step' must be >= 0, got {step}")
+  if _STEP_DIR_RE.match(path.name) and int(path.name) != step:
+    raise SnapshotError(f"{file}: field 'params_step' is {step} but the directory is {path.name}")
+  fingerprint = _field(m, "corpus_fingerprint", str, file)
+  if not fingerprint:
+    raise SnapshotError(f"{file}: field 'corpus_fingerprint' is empty")
+  num_blocks = _field(m, "num_blocks", int, file)
+  dim = _field(m, "dim", int, file)
+  if num_blocks < 1 or dim < 1:
+    raise SnapshotError(f"{file}: fields 'num_blocks' and 'dim' must be >= 1, got {num_blocks}, {dim}")
+  dtype = _field(m, "dtype", str, file)
+  if dtype not in SUPPORTED_DTYPES:
+    raise SnapshotError(f"{file}: field 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+  num_shards = _field(m, "num_shards", int, file)
+  shards = _field(m, "shards", list, file)
+  if num_shards < 1 or len(shards) != num_shards:
+    raise SnapshotError(f"{file}: field 'shards' has {len(shards)} entries but 'num_shards' is "
+                        f"{num_shards}")
+  _field(m, "created", str, file)
+  _field(m, "metadata", dict, file)
+  row = 0
+  for i, shard in enumerate(shards):
+    where = f"shards[{i}]"
+    if not isinstance(shard, dict):
+      raise SnapshotError(f"{file}: field {where!r} must be an object")
+    for name, types in (("index", int), ("embeddings_file", str), ("block_ids_file", str),
+                        ("row_start", int), ("row_end", int), ("shape", list),
+                        ("embeddings_sha256", str), ("block_ids_sha256", str)):
+      try:
+        _field(shard, name, types, file)
+      except SnapshotError as e:
+        raise SnapshotError(str(e).replace("field '", f"field '{where}.")) from None
+    if shard["index"] != i:
+      raise SnapshotError(f"{file}: field '{where}.index' is {shard['index']}, expected {i}")
+    for name, expected in (("embeddings_file", embeddings_file_name(i, num_shards)),
+                           ("block_ids_file", block_ids_file_name(i, num_shards))):
+      if shard[name] != expected:
+        raise SnapshotError(f"{file}: field '{where}.{name}' is {shard[name]!r}, expected "
+                            f"{expected!r}")
+    rows = shard["row_end"] - shard["row_start"]
+    if shard["row_start"] != row or rows < 0:
+      raise SnapshotError(f"{file}: field '{where}.row_start' / 'row_end' "
+                          f"({shard['row_start']}, {shard['row_end']}) not contiguous from row {row}")
+    if shard["shape"] != [rows, dim]:
+      raise SnapshotError(f"{file}: field '{where}.shape' is {shard['shape']}, expected {[rows, dim]}")
+    row = shard["row_end"]
+  if row != num_blocks:
+    raise SnapshotError(f"{file}: field 'num_blocks' is {num_blocks} but the shards cover {row} rows")
+  return m
+
+
+def _load_npy(path: pathlib.Path, mmap: bool, field: str) -> np.ndarray:
+  """np.load with errors turned into SnapshotError naming the file."""
+  try:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{path}: file not found (field {field!r} of the manifest)") from e
+  except (OSError, ValueError, EOFError) as e:
+    raise SnapshotError(f"{path}: not a readable .npy file for field {field!r} ({e})") from e
+
+
+def read_snapshot(path: PathLike,
+                  validate: bool = True,
+                  mmap: bool = False,
+                  shard_indices: Sequence[int] | None = None) -> Snapshot:
+  """Loads a committed snapshot (all shards, or a subset for one host of a multi-host job).
+
+  The manifest schema, array shapes and dtypes are always checked. With `validate`, also the SHA-256 of
+  every loaded file, block-id uniqueness and the absence of NaN/inf (this reads every byte).
+
+  Args:
+    path: the snapshot directory `<root>/<params_step>`.
+    validate: check checksums, uniqueness and finiteness.
+    mmap: memory-map the `.npy` files read-only instead of reading them (one shard stays a memmap;
+      several shards are concatenated into memory).
+    shard_indices: shards to load, default all; loaded in increasing order.
+
+  Returns:
+    The `Snapshot`, rows in shard order.
+
+  Raises:
+    SnapshotError: naming the file and field, if anything is missing, malformed or corrupt.
+  """
+  path = pathlib.Path(path)
+  m = read_manifest(path)
+  num_shards, dim, dtype = m["num_shards"], m["dim"], np.dtype(m["dtype"])
+  manifest_file = path / MANIFEST_NAME
+  if shard_indices is None:
+    selected = list(range(num_shards))
+  else:
+    selected = sorted(set(int(i) for i in shard_indices))
+    if not selected or selected[0] < 0 or selected[-1] >= num_shards:
+      raise SnapshotError(f"{manifest_file}: requested shard_indices {list(shard_indices)} outside "
+                          f"[0, {num_shards})")
+  all_ids, all_emb, ranges, row = [], [], [], 0
+  for i in tqdm.tqdm(selected, desc="read snapshot", disable=len(selected) < 8):
+    shard = m["shards"][i]
+    rows = shard["row_end"] - shard["row_start"]
+    emb_path = path / shard["embeddings_file"]
+    ids_path = path / shard["block_ids_file"]
+    if validate:
+      for file, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
+        if not file.exists():
+          raise SnapshotError(f"{file}: file not found (field 'shards[{i}].{name}' of "
+                              f"{manifest_file})")
+        if _sha256(file) != shard[name]:
+          raise SnapshotError(f"{file}: checksum does not match field 'shards[{i}].{name}' of "
+                              f"{manifest_file} (file corrupt or modified)")
+    emb = _load_npy(emb_path, mmap, f"shards[{i}].embeddings_file")
+    ids = _load_npy(ids_path, mmap, f"shards[{i}].block_ids_file")
+    if emb.shape != (rows, dim):
+      raise SnapshotError(f"{emb_path}: shape {emb.shape} differs from field 'shards[{i}].shape' "
+                          f"{[rows, dim]} of {manifest_file}")
+    if emb.dtype != dtype:
+      raise SnapshotError(f"{emb_path}: dtype {emb.dtype} differs from field 'dtype' {m['dtype']!r} "
+                          f"of {manifest_file}")
+    if ids.shape != (rows,) or ids.dtype != np.int64:
+      raise SnapshotError(f"{ids_path}: expected [{rows}] int64 block ids, got shape {ids.shape} "
+                          f"dtype {ids.dtype}")
+    if validate:
+      check_finite(emb, emb_path, "embeddings")
+    all_ids.append(ids)
+    all_emb.append(emb)
+    ranges.append((row, row + rows))
+    row += rows
+  block_ids = all_ids[0] if len(all_ids) == 1 else np.concatenate(all_ids)
+  embeddings = all_emb[0] if len(all_emb) == 1 else np.concatenate(all_emb)
+  if validate:
+    check_unique_block_ids(np.asarray(block_ids), path / "block_ids-*.npy")
+  return Snapshot(path=path, params_step=m["params_step"], corpus_fingerprint=m["corpus_fingerprint"],
+                  block_ids=block_ids, embeddings=embeddings, metadata=m["metadata"],
+                  num_shards=num_shards, shard_indices=tuple(selected),
+                  shard_row_ranges=tuple(ranges))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Listing and pruning
+# ----------------------------------------------------------------------------------------------------
+
+
+def list_snapshots(root: PathLike) -> list[tuple[int, pathlib.Path]]:
+  """Committed snapshots under `root`: `<step>` directories with a valid manifest (schema only).
+
+  Returns:
+    `(params_step, path)` pairs sorted by increasing step; `[]` if `root` does not exist.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    return []
+  found = []
+  for entry in root.iterdir():
+    if not (_STEP_DIR_RE.match(entry.name) and entry.is_dir()):
+      continue
+    try:
+      read_manifest(entry)
+    except SnapshotError as e:
+      logging.debug("Not a snapshot: %s", e)
+      continue
+    found.append((int(entry.name), entry))
+  return sorted(found)
+
+
+def latest_snapshot(root: PathLike) -> pathlib.Path | None:
+  """The committed snapshot with the highest params step, or None if there is none."""
+  snapshots = list_snapshots(root)
+  return snapshots[-1][1] if snapshots else None
+
+
+def _newest_mtime(path: pathlib.Path) -> float:
+  """Latest modification time of a directory or anything directly inside it (seconds since epoch)."""
+  newest = path.stat().st_mtime
+  for entry in path.iterdir():
+    try:
+      newest = max(newest, entry.stat().st_mtime)
+    except FileNotFoundError:
+      continue
+  return newest
+
+
+def prune_snapshots(root: PathLike,
+                    keep: int = 3,
+                    protect: Iterable[int] = (),
+                    stale_tmp_age_s: float | None = None) -> list[pathlib.Path]:
+  """Deletes all but the newest `keep` committed snapshots (the official refresher keeps 3, §3.4).
+
+  A snapshot is first renamed to `.deleting-<step>-<id>` (so it disappears from `list_snapshots` at once)
+  and then removed. Leftover `.deleting-*` / `.old-*` directories are removed too. Directories named
+  `<step>` without a valid manifest are never touched (they are not snapshots and not ours).
+
+  Temporary `.tmp-<step>` directories belong to writers that may still be running, so they are removed
+  only when `stale_tmp_age_s` is given and nothing in them was modified for that many seconds. Choose it
+  well above the time one shard takes to write.
+
+  Args:
+    root: the snapshots directory.
+    keep: number of newest committed snapshots to keep; >= 1.
+    protect: steps never deleted (e.g. the one the trainer is currently searching).
+    stale_tmp_age_s: age in seconds after which an idle `.tmp-*` directory is deleted; None: never.
+
+  Returns:
+    The paths removed (original names).
+
+  Raises:
+    ValueError: if `keep < 1`.
+  """
+  if keep < 1:
+    raise ValueError(f"prune_snapshots: keep must be >= 1, got {keep}")
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    return []
+  protected = {int(s) for s in protect}
+  snapshots = list_snapshots(root)
+  removed = []
+  for step, path in snapshots[:-keep]:
+    if step in protected:
+      continue
+    doomed = root / f"{_DELETING_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
+    try:
+      os.rename(path, doomed)
+    except FileNotFoundError:
+      continue  # Pruned concurrently.
+    shutil.rmtree(doomed, ignore_errors=True)
+    removed.append(path)
+  now = time.time()
+  for entry in list(root.iterdir()):
+    if not entry.is_dir():
+      continue
+    if entry.name.startswith((_DELETING_PREFIX, _OLD_PREFIX)):
+      shutil.rmtree(entry, ignore_errors=True)
+      removed.append(entry)
+    elif entry.name.startswith(TMP_PREFIX) and stale_tmp_age_s is not None:
+      try:
+        age = now - _newest_mtime(entry)
+      except FileNotFoundError:
+        continue  # Committed (renamed) meanwhile.
+      if age > stale_tmp_age_s:
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+  if removed:
+    logging.info("Pruned %d snapshot director%s under %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", root)
+  return removed
