@@ -1,0 +1,253 @@
+"""Open-QA metrics: exact match, regex match, answer containment, recall@k, predictions files.
+
+REALM (Guu et al., 2020, §4.2) reports exact match with the official ORQA evaluation
+(`language/orqa/utils/eval_utils.py`, itself the SQuAD v1.1 / DrQA normalisation): NFD unicode →
+lowercase → strip ASCII punctuation → drop the articles a / an / the → collapse whitespace, maximum
+over the reference answers. CuratedTrec answers are regular expressions compiled with
+IGNORECASE | UNICODE | MULTILINE and applied with `re.match` to the raw prediction (anchored at its
+start, as ORQA's and DrQA's `regex_match_score` do). Retrieval recall@k (REALM Table 2, ORQA §9.3)
+counts a question as covered when one of its top-k blocks contains an answer, with DrQA's
+`has_answer`: the uncased token sequence of an answer occurs in the block's token sequence (or a
+regex answer is found anywhere in the block).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import re
+import string
+import sys
+import tempfile
+import unicodedata
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+_REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+  """The ORQA / SQuAD v1.1 answer normalisation.
+
+  NFD unicode, lowercase, remove ASCII punctuation (`string.punctuation`), replace the words
+  a / an / the by spaces, collapse runs of whitespace to one space and strip.
+  E.g. "The Eiffel Tower!" → "eiffel tower".
+  """
+  s = unicodedata.normalize("NFD", s).lower()
+  s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+  s = _ARTICLES.sub(" ", s)
+  return " ".join(s.split())
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_answer_regex(pattern: str) -> re.Pattern[str] | None:
+  try:
+    return re.compile(pattern, flags=_REGEX_FLAGS)
+  except re.error:
+    return None  # ORQA/DrQA: a pattern that does not compile never matches.
+
+
+def regex_match(prediction: str, pattern: str) -> bool:
+  """ORQA's `regex_match_score`: `re.match` (anchored at the start) with I | U | M flags.
+
+  A pattern that does not compile scores False, as in ORQA and DrQA.
+  """
+  regex = _compile_answer_regex(pattern)
+  return regex is not None and regex.match(prediction) is not None
+
+
+def exact_match(prediction: str, answers: Sequence[str], answers_are_regex: bool = False) -> bool:
+  """Whether a predicted answer string is correct (max over reference answers).
+
+  Args:
+    prediction: the predicted answer text.
+    answers: reference answers (strings, or regular expressions for CuratedTrec).
+    answers_are_regex: use `regex_match` instead of normalised string equality.
+
+  Returns:
+    True if any reference matches; False for an empty `answers`.
+  """
+  if answers_are_regex:
+    return any(regex_match(prediction, a) for a in answers)
+  p = normalize_answer(prediction)
+  return any(p == normalize_answer(a) for a in answers)
+
+
+def _class_ranges(flags: Sequence[bool], lo: int) -> str:
+  """A regex character-class body (`a-zA-Z…`) for the code points `lo + i` with `flags[i]`."""
+  parts, start = [], None
+  for i, inside in enumerate(list(flags) + [False]):
+    if inside and start is None:
+      start = i
+    elif not inside and start is not None:
+      a, b = re.escape(chr(lo + start)), re.escape(chr(lo + i - 1))
+      parts.append(a if start == i - 1 else f"{a}-{b}")
+      start = None
+  return "".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _simple_tokenizer_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+  """DrQA's SimpleTokenizer `[\\p{L}\\p{N}\\p{M}]+|[^\\p{Z}\\p{C}]` for Python's `re`.
+
+  `re` has no `\\p{…}` classes, so they are built once (about 0.5 s) from `unicodedata`. Returns
+  a pattern for text inside the Basic Multilingual Plane (fast: `re` turns BMP classes into
+  bitmaps) and one for any text.
+  """
+  first = [unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1)]
+  alnum = [c in "LNM" for c in first]
+  visible = [c not in "ZC" for c in first]
+  a_bmp, v_bmp = _class_ranges(alnum[:0x10000], 0), _class_ranges(visible[:0x10000], 0)
+  a_astral = _class_ranges(alnum[0x10000:], 0x10000)
+  v_astral = _class_ranges(visible[0x10000:], 0x10000)
+  bmp = re.compile(f"[{a_bmp}]+|[{v_bmp}]")
+  full = re.compile(f"(?:[{a_bmp}]|[{a_astral}])+|[{v_bmp}]|[{v_astral}]")
+  return bmp, full
+
+
+def simple_tokenize(text: str) -> list[str]:
+  """DrQA's `SimpleTokenizer().tokenize(text, uncased=True)`.
+
+  Runs of letters, digits and combining marks (Unicode categories L, N, M) are one token; every
+  other visible character is a token of its own; separators (Z) and control / format characters
+  (C) are dropped. Tokens are lower-cased.
+  """
+  bmp, full = _simple_tokenizer_patterns()
+  text = text.lower()
+  pattern = bmp if not text or max(text) <= "\uffff" else full
+  return pattern.findall(text)
+
+
+def _contains(haystack: Sequence[str], needle: Sequence[str]) -> bool:
+  n = len(needle)
+  if n == 0:
+    return False
+  first = needle[0]
+  for i in range(len(haystack) - n + 1):
+    if haystack[i] == first and list(haystack[i:i + n]) == list(needle):
+      return True
+  return False
+
+
+def has_answer(block_text: str, answers: Sequence[str], answers_are_regex: bool = False) -> bool:
+  """Whether a retrieved block contains an answer (DrQA / DPR `has_answer`, ORQA §9.3 recall).
+
+  Strings: both texts are NFD-normalised and tokenised with `simple_tokenize` (uncased); the block
+  contains the answer if the answer's token sequence occurs contiguously in the block's.
+  Regexes: the NFD-normalised pattern is searched (`re.search`, I | U | M flags) anywhere in the
+  NFD-normalised block; a pattern that does not compile never matches.
+
+  Args:
+    block_text: the block body (and title, if the caller wants titles to count).
+    answers: reference answers.
+    answers_are_regex: CuratedTrec-style answers.
+
+  Returns:
+    True if any answer is found. An answer with no tokens (e.g. "!!" has tokens, "" has none)
+    never matches.
+  """
+  text = unicodedata.normalize("NFD", block_text)
+  if answers_are_regex:
+    for a in answers:
+      regex = _compile_answer_regex(unicodedata.normalize("NFD", a))
+      if regex is not None and regex.search(text) is not None:
+        return True
+    return False
+  tokens = simple_tokenize(text)
+  return any(_contains(tokens, simple_tokenize(unicodedata.normalize("NFD", a)))
+             for a in answers)
+
+
+def recall_at_k(hits: np.ndarray | Sequence[Sequence[bool]],
+                ks: Sequence[int] = (1, 5, 20, 100)) -> dict[int, float]:
+  """Retrieval recall@k: the fraction of questions with an answer in their top-k blocks.
+
+  Args:
+    hits: `[num_questions, num_retrieved]` bool; `hits[q, r]` says whether the r-th ranked block
+      of question q contains an answer (see `has_answer`).
+    ks: cut-offs, each in `[1, num_retrieved]`.
+
+  Returns:
+    `{k: recall}` with recall a Python float in [0, 1].
+
+  Raises:
+    ValueError: if `hits` is not 2-D, has no question, or a k is outside `[1, num_retrieved]`.
+  """
+  hits = np.asarray(hits, dtype=bool)
+  if hits.ndim != 2 or hits.shape[0] == 0:
+    raise ValueError(f"hits must be [num_questions > 0, num_retrieved], got shape {hits.shape}")
+  covered = np.logical_or.accumulate(hits, axis=1)
+  out = {}
+  for k in ks:
+    if not 1 <= k <= hits.shape[1]:
+      raise ValueError(f"recall@{k} needs {k} retrieved blocks per question, got {hits.shape[1]}")
+    out[int(k)] = float(covered[:, k - 1].mean())
+  return out
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (set, frozenset, tuple)):
+    return list(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_predictions_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+  """Writes one JSON object per line, atomically (a temporary file, then a rename).
+
+  numpy scalars and arrays are converted to Python numbers and lists. The folder is created.
+
+  Args:
+    path: destination file.
+    records: e.g. `{"qid", "question", "prediction", "answers", "correct", "top_block_ids"}`.
+
+  Returns:
+    The number of records written.
+
+  Raises:
+    TypeError: if a record holds a value JSON cannot represent (nothing is written then).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  count = 0
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for record in records:
+        f.write(json.dumps(dict(record), ensure_ascii=False, default=_json_default))
+        f.write("\n")
+        count += 1
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return count
+
+
+def read_predictions_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads a file written by `write_predictions_jsonl` (blank lines skipped).
+
+  Raises:
+    FileNotFoundError: if `path` is missing.
+    ValueError: naming the line of invalid JSON.
+  """
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from e
+  return out
