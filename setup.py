@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "numpy==2.4.6",
+    "spacy==3.8.18",
 ]
 EXTRAS = {
     "test": ["pytest==9.2.0", "chex==0.1.92"],

@@ -103,7 +103,7 @@ def write_config(workdir: str) -> None:
 
 def run(argv: Sequence[str]) -> Any:
   """Parses `argv` (without the program name) and runs the command; returns its result."""
-  args = _parser().parse_args(argv)
+  args = _parser().parse_intermixed_args(argv)
   logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):

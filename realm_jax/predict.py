@@ -64,7 +64,8 @@ def predict(workdir: str, questions: Sequence[str],
       logging.info("predicting with the params of step %d", step)
     except FileNotFoundError:
       logging.info("no checkpoint in %s: using the initial params", ckpt_dir)
-  search = searchers_lib.searcher_from_snapshot(snapshot, kind=searcher, mesh=mesh)
+  search = searchers_lib.searcher_from_snapshot(
+      snapshot, kind=searcher, mesh=mesh if searcher == "exact" else None)
   from realm_jax.training import optim
   tx = optim.bert_adamw(optim.OptimizerConfig())
   _, eval_fn = finetune.make_steps(model, task, tx, mesh)

@@ -368,9 +368,12 @@ class OpenQAEvaluator:
                                   max(self.batch_size, 64), self.mesh, bucket=16, progress=False)
     return self.searcher.search(q, k)
 
-  def __call__(self, params: Any, questions: Sequence[Question], desc: str = "evaluating"
-               ) -> tuple[dict[str, float], list[dict]]:
-    """Runs retrieval + reading over `questions`.
+  def __call__(self, params: Any, questions: Sequence[Question], desc: str = "evaluating",
+               read: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """Runs retrieval (+ reading, when `read`) over `questions`.
+
+    With `read=False` only the retriever is evaluated (recall@k); `exact_match` is absent and no
+    predictions are returned. That is the cheap zero-shot column: an untrained reader has no EM.
 
     Returns:
       `(metrics, predictions)`: metrics `exact_match`, `answer_recall@k`, `gold_recall@k` (when the
@@ -380,7 +383,8 @@ class OpenQAEvaluator:
     """
     import tqdm  # host-side progress only
     cfg = self.featurizer.config
-    k_search = max(max(self.recall_ks), cfg.num_retrieved)
+    num_blocks = len(self.featurizer.row_of_block)
+    k_search = min(max(max(self.recall_ks), cfg.num_retrieved), num_blocks)
     data_size = self.mesh.shape[sharding.DATA_AXIS]
     batch_size = -(-self.batch_size // data_size) * data_size
     corpus = self.featurizer.corpus
@@ -389,10 +393,15 @@ class OpenQAEvaluator:
     for begin in tqdm.trange(0, len(questions), batch_size, desc=desc, unit="batch"):
       chunk = list(questions[begin:begin + batch_size])
       _, block_ids = self.retrieve(params["retriever"], chunk, k_search)
-      batch, reads = self.featurizer.batch(chunk, block_ids[:, :cfg.num_retrieved],
-                                           with_labels=False)
-      batch, n = pad_batch(batch, data_size)
-      out = jax.device_get(self.eval_fn(params, batch))
+      width = max(max(self.recall_ks), cfg.num_retrieved)
+      if block_ids.shape[1] < width:  # a corpus smaller than k: missing ranks are misses
+        block_ids = np.pad(block_ids, ((0, 0), (0, width - block_ids.shape[1])),
+                           constant_values=-1)
+      if read:
+        batch, reads = self.featurizer.batch(chunk, block_ids[:, :cfg.num_retrieved],
+                                             with_labels=False)
+        batch, _ = pad_batch(batch, data_size)
+        out = jax.device_get(self.eval_fn(params, batch))
       for i, q in enumerate(chunk):
         top = block_ids[i, :max(self.recall_ks)]
         answer_hits.append([b >= 0 and self.featurizer.has_answer(int(b), q) for b in top])
@@ -401,6 +410,8 @@ class OpenQAEvaluator:
           answer_doc = [b >= 0 and corpus.doc_ids[self.featurizer.position_of_block[int(b)]] in gold
                         for b in top]
           gold_hits.append(answer_doc)
+        if not read:
+          continue
         r, s = int(out["best_read"][i]), int(out["best_span"][i])
         read = reads[i][r]
         prediction = ""
@@ -423,8 +434,9 @@ class OpenQAEvaluator:
                             "prediction": prediction, "score": float(out["best_score"][i]),
                             "exact_match": bool(correct), "evidence_rank": r,
                             "top_blocks": top_blocks})
-    metrics = {"num_questions": float(len(questions)),
-               "exact_match": float(np.mean(em)) if em else 0.0}
+    metrics = {"num_questions": float(len(questions))}
+    if read:
+      metrics["exact_match"] = float(np.mean(em)) if em else 0.0
     hits = np.asarray(answer_hits, bool).reshape(len(questions), -1)
     for k, v in evaluation.recall_at_k(hits, self.recall_ks).items():
       metrics[f"answer_recall@{k}"] = v
@@ -451,7 +463,8 @@ class OpenQADataConfig:
     questions_format: `squad_open`, `nq_open`, `webquestions` or `curatedtrec`.
     max_block_length: wordpieces per block, `3 + title + body` (288 in the paper).
     tokenizer: `"wordpiece"` (the checkpoint's vocab.txt) or `"sentencepiece"`.
-    tokenizer_path: vocab / model file; empty means the checkpoint's `vocab.txt`.
+    tokenizer_path: vocab / model file; empty means the checkpoint's `vocab.txt` (MiniLM's
+      uncased vocabulary for a randomly initialised model).
     data_dir: TFDS data directory; empty means `WORKDIR/tfds`.
     max_train_questions / max_eval_questions: 0 for all; otherwise a seeded random sample.
   """
@@ -538,7 +551,10 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   from realm_jax.data import corpus as corpus_lib
   from realm_jax.data import tfds_builders
 
-  tok_path = data.tokenizer_path or os.path.join(model.checkpoint_dir() or "", "vocab.txt")
+  tok_path = data.tokenizer_path
+  if not tok_path:  # the checkpoint's vocabulary; MiniLM's uncased one for random-init models
+    ckpt_dir = model.checkpoint_dir() or str(tokenization.minilm_model_dir())
+    tok_path = os.path.join(ckpt_dir, "vocab.txt")
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
   embedded = None
   if not (data.corpus_sources and data.train_questions and data.eval_questions):
@@ -618,6 +634,9 @@ def train_and_evaluate(workdir: str,
 
   tokenizer, corpus, train_qs, eval_qs = load_openqa_data(data, model, workdir, seed)
   timings["data_s"] = time.time() - t0
+  if task.num_retrieved > len(corpus):
+    raise ValueError(f"OpenQAConfig.num_retrieved={task.num_retrieved} exceeds the corpus size "
+                     f"({len(corpus)} blocks)")
 
   retriever_cfg = model.retriever_config()
   params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
@@ -635,7 +654,8 @@ def train_and_evaluate(workdir: str,
   snapshot = snapshot_lib.read_snapshot(path)
   timings["index_s"] = time.time() - t1
   t2 = time.time()
-  search = searchers_lib.searcher_from_snapshot(snapshot, kind=searcher, mesh=mesh)
+  search = searchers_lib.searcher_from_snapshot(
+      snapshot, kind=searcher, mesh=mesh if searcher == "exact" else None)
   timings["searcher_build_s"] = time.time() - t2
 
   tx = optim.bert_adamw(optimizer)
@@ -663,7 +683,8 @@ def train_and_evaluate(workdir: str,
   start_step = int(jax.device_get(state.step))
   if zero_shot_eval and start_step == 0:
     t3 = time.time()
-    summary["zero_shot"], _ = evaluator(state.params, eval_qs, desc="zero-shot eval")
+    summary["zero_shot"], _ = evaluator(state.params, eval_qs, desc="zero-shot retrieval",
+                                        read=False)
     timings["zero_shot_eval_s"] = time.time() - t3
     _write_scalars(writer, "zero_shot", summary["zero_shot"], 0)
 
@@ -702,7 +723,7 @@ def train_and_evaluate(workdir: str,
   if is_main:
     pred_dir = os.path.join(workdir, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
-    pred_path = os.path.join(pred_dir, f"eval-step{num_train_steps}.jsonl")
+    pred_path = os.path.join(pred_dir, f"eval-step{int(jax.device_get(state.step))}.jsonl")
     evaluation.write_predictions_jsonl(pred_path, predictions)
     summary["predictions_path"] = pred_path
     summary["examples"] = predictions[:3]
@@ -722,5 +743,6 @@ def _write_scalars(writer, prefix: str | None, metrics: dict[str, float], step: 
   if writer is None:
     return
   for key, value in metrics.items():
-    writer.add_scalar(f"{prefix}/{key}" if prefix else key, value, step)
+    name = key.replace("@", "_at_")
+    writer.add_scalar(f"{prefix}/{name}" if prefix else name, value, step)
   writer.flush()
