@@ -32,6 +32,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+HIDDEN_ACTS = ("gelu", "gelu_new")
+# Hugging Face activation names -> the two GELUs BertEncoder computes.
+_HF_HIDDEN_ACTS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new",
+                   "gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -48,6 +53,9 @@ class BertConfig:
     hidden_dropout: dropout rate on embeddings and block outputs (training only).
     attention_dropout: dropout rate on attention probabilities (training only).
     layer_norm_eps: LayerNorm epsilon (1e-12 in BERT).
+    hidden_act: the feed-forward activation: `"gelu"` (exact, erf-based; Hugging Face BERT) or
+      `"gelu_new"` (the tanh approximation of the original TF BERT, used by REALM's released
+      checkpoints, `RealmConfig`'s default).
     dtype: compute dtype name ("float32" or "bfloat16"); parameters stay float32.
     remat: rematerialise each block in the backward pass (saves activation memory on TPU).
 
@@ -65,6 +73,7 @@ class BertConfig:
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
   dtype: str = "float32"
   remat: bool = False
 
@@ -78,6 +87,13 @@ class BertConfig:
         raise ValueError(f"BertConfig: {name} must be positive, got {getattr(self, name)}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"BertConfig: unsupported dtype {self.dtype!r}")
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise ValueError(f"BertConfig: hidden_act={self.hidden_act!r} is not one of {HIDDEN_ACTS}")
+
+  @property
+  def approximate_gelu(self) -> bool:
+    """Whether the GELU is the tanh approximation (`"gelu_new"`) rather than the exact erf form."""
+    return self.hidden_act == "gelu_new"
 
   @property
   def head_dim(self) -> int:
@@ -95,8 +111,9 @@ class BertConfig:
       ValueError: if the checkpoint is not a post-LN BERT with GELU activations.
     """
     act = hf.get("hidden_act", "gelu")
-    if act not in ("gelu", "gelu_new", "gelu_python"):
-      raise ValueError(f"config.json: hidden_act={act!r} is not supported (expected 'gelu')")
+    if act not in _HF_HIDDEN_ACTS:
+      raise ValueError(f"config.json: hidden_act={act!r} is not supported (expected one of "
+                       f"{sorted(_HF_HIDDEN_ACTS)})")
     kwargs = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -108,6 +125,7 @@ class BertConfig:
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_act=_HF_HIDDEN_ACTS[act],
     )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -139,7 +157,7 @@ class BertLayer(nn.Module):
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="attention_layer_norm")(x + h)
     h = nn.Dense(cfg.intermediate_size, dtype=dt, kernel_init=_init, name="intermediate")(x)
-    h = nn.gelu(h, approximate=False)
+    h = nn.gelu(h, approximate=cfg.approximate_gelu)
     h = nn.Dense(cfg.hidden_size, dtype=dt, kernel_init=_init, name="output")(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="output_layer_norm")(x + h)

@@ -497,7 +497,7 @@ def hf_config_dict(config: BertConfig, architecture: str = "BertModel") -> dict[
       "num_hidden_layers": config.num_layers,
       "num_attention_heads": config.num_heads,
       "intermediate_size": config.intermediate_size,
-      "hidden_act": "gelu",
+      "hidden_act": config.hidden_act,
       "hidden_dropout_prob": config.hidden_dropout,
       "attention_probs_dropout_prob": config.attention_dropout,
       "max_position_embeddings": config.max_position_embeddings,

@@ -121,7 +121,8 @@ class SpanReader(nn.Module):
 
 
 class MaskedLmHead(nn.Module):
-  """BERT's masked-LM head: dense → GELU → LayerNorm → tied decoder + bias (REALM §3.2, Eq. 2).
+  """BERT's masked-LM head: dense → GELU (`config.hidden_act`) → LayerNorm → tied decoder + bias
+  (REALM §3.2, Eq. 2).
 
   Parameters: `transform/{kernel,bias}`, `transform_layer_norm/{scale,bias}`, `output_bias [vocab]`
   (the layout `checkpoint_import` produces from `cls.predictions.*`).
@@ -139,7 +140,7 @@ class MaskedLmHead(nn.Module):
     """
     cfg = self.config
     h = nn.Dense(cfg.hidden_size, kernel_init=_init, name="transform")(hidden)
-    h = nn.gelu(h, approximate=False)
+    h = nn.gelu(h, approximate=cfg.approximate_gelu)
     h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="transform_layer_norm")(h)
     bias = self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,))
     return decoder(h).astype(jnp.float32) + bias

@@ -4,6 +4,8 @@
 
 `Embed` is a BERT tower followed by a pooling head:
   * `"cls_projection"` (the paper): the [CLS] vector → dense(projection_size=128) → LayerNorm;
+  * `"pooler_projection"` (the official REALM/ORQA code and the released checkpoints): BERT's pooled
+    output tanh(dense([CLS])) → dense(projection_size) → LayerNorm;
   * `"mean"` (sentence-transformers MiniLM, the CPU default): the mask-weighted mean of the token vectors,
     L2-normalised, no projection, so the zero-shot MiniLM embedder is used exactly as it was trained.
 
@@ -24,7 +26,8 @@ from realm_jax.models import bert
 
 Array = jax.Array
 
-POOLINGS = ("cls_projection", "mean")
+POOLINGS = ("cls_projection", "pooler_projection", "mean")
+PROJECTION_POOLINGS = ("cls_projection", "pooler_projection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +36,10 @@ class RetrieverConfig:
 
   Attributes:
     bert: the BERT encoder of each tower.
-    pooling: `"cls_projection"` (REALM: [CLS] → dense → LayerNorm) or `"mean"` (MiniLM mean pooling,
-      L2-normalised, no projection).
-    projection_size: output dimension of the `cls_projection` head (128 in the paper); ignored for
+    pooling: `"cls_projection"` (REALM: [CLS] → dense → LayerNorm), `"pooler_projection"` (the
+      released REALM checkpoints: tanh(dense_hidden([CLS])) → dense → LayerNorm) or `"mean"`
+      (MiniLM mean pooling, L2-normalised, no projection).
+    projection_size: output dimension of the projection heads (128 in the paper); ignored for
       `"mean"`, whose dimension is `bert.hidden_size`.
     share_embedders: one BERT for both towers (official REALM default) or two.
     score_scale: the relevance score is `score_scale * <q, d>`. 1.0 for REALM's unnormalised
@@ -63,7 +67,7 @@ class RetrieverConfig:
   @property
   def embedding_dim(self) -> int:
     """Dimension of the query/document embeddings (the MIPS index width)."""
-    return self.projection_size if self.pooling == "cls_projection" else self.bert.hidden_size
+    return self.projection_size if self.pooling in PROJECTION_POOLINGS else self.bert.hidden_size
 
 
 class Embedder(nn.Module):
@@ -88,6 +92,10 @@ class Embedder(nn.Module):
       norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
       return pooled / jnp.maximum(norm, 1e-12)
     cls = hidden[..., 0, :]
+    if cfg.pooling == "pooler_projection":
+      cls = nn.Dense(cfg.bert.hidden_size, kernel_init=nn.initializers.truncated_normal(0.02),
+                     name="pooler")(cls)
+      cls = jnp.tanh(cls)
     cls = nn.Dense(cfg.projection_size, kernel_init=nn.initializers.truncated_normal(0.02),
                    name="projection")(cls)
     cls = nn.LayerNorm(epsilon=cfg.bert.layer_norm_eps, name="projection_layer_norm")(cls)
