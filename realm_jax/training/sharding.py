@@ -46,6 +46,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     process_id = int(os.environ["REALM_PROCESS_ID"])
   on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
   if coordinator_address and num_processes and num_processes > 1:
+    # Cross-process collectives of the CPU backend (local multi-host simulation); no effect on TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif on_tpu_pod:
     jax.distributed.initialize()

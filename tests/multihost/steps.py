@@ -1,0 +1,50 @@
+"""Tiny models, optimisers and deterministic global batches for the multi-host equivalence tests."""
+
+import numpy as np
+
+from realm_jax.models import bert
+from realm_jax.models import realm
+
+TINY = realm.ModelConfig(
+    init_checkpoint=None, pooling="cls_projection", projection_size=8, span_hidden_size=8,
+    max_span_width=3,
+    bert=bert.BertConfig(vocab_size=128, hidden_size=16, num_layers=1, num_heads=2,
+                         intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
+                         attention_dropout=0.0))
+LOSS_KEY = {"finetune": "train/loss"}
+
+
+def finetune(global_batch, mesh):
+  import jax
+  from realm_jax.training import finetune as ft
+  from realm_jax.training import optim
+  task = ft.OpenQAConfig(num_retrieved=4, num_read=2, query_length=8, reader_length=24,
+                         reader_query_length=8)
+  rng = np.random.default_rng(0)
+  b, k, r, length = global_batch, task.num_retrieved, task.num_read, task.reader_length
+  from realm_jax.models import encoder
+  num_spans = len(encoder.span_candidates(length, TINY.max_span_width)[0])
+  body = np.zeros((b, r, length), np.int32)
+  body[:, :, 10:20] = 1
+  batch = {
+      "query_input_ids": rng.integers(1, 128, (b, task.query_length)).astype(np.int32),
+      "query_input_mask": np.ones((b, task.query_length), np.int32),
+      "query_segment_ids": np.zeros((b, task.query_length), np.int32),
+      "retrieved_embeddings": rng.normal(size=(b, k, 8)).astype(np.float32),
+      "retrieved_valid": np.ones((b, k), bool),
+      "retrieved_has_answer": rng.random((b, k)) < 0.5,
+      "reader_input_ids": rng.integers(1, 128, (b, r, length)).astype(np.int32),
+      "reader_segment_ids": body.copy(),
+      "reader_input_mask": np.ones((b, r, length), np.int32),
+      "reader_body_mask": body,
+      "span_is_answer": rng.random((b, r, num_spans)) < 0.01,
+  }
+  tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
+                                              warmup_steps=0))
+  params = realm.init_params(TINY, jax.random.key(0))
+  state = ft.create_train_state(params, tx, mesh)
+  train_fn, _ = ft.make_steps(TINY, task, tx, mesh)
+  return state, train_fn, batch
+
+
+BUILDERS = {"finetune": finetune}
