@@ -8,6 +8,8 @@ Commands and the top-level function each one calls (the only gin-configured func
   pretrain       training.pretrain.train                (REALM pre-training, §3.4)
   ict            training.ict.train                     (ICT warm start, ORQA §5)
   index-builder  index_builder.run                      (asynchronous index refresh, §3.4)
+  convert PATH   models.realm_checkpoints.convert_released_checkpoint
+                 (a released Hugging Face REALM checkpoint → WORKDIR params + block-embedding snapshot)
 The resolved configuration is written to `WORKDIR/config.gin`.
 """
 
@@ -33,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pretrain": ("realm_jax.training.pretrain", "train", ()),
     "ict": ("realm_jax.training.ict", "train", ()),
     "index-builder": ("realm_jax.index_builder", "run", ()),
+    "convert": ("realm_jax.models.realm_checkpoints", "convert_released_checkpoint", ()),
 }
 
 
@@ -44,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="realm-jax", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("command", choices=sorted(COMMANDS))
-  p.add_argument("questions", nargs="*", help="questions (predict only)")
+  p.add_argument("questions", nargs="*",
+                 help="questions (predict) or the checkpoint path (convert)")
   p.add_argument("--workdir", default=None,
                  help="run directory (local or gs://); default workdirs/<experiment name>")
   p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
@@ -88,7 +92,10 @@ def configured(module: str, function: str) -> Callable[..., Any]:
   """The gin-configured version of `module.function`."""
   import gin
   fn = getattr(importlib.import_module(module), function)
-  return gin.get_configurable(fn)
+  try:
+    return gin.get_configurable(fn)
+  except ValueError:  # no gin file registered it: nothing is bound, call it as it is
+    return fn
 
 
 def write_config(workdir: str) -> None:
@@ -117,7 +124,7 @@ def run(argv: Sequence[str]) -> Any:
       raise UsageError(f"{cfg} not found: run `realm-jax main` or `finetune` with this workdir "
                        "first, or pass --gin_file")
     gin_files = [cfg]
-  if not gin_files and args.command != "main":
+  if not gin_files and args.command not in ("main", "convert"):
     raise UsageError(f"`realm-jax {args.command}` needs --gin_file (see experiments/)")
   workdir = workdir or default_workdir(args.command, gin_files)
   params = list(args.gin_param)
@@ -131,6 +138,10 @@ def run(argv: Sequence[str]) -> Any:
       raise UsageError("predict needs at least one question, e.g. realm-jax predict "
                        "--workdir W \"Who wrote Hamlet?\"")
     kwargs["questions"] = args.questions
+  if args.command == "convert":
+    if len(args.questions) != 1:
+      raise UsageError("convert needs one checkpoint path: realm-jax convert PATH --workdir W")
+    kwargs["checkpoint"] = args.questions[0]
   if args.command != "predict":
     write_config(workdir)
   result = fn(**kwargs)

@@ -81,3 +81,12 @@ def test_unknown_gin_file_and_missing_question():
   assert r.returncode == 2 and "nope.gin" in r.stderr and "Traceback" not in r.stderr
   r = _cli("predict", "--gin_file", GIN)
   assert r.returncode == 2 and "question" in r.stderr
+
+
+def test_convert_released_checkpoint(tmp_path):
+  out = tmp_path / "converted"
+  r = _cli("convert", "tests/fixtures/hf_realm/openqa", "--workdir", str(out))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (out / "realm_params.safetensors").exists() and (out / "realm_config.json").exists()
+  r = _cli("convert", "--workdir", str(out))
+  assert r.returncode == 2 and "checkpoint path" in r.stderr
