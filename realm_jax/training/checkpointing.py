@@ -130,3 +130,58 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def saved_param_parts(directory: str, step: int | None = None) -> tuple[list[str], int]:
+  """Top-level keys of the `params` item of the newest (or given) checkpoint, and its step.
+
+  E.g. `["encoder", "retriever"]` for a REALM pre-training checkpoint, `["reader", "retriever"]`
+  for an Open-QA one, `["retriever"]` for ICT.
+
+  Raises:
+    FileNotFoundError: if `directory` holds no checkpoint.
+  """
+  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint found")
+    tree = ocp.StandardCheckpointer().metadata(
+        os.path.join(directory, str(step), PARAMS)).item_metadata.tree
+    return sorted(tree.keys()), int(step)
+  finally:
+    manager.close()
+
+
+def restore_partial_params(directory: str, target: Any, step: int | None = None
+                           ) -> tuple[Any, int]:
+  """Restores only the subtrees named by `target` from a checkpoint's `params` item.
+
+  Args:
+    directory: a `checkpoints/` directory.
+    target: nested dict of `jax.ShapeDtypeStruct`s (with shardings) — any subset of the saved
+      tree, e.g. `{"retriever": …}` out of a `{"retriever", "encoder"}` checkpoint.
+    step: the step (default: the newest).
+
+  Returns:
+    `(params shaped like target, step)`.
+
+  Raises:
+    FileNotFoundError: if there is no checkpoint; ValueError (from orbax) on a shape mismatch.
+  """
+  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint found")
+    restore_args = jax.tree_util.tree_map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+        target)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                       partial_restore=True)}))
+    return restored[PARAMS], int(step)
+  finally:
+    manager.close()

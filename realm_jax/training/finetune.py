@@ -572,6 +572,57 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   return tokenizer, corpus, train, evals
 
 
+def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """`{"retriever", "reader"}` params to start fine-tuning from (REALM §3.4 → §4 hand-over).
+
+  Args:
+    model: the model configuration (shapes; the pretrained BERT when `init_from` is empty).
+    init_from: empty (pretrained BERT + fresh heads), a work directory / `checkpoints/` directory
+      of a REALM pre-training run (retriever ← its retriever, reader BERT ← its knowledge-augmented
+      encoder's BERT, span head fresh), of an Open-QA run (retriever + reader), of an ICT run
+      (retriever only), or a directory written by `realm-jax convert` (`realm_params.safetensors`).
+
+  Raises:
+    FileNotFoundError: if `init_from` holds no checkpoint.
+    ValueError: if its params do not fit the model.
+  """
+  import os
+  from realm_jax.training import checkpointing
+  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
+  if not init_from:
+    return params
+  if os.path.isfile(os.path.join(init_from, "realm_params.safetensors")):
+    from realm_jax.models import realm_checkpoints
+    converted = realm_checkpoints.load_converted(init_from).params
+    if "retriever" in converted:
+      params = realm._graft(params, ("retriever",), converted["retriever"])  # pylint: disable=protected-access
+    if "reader" in converted:
+      params["reader"] = converted["reader"]
+    elif "encoder" in converted:
+      params["reader"] = realm._graft(params["reader"], ("bert",), converted["encoder"]["bert"])  # pylint: disable=protected-access
+    logging.info("fine-tuning starts from the converted checkpoint %s", init_from)
+    return params
+  directory = os.path.join(init_from, "checkpoints")
+  directory = directory if os.path.isdir(directory) else init_from
+  mesh = mesh or sharding.make_mesh()
+  abstract = checkpointing.abstract_like(jax.device_put(params, sharding.replicated(mesh)))
+  parts, step = checkpointing.saved_param_parts(directory)
+  target = {"retriever": abstract["retriever"]}
+  if "reader" in parts:
+    target["reader"] = abstract["reader"]
+  elif "encoder" in parts:
+    target["encoder"] = {"bert": abstract["reader"]["bert"]}
+  restored, _ = checkpointing.restore_partial_params(directory, target, step)
+  params = dict(params, retriever=restored["retriever"])
+  if "reader" in restored:
+    params["reader"] = restored["reader"]
+  elif "encoder" in restored:
+    params["reader"] = dict(params["reader"], bert=restored["encoder"]["bert"])
+  logging.info("fine-tuning starts from %s step %d (parts %s)", directory, step, parts)
+  return params
+
+
 def train_and_evaluate(workdir: str,
                        model: realm.ModelConfig = realm.ModelConfig(),
                        data: OpenQADataConfig = OpenQADataConfig(),
@@ -585,6 +636,7 @@ def train_and_evaluate(workdir: str,
                        searcher: str = "scann",
                        index_batch_size: int = 64,
                        zero_shot_eval: bool = True,
+                       init_from: str = "",
                        seed: int = 0,
                        mesh_shape: tuple[int, ...] = (-1, 1)) -> dict[str, Any]:
   """Fine-tunes REALM/ORQA on Open-QA and evaluates it (REALM §3.4 / ORQA §4).
@@ -601,6 +653,8 @@ def train_and_evaluate(workdir: str,
     num_train_steps: total steps (0 evaluates only).
     searcher: `"scann"` (host ScaNN) or `"exact"` (sharded on-device top-k).
     zero_shot_eval: evaluate before training too (the "before" column of the benchmarks).
+    init_from: start from another run instead of the pretrained BERT (see `initial_params`);
+      ignored when WORKDIR already has a checkpoint (resume wins).
 
   Returns:
     A summary dict: `zero_shot` and `final` metric dicts, `train` (last logged metrics),
@@ -639,7 +693,7 @@ def train_and_evaluate(workdir: str,
                      f"({len(corpus)} blocks)")
 
   retriever_cfg = model.retriever_config()
-  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
+  params = initial_params(model, seed, init_from, mesh)
 
   # First index: the document embedder's snapshot of the corpus (frozen during fine-tuning).
   t1 = time.time()

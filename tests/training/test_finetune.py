@@ -130,3 +130,22 @@ def test_question_iterator_is_resumable():
   a = finetune.QuestionIterator(8, 4, 0, process_index=0, process_count=2).next_local_indices()
   b = finetune.QuestionIterator(8, 4, 0, process_index=1, process_count=2).next_local_indices()
   assert len(a) == len(b) == 2 and not set(a) & set(b)
+
+
+def test_initial_params_from_a_pretraining_checkpoint(tmp_path):
+  """REALM → Open-QA hand-over: retriever ← retriever, reader BERT ← knowledge-augmented encoder."""
+  from realm_jax.training import checkpointing
+  mesh = sharding.make_mesh()
+  pre = realm.init_params(MODEL, jax.random.key(42), parts=("retriever", "encoder"))
+  pre = jax.device_put(pre, sharding.replicated(mesh))
+  manager = checkpointing.CheckpointManager(str(tmp_path / "checkpoints"), async_save=False)
+  manager.save(7, pre, {"dummy": jnp.zeros(())}, {"data": {}}, force=True)
+  manager.close()
+  params = finetune.initial_params(MODEL, seed=0, init_from=str(tmp_path), mesh=mesh)
+  fresh = realm.init_params(MODEL, jax.random.key(0), parts=("retriever", "reader"))
+  chex_equal = lambda a, b: jax.tree_util.tree_all(  # noqa: E731
+      jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), a, b))
+  assert chex_equal(params["retriever"], pre["retriever"])
+  assert chex_equal(params["reader"]["bert"], pre["encoder"]["bert"])
+  assert chex_equal(params["reader"]["span_logits"], fresh["reader"]["span_logits"])
+  assert not chex_equal(params["reader"]["bert"], fresh["reader"]["bert"])
