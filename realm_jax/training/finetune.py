@@ -800,3 +800,48 @@ def _write_scalars(writer, prefix: str | None, metrics: dict[str, float], step: 
     name = key.replace("@", "_at_")
     writer.add_scalar(f"{prefix}/{name}" if prefix else name, value, step)
   writer.flush()
+
+
+def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global batch (what `OpenQAFeaturizer.batch` produces)."""
+  b, k, r, lr, lq = (batch_size, task.num_retrieved, task.num_read, task.reader_length,
+                     task.query_length)
+  num_spans = len(encoder_lib.span_candidates(lr, model.max_span_width)[0])
+  dim = model.retriever_config().embedding_dim
+  i32, f32 = jnp.int32, jnp.float32
+  spec = {"query_input_ids": ((b, lq), i32), "query_input_mask": ((b, lq), i32),
+          "query_segment_ids": ((b, lq), i32), "retrieved_embeddings": ((b, k, dim), f32),
+          "retrieved_valid": ((b, k), bool), "retrieved_has_answer": ((b, k), bool),
+          "span_is_answer": ((b, r, num_spans), bool)}
+  for name in ("input_ids", "segment_ids", "input_mask", "body_mask"):
+    spec[f"reader_{name}"] = ((b, r, lr), i32)
+  return {k_: jax.ShapeDtypeStruct(s, d) for k_, (s, d) in spec.items()}
+
+
+def abstract_train_step(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int,
+                        optimizer: "optim.OptimizerConfig | None" = None) -> dict[str, Any]:
+  """Traces init + one train step with `jax.eval_shape` (no weights, no compilation, no data).
+
+  Used to check experiment files (a broken config fails in CI) and to size a run.
+
+  Returns:
+    `{"params": shapes, "opt_state": shapes, "metrics": shapes}`.
+  """
+  from realm_jax.training import optim
+  optimizer = optimizer or optim.OptimizerConfig()
+  tx = optim.bert_adamw(optimizer)
+  retriever_cfg, reader_cfg = model.retriever_config(), model.reader_config()
+
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    params = {"retriever": realm.init_retriever(retriever_cfg, r1),
+              "reader": realm.init_reader(reader_cfg, r2)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  state = jax.eval_shape(init, rng)
+  step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
+                           num_read=task.num_read)
+  _, metrics = jax.eval_shape(step, state, abstract_batch(task, model, batch_size), rng)
+  return {"params": state.params, "opt_state": state.opt_state, "metrics": metrics}
