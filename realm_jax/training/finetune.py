@@ -845,3 +845,21 @@ def abstract_train_step(model: realm.ModelConfig, task: OpenQAConfig, batch_size
                            num_read=task.num_read)
   _, metrics = jax.eval_shape(step, state, abstract_batch(task, model, batch_size), rng)
   return {"params": state.params, "opt_state": state.opt_state, "metrics": metrics}
+
+
+def compiled_temp_bytes(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int) -> int:
+  """Temporary (activation) bytes of one train step for `batch_size` questions on ONE device.
+
+  Compiles the step for the default backend from abstract shapes (no weights needed) and reads
+  XLA's memory analysis; on CPU it is an estimate of what a TPU core needs at that batch.
+  """
+  from realm_jax.training import optim
+  tx = optim.bert_adamw(optim.OptimizerConfig())
+  shapes = abstract_train_step(model, task, batch_size)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes["params"],
+                     opt_state=shapes["opt_state"])
+  step = functools.partial(train_step, tx=tx, retriever_cfg=model.retriever_config(),
+                           reader_cfg=model.reader_config(), num_read=task.num_read)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  compiled = jax.jit(step).lower(state, abstract_batch(task, model, batch_size), rng).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
