@@ -12,9 +12,10 @@ Resume order (t5x, big_vision): a checkpoint in the work directory > an `init_fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -99,6 +100,20 @@ class CheckpointManager:
     self._manager.close()
 
 
+@contextlib.contextmanager
+def _read_only(directory: str, step: int | None) -> Iterator[tuple[ocp.CheckpointManager, int]]:
+  """An orbax manager over an existing `checkpoints/` directory and the step to read (newest)."""
+  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint found")
+    yield manager, int(step)
+  finally:
+    manager.close()
+
+
 def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any,
                                                                                           int]:
   """Restores only the `params` item of the newest (or given) checkpoint in `directory`.
@@ -111,18 +126,11 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   Raises:
     FileNotFoundError: if `directory` holds no checkpoint.
   """
-  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint found")
+  with _read_only(directory, step) as (manager, step):
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(abstract_params)}))
     logging.info("restored params of step %d from %s", step, directory)
-    return restored[PARAMS], int(step)
-  finally:
-    manager.close()
+    return restored[PARAMS], step
 
 
 def abstract_like(tree: Any) -> Any:
@@ -141,17 +149,10 @@ def saved_param_parts(directory: str, step: int | None = None) -> tuple[list[str
   Raises:
     FileNotFoundError: if `directory` holds no checkpoint.
   """
-  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint found")
+  with _read_only(directory, step) as (_, step):
     tree = ocp.StandardCheckpointer().metadata(
         os.path.join(directory, str(step), PARAMS)).item_metadata.tree
-    return sorted(tree.keys()), int(step)
-  finally:
-    manager.close()
+    return sorted(tree.keys()), step
 
 
 def restore_partial_params(directory: str, target: Any, step: int | None = None
@@ -170,18 +171,11 @@ def restore_partial_params(directory: str, target: Any, step: int | None = None
   Raises:
     FileNotFoundError: if there is no checkpoint; ValueError (from orbax) on a shape mismatch.
   """
-  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint found")
+  with _read_only(directory, step) as (manager, step):
     restore_args = jax.tree_util.tree_map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
         target)
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                        partial_restore=True)}))
-    return restored[PARAMS], int(step)
-  finally:
-    manager.close()
+    return restored[PARAMS], step
