@@ -663,14 +663,13 @@ def train_and_evaluate(workdir: str,
   Raises:
     ValueError: on inconsistent configuration (e.g. a batch that does not split over the mesh).
   """
-  import json
   import os
   import time
-  import tensorboardX
   from realm_jax import index_builder
   from realm_jax.retrieval import searchers as searchers_lib
   from realm_jax.retrieval import snapshot as snapshot_lib
   from realm_jax.training import checkpointing
+  from realm_jax.training import metric_writer
   from realm_jax.training import optim
 
   optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
@@ -684,7 +683,7 @@ def train_and_evaluate(workdir: str,
                      f"({data_size} devices)")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+  writer = metric_writer.MetricWriter(workdir)
 
   tokenizer, corpus, train_qs, eval_qs = load_openqa_data(data, model, workdir, seed)
   timings["data_s"] = time.time() - t0
@@ -740,7 +739,7 @@ def train_and_evaluate(workdir: str,
     summary["zero_shot"], _ = evaluator(state.params, eval_qs, desc="zero-shot retrieval",
                                         read=False)
     timings["zero_shot_eval_s"] = time.time() - t3
-    _write_scalars(writer, "zero_shot", summary["zero_shot"], 0)
+    writer.write(0, summary["zero_shot"], prefix="zero_shot")
 
   rng = jax.random.key(seed + 1)
   t4 = time.time()
@@ -760,7 +759,7 @@ def train_and_evaluate(workdir: str,
         raise FloatingPointError(f"step {step + 1}: loss is {last_metrics['train/loss']}")
       bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
       logging.info("step %d: %s", step + 1, last_metrics)
-      _write_scalars(writer, None, last_metrics, step + 1)
+      writer.write(step + 1, last_metrics)
     if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
       ckpt.save(step + 1, state.params, state.opt_state,
                 {"data": iterator.state(), "model": dataclasses.asdict(model)},
@@ -773,7 +772,7 @@ def train_and_evaluate(workdir: str,
   t5 = time.time()
   summary["final"], predictions = evaluator(state.params, eval_qs, desc="final eval")
   timings["final_eval_s"] = time.time() - t5
-  _write_scalars(writer, "eval", summary["final"], num_train_steps)
+  writer.write(num_train_steps, summary["final"], prefix="eval")
   if is_main:
     pred_dir = os.path.join(workdir, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
@@ -783,23 +782,9 @@ def train_and_evaluate(workdir: str,
     summary["examples"] = predictions[:3]
   timings["total_s"] = time.time() - t0
   summary["timings"] = timings
-  if is_main:
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump({k: v for k, v in summary.items() if k != "examples"}, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
-  if writer is not None:
-    writer.close()
+  metric_writer.write_summary_json(workdir, {k: v for k, v in summary.items() if k != "examples"})
+  writer.close()
   return summary
-
-
-def _write_scalars(writer, prefix: str | None, metrics: dict[str, float], step: int) -> None:
-  if writer is None:
-    return
-  for key, value in metrics.items():
-    name = key.replace("@", "_at_")
-    writer.add_scalar(f"{prefix}/{name}" if prefix else name, value, step)
-  writer.flush()
 
 
 def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
@@ -819,47 +804,32 @@ def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
   return {k_: jax.ShapeDtypeStruct(s, d) for k_, (s, d) in spec.items()}
 
 
-def abstract_train_step(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int,
-                        optimizer: "optim.OptimizerConfig | None" = None) -> dict[str, Any]:
-  """Traces init + one train step with `jax.eval_shape` (no weights, no compilation, no data).
-
-  Used to check experiment files (a broken config fails in CI) and to size a run.
-
-  Returns:
-    `{"params": shapes, "opt_state": shapes, "metrics": shapes}`.
-  """
+def _step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int):
   from realm_jax.training import optim
-  optimizer = optimizer or optim.OptimizerConfig()
-  tx = optim.bert_adamw(optimizer)
+  tx = optim.bert_adamw(optim.OptimizerConfig())
   retriever_cfg, reader_cfg = model.retriever_config(), model.reader_config()
 
-  def init(rng):
+  def init_params(rng):
     r1, r2 = jax.random.split(rng)
-    params = {"retriever": realm.init_retriever(retriever_cfg, r1),
-              "reader": realm.init_reader(reader_cfg, r2)}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return {"retriever": realm.init_retriever(retriever_cfg, r1),
+            "reader": realm.init_reader(reader_cfg, r2)}
 
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  state = jax.eval_shape(init, rng)
   step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
                            num_read=task.num_read)
-  _, metrics = jax.eval_shape(step, state, abstract_batch(task, model, batch_size), rng)
-  return {"params": state.params, "opt_state": state.opt_state, "metrics": metrics}
+  return init_params, step, abstract_batch(task, model, batch_size), tx
+
+
+def abstract_train_step(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int
+                        ) -> dict[str, Any]:
+  """Shapes of params, optimiser state and metrics of one step (`abstract.train_step_shapes`).
+
+  Used to check experiment files (a broken config fails in CI) and to size a run.
+  """
+  from realm_jax.training import abstract
+  return abstract.train_step_shapes(*_step_parts(model, task, batch_size))
 
 
 def compiled_temp_bytes(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int) -> int:
-  """Temporary (activation) bytes of one train step for `batch_size` questions on ONE device.
-
-  Compiles the step for the default backend from abstract shapes (no weights needed) and reads
-  XLA's memory analysis; on CPU it is an estimate of what a TPU core needs at that batch.
-  """
-  from realm_jax.training import optim
-  tx = optim.bert_adamw(optim.OptimizerConfig())
-  shapes = abstract_train_step(model, task, batch_size)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes["params"],
-                     opt_state=shapes["opt_state"])
-  step = functools.partial(train_step, tx=tx, retriever_cfg=model.retriever_config(),
-                           reader_cfg=model.reader_config(), num_read=task.num_read)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  compiled = jax.jit(step).lower(state, abstract_batch(task, model, batch_size), rng).compile()
-  return int(compiled.memory_analysis().temp_size_in_bytes)
+  """Activation bytes of one step for `batch_size` questions on one device (memory plan)."""
+  from realm_jax.training import abstract
+  return abstract.compiled_temp_bytes(*_step_parts(model, task, batch_size))

@@ -1,0 +1,406 @@
+"""The Inverse Cloze Task warm start of the retriever (ORQA, Lee et al., 2019, §5; REALM §3.4).
+
+ICT trains the query and document embedders before REALM pre-training: the pseudo-query is one
+sentence of a block, its positive is the block with that sentence removed 90% of the time (kept 10%
+so that the towers still learn word overlap), and the negatives are the OTHER blocks of the batch:
+
+    p(b_i | q_i) = exp(s · q_iᵀ d_i) / Σ_{j ∈ global batch} exp(s · q_iᵀ d_j)
+    loss = −mean_i log p(b_i | q_i)
+
+The softmax runs over the blocks of the GLOBAL batch, gathered from every device ("in-batch softmax
+over blocks gathered from all cores", REFERENCE "Hyper-parameters"): the step is a `jax.shard_map`
+over the `data` axis in which each device embeds its own queries and blocks, `jax.lax.all_gather`s
+the block embeddings of every device (`[global_batch, dim]`) and scores its queries against all of
+them, so the logits are `[global_batch, global_batch]` and device i's positive sits at column
+`i · local_batch + row`. Autodiff through the gather returns each block's gradient to the device
+that embedded it (the transpose of `all_gather` is a reduce-scatter). A block that appears twice in
+a batch (possible across an epoch boundary) is masked out as a negative of its own copy.
+
+The loop (`train`) writes checkpoints whose params item is `{"retriever": ...}`; REALM pre-training
+starts from them with `pretrain.train(init_from=<ICT workdir>)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from realm_jax.models import realm
+from realm_jax.models import retriever as retriever_lib
+from realm_jax.training import finetune
+from realm_jax.training import pretrain
+from realm_jax.training import sharding
+
+Array = jax.Array
+_NEG = -1e9
+BATCH_FIELDS = ("query_input_ids", "query_input_mask", "query_segment_ids", "block_input_ids",
+                "block_input_mask", "block_segment_ids", "block_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class IctConfig:
+  """The shapes of one ICT example (ORQA §5; REFERENCE "Hyper-parameters").
+
+  Attributes:
+    query_length: `[CLS] sentence [SEP]` length in wordpieces (64 in ORQA).
+    block_length: `[CLS] title [SEP] body [SEP]` length (288).
+    remove_sentence_prob: probability that the query sentence is removed from its block (0.9).
+    min_sentences: blocks with fewer sentences are not used (their evidence would be empty).
+
+  Raises:
+    ValueError: on impossible sizes or a probability outside [0, 1].
+  """
+
+  query_length: int = 64
+  block_length: int = 288
+  remove_sentence_prob: float = 0.9
+  min_sentences: int = 2
+
+  def __post_init__(self):
+    if self.query_length < 3 or self.block_length < 4:
+      raise ValueError(f"IctConfig: need query_length >= 3 and block_length >= 4, got "
+                       f"{self.query_length}, {self.block_length}")
+    if not 0.0 <= self.remove_sentence_prob <= 1.0:
+      raise ValueError(f"IctConfig.remove_sentence_prob={self.remove_sentence_prob} is not in "
+                       "[0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side: deterministic, resumable batches.
+# ---------------------------------------------------------------------------------------------------
+
+
+class IctBatcher:
+  """ICT batches over the blocks of a corpus, one pass per epoch, resumable (state in checkpoints).
+
+  Each epoch visits every usable block once in a seeded order (`finetune.QuestionIterator`); the
+  query sentence of a block and whether it is removed are redrawn every epoch (seed
+  `seed · 100003 + epoch`, see `data.pretraining.make_ict_examples`). A batch that straddles an
+  epoch boundary takes all of its rows from the newer epoch's draws.
+
+  Args:
+    blocks: the corpus blocks.
+    tokenizer: supplies the special ids.
+    config: the example shapes.
+    global_batch_size: examples per step over all processes.
+    seed: order and draw seed.
+    process_index / process_count: this process's share of every global batch.
+
+  Raises:
+    ValueError: if no block has `config.min_sentences` sentences.
+  """
+
+  def __init__(self, blocks: Sequence[Any], tokenizer, config: IctConfig, global_batch_size: int,
+               seed: int = 0, process_index: int = 0, process_count: int = 1):
+    self.blocks, self.tokenizer, self.config, self.seed = list(blocks), tokenizer, config, seed
+    self._cache: dict[int, Any] = {}
+    first = self.examples(0)
+    if not len(first):
+      raise ValueError(f"ICT: no block has {config.min_sentences} sentences")
+    self.num_examples = len(first)
+    self.iterator = finetune.QuestionIterator(self.num_examples, global_batch_size, seed,
+                                              process_index, process_count)
+
+  def examples(self, epoch: int):
+    """The `data.pretraining.IctExamples` of `epoch` (it and one other epoch stay cached)."""
+    from realm_jax.data import pretraining as pretraining_data
+    if epoch not in self._cache:
+      cfg = self.config
+      self._cache[epoch] = pretraining_data.make_ict_examples(
+          self.blocks, self.tokenizer, cfg.query_length, cfg.block_length,
+          cfg.remove_sentence_prob, seed=self.seed * 100003 + epoch,
+          min_sentences=cfg.min_sentences, progress=False)
+      others = sorted(e for e in self._cache if e != epoch)
+      for old in others[:-1]:
+        del self._cache[old]
+      if hasattr(self, "num_examples") and len(self._cache[epoch]) != self.num_examples:
+        raise RuntimeError("ICT: the set of usable blocks changed between epochs")
+    return self._cache[epoch]
+
+  def next_local_batch(self) -> dict[str, np.ndarray]:
+    """This process's next rows: `query_*` `[n, query_length]`, `block_*` `[n, block_length]`
+    int32, `block_id` `[n]` int32."""
+    idx = self.iterator.next_local_indices()
+    ex = self.examples(self.iterator.epoch)
+    return {name: np.asarray(getattr(ex, name)[idx], np.int32) for name in BATCH_FIELDS}
+
+  def state(self) -> dict[str, int]:
+    return self.iterator.state()
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    self.iterator.restore(dict(state))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device side: the in-batch softmax over the global batch (shard_map + all_gather).
+# ---------------------------------------------------------------------------------------------------
+
+
+def ict_outputs(params: Mapping[str, Any], batch: Mapping[str, Array], rng: Array | None, *,
+                retriever_cfg: retriever_lib.RetrieverConfig, mesh: jax.sharding.Mesh,
+                deterministic: bool) -> dict[str, Array]:
+  """ICT loss, accuracy and logits with negatives from every device (ORQA §5).
+
+  Args:
+    params: `{"retriever": ...}`.
+    batch: `BATCH_FIELDS` arrays with a leading `[global_batch]` axis split over `data`.
+    rng: dropout key (folded with each device's index); None when `deterministic`.
+    retriever_cfg: the embedders.
+    mesh: the device mesh (axis `data`).
+    deterministic: disables dropout.
+
+  Returns:
+    `loss` [] float32 (mean cross-entropy over the global batch, diagonal targets), `accuracy` []
+    float32 (argmax == own block), `logits` `[global_batch, global_batch]` float32: row i scores
+    query i against every block of the global batch (copies of its own block at −1e9).
+  """
+  model = retriever_lib.Retriever(retriever_cfg)
+  axis = sharding.DATA_AXIS
+
+  def per_shard(params, q_ids, q_mask, q_seg, b_ids, b_mask, b_seg, block_id, rng):
+    shard = jax.lax.axis_index(axis)
+    rngs = {}
+    if not deterministic:
+      q_rng, d_rng = jax.random.split(jax.random.fold_in(rng, shard))
+      rngs = {"q": {"dropout": q_rng}, "d": {"dropout": d_rng}}
+    q = model.apply({"params": params["retriever"]}, q_ids, q_mask, q_seg, deterministic,
+                    method=retriever_lib.Retriever.embed_queries, rngs=rngs.get("q"))
+    d = model.apply({"params": params["retriever"]}, b_ids, b_mask, b_seg, deterministic,
+                    method=retriever_lib.Retriever.embed_documents, rngs=rngs.get("d"))
+    all_d = jax.lax.all_gather(d, axis, axis=0, tiled=True)          # [global, dim]
+    all_ids = jax.lax.all_gather(block_id, axis, axis=0, tiled=True)  # [global]
+    local, total = q.shape[0], all_d.shape[0]
+    logits = retriever_cfg.score_scale * jnp.einsum(
+        "qd,bd->qb", q.astype(jnp.float32), all_d.astype(jnp.float32))
+    target = shard * local + jnp.arange(local)
+    columns = jnp.arange(total)
+    duplicate = (block_id[:, None] == all_ids[None, :]) & (columns[None, :] != target[:, None])
+    logits = jnp.where(duplicate, _NEG, logits)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, target[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
+    loss = jax.lax.psum(nll.sum(), axis) / total
+    accuracy = jax.lax.psum(correct.sum(), axis) / total
+    return loss, accuracy, logits
+
+  data = P(axis)
+  fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(),) + (data,) * len(BATCH_FIELDS) + (P(),),
+                     out_specs=(P(), P(), data))
+  key = rng if rng is not None else jax.random.key(0)
+  loss, accuracy, logits = fn(params, *(batch[name] for name in BATCH_FIELDS), key)
+  return {"loss": loss, "accuracy": accuracy, "logits": logits}
+
+
+def train_step(state: finetune.TrainState, batch: Mapping[str, Array], rng: Array, *,
+               tx: optax.GradientTransformation, retriever_cfg: retriever_lib.RetrieverConfig,
+               mesh: jax.sharding.Mesh) -> tuple[finetune.TrainState, dict[str, Array]]:
+  """One ICT update; metrics `train/ict_loss`, `train/ict_accuracy`, `train/grad_norm`.
+
+  Args:
+    state: params `{"retriever"}` (replicated).
+    batch: `IctBatcher` arrays, leading axis split over `data`.
+    rng: PRNG key, folded with the step for dropout.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    out = ict_outputs(params, batch, rng, retriever_cfg=retriever_cfg, mesh=mesh,
+                      deterministic=False)
+    return out["loss"], out["accuracy"]
+
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"train/ict_loss": loss, "train/ict_accuracy": accuracy,
+             "train/grad_norm": optax.global_norm(grads)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Mapping[str, Any], batch: Mapping[str, Array], *,
+              retriever_cfg: retriever_lib.RetrieverConfig, mesh: jax.sharding.Mesh
+              ) -> dict[str, Array]:
+  """Deterministic `ict_outputs` (loss, accuracy, `[global, global]` logits)."""
+  return ict_outputs(params, batch, None, retriever_cfg=retriever_cfg, mesh=mesh,
+                     deterministic=True)
+
+
+def make_steps(model_cfg: realm.ModelConfig, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh):
+  """Jits `train_step` (donating the state) and `eval_step` once over the mesh.
+
+  Returns:
+    `(train_step(state, batch, rng) -> (state, metrics), eval_step(params, batch) -> outputs)`.
+  """
+  retriever_cfg = model_cfg.retriever_config()
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  train = jax.jit(functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, mesh=mesh),
+                  in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, retriever_cfg=retriever_cfg, mesh=mesh),
+                     in_shardings=(rep, data),
+                     out_shardings={"loss": rep, "accuracy": rep, "logits": data})
+  return train, evaluate
+
+
+def abstract_batch(task: IctConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global ICT batch (what `IctBatcher.next_local_batch` produces)."""
+  spec = {}
+  for name in BATCH_FIELDS:
+    if name == "block_id":
+      spec[name] = (batch_size,)
+    else:
+      spec[name] = (batch_size, task.query_length if name.startswith("query") else
+                    task.block_length)
+  return {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in spec.items()}
+
+
+def _step_parts(model: realm.ModelConfig, task: IctConfig, batch_size: int):
+  from realm_jax.training import optim  # pylint: disable=g-import-not-at-top
+  tx = optim.bert_adamw(optim.OptimizerConfig())
+  retriever_cfg = model.retriever_config()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+
+  def init_params(rng):
+    return {"retriever": realm.init_retriever(retriever_cfg, rng)}
+
+  step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, mesh=mesh)
+  return init_params, step, abstract_batch(task, batch_size), tx
+
+
+def abstract_train_step(model: realm.ModelConfig, task: IctConfig, batch_size: int
+                        ) -> dict[str, Any]:
+  """Shapes of params, optimiser state and metrics of one step, without weights or data."""
+  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
+  return abstract.train_step_shapes(*_step_parts(model, task, batch_size))
+
+
+def compiled_temp_bytes(model: realm.ModelConfig, task: IctConfig, batch_size: int) -> int:
+  """Activation bytes of one step for `batch_size` pairs on one device (memory plan)."""
+  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
+  return abstract.compiled_temp_bytes(*_step_parts(model, task, batch_size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------------
+
+
+def train(workdir: str,
+          model: realm.ModelConfig = realm.ModelConfig(),
+          data: pretrain.PretrainDataConfig = pretrain.PretrainDataConfig(),
+          task: IctConfig = IctConfig(),
+          optimizer: Any = None,
+          batch_size: int = 32,
+          num_train_steps: int = 100,
+          log_every_steps: int = 10,
+          checkpoint_every_steps: int = 100,
+          seed: int = 0,
+          mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, Any]:
+  """ICT warm start of the retriever (ORQA §5) over the blocks of the knowledge corpus.
+
+  Order of work: corpus (TFDS, once; `data`'s masking fields are unused) → retriever params
+  (pretrained BERT) → resume from `WORKDIR/checkpoints` → `num_train_steps` steps → `summary.json`.
+  Checkpoints hold params `{"retriever"}`; `pretrain.train(init_from=workdir)` loads them.
+
+  Args:
+    workdir: the run directory.
+    model / data / task: configuration dataclasses (gin builds them).
+    optimizer: `optim.OptimizerConfig` (default: lr 1e-4, ORQA's ICT rate).
+    batch_size: global examples per step (4096 in ORQA); the in-batch softmax has this many
+      columns; a multiple of the mesh's `data` size.
+    num_train_steps / log_every_steps / checkpoint_every_steps: in steps.
+    seed: init, data order and dropout seed.
+    mesh_shape: the device mesh.
+
+  Returns:
+    A summary: `train` (last logged metrics), `history`, `num_blocks`, `num_examples`, `steps`,
+    `start_step`, `timings` (seconds).
+
+  Raises:
+    ValueError: on inconsistent configuration.
+    FloatingPointError: on a NaN/inf loss.
+  """
+  import tqdm
+  from realm_jax.training import checkpointing
+  from realm_jax.training import metric_writer
+  from realm_jax.training import optim
+
+  optimizer = optimizer or optim.OptimizerConfig(learning_rate=1e-4,
+                                                 num_train_steps=max(num_train_steps, 1))
+  timings: dict[str, float] = {}
+  t0 = time.time()
+  sharding.initialize_distributed()
+  mesh = sharding.make_mesh(mesh_shape)
+  data_size = mesh.shape[sharding.DATA_AXIS]
+  if batch_size % data_size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh data axis "
+                     f"({data_size} devices)")
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metric_writer.MetricWriter(workdir)
+  tokenizer, corpus = pretrain.load_corpus(data, model, workdir)
+  batcher = IctBatcher(list(corpus), tokenizer, task, batch_size, seed, jax.process_index(),
+                       jax.process_count())
+  if batcher.num_examples < batch_size:
+    logging.warning("ICT: %d usable blocks < batch_size %d: blocks repeat within a batch (their "
+                    "copies are masked out as negatives)", batcher.num_examples, batch_size)
+  timings["data_s"] = time.time() - t0
+
+  params = {"retriever": realm.init_params(model, jax.random.key(seed),
+                                           parts=("retriever",))["retriever"]}
+  tx = optim.bert_adamw(optimizer)
+  state = finetune.create_train_state(params, tx, mesh)
+  del params
+  ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(workdir),
+                                         save_interval_steps=checkpoint_every_steps)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    p, o, meta = ckpt.restore(latest, checkpointing.abstract_like(state.params),
+                              checkpointing.abstract_like(state.opt_state))
+    state = finetune.TrainState(step=jnp.asarray(latest, jnp.int32), params=p, opt_state=o)
+    batcher.restore(meta["data"])
+    logging.info("resumed ICT from step %d", latest)
+  start_step = int(jax.device_get(state.step))
+
+  train_fn, _ = make_steps(model, tx, mesh)
+  rng = jax.random.key(seed + 1)
+  history: list[dict[str, float]] = []
+  last: dict[str, float] = {}
+  t1 = time.time()
+  bar = tqdm.tqdm(range(start_step, num_train_steps), desc="ICT", unit="step", disable=not is_main)
+  for step in bar:
+    batch = sharding.global_batch_from_local(batcher.next_local_batch(), mesh)
+    state, metrics = train_fn(state, batch, rng)
+    if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(last["train/ict_loss"]):
+        raise FloatingPointError(f"ICT step {step + 1}: loss is {last['train/ict_loss']}")
+      history.append(dict(last, step=step + 1))
+      bar.set_postfix(loss=f"{last['train/ict_loss']:.3f}",
+                      acc=f"{last['train/ict_accuracy']:.3f}")
+      logging.info("ICT step %d: %s", step + 1, last)
+      writer.write(step + 1, last)
+    if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
+      ckpt.save(step + 1, state.params, state.opt_state,
+                {"data": batcher.state(), "model": dataclasses.asdict(model),
+                 "task": dataclasses.asdict(task)},
+                force=step + 1 == num_train_steps)
+  bar.close()
+  ckpt.close()
+  timings["train_s"] = time.time() - t1
+  timings["total_s"] = time.time() - t0
+  summary = {"train": last, "history": history, "num_blocks": len(corpus),
+             "num_examples": batcher.num_examples, "steps": num_train_steps,
+             "start_step": start_step, "batch_size": batch_size, "timings": timings}
+  metric_writer.write_summary_json(workdir, summary)
+  writer.close()
+  return summary
