@@ -127,6 +127,8 @@ def run(argv: Sequence[str]) -> Any:
   if not gin_files and args.command not in ("main", "convert"):
     raise UsageError(f"`realm-jax {args.command}` needs --gin_file (see experiments/)")
   workdir = workdir or default_workdir(args.command, gin_files)
+  if "://" not in workdir:  # local work directories are used as absolute paths (orbax needs them)
+    workdir = os.path.abspath(workdir)
   params = list(args.gin_param)
   parse_gin(gin_files, params)
   fn = configured(module, function)

@@ -40,6 +40,7 @@ class CheckpointManager:
 
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1000,
                async_save: bool = True):
+    directory = _absolute(directory)
     self.directory = directory
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -100,9 +101,15 @@ class CheckpointManager:
     self._manager.close()
 
 
+def _absolute(directory: str) -> str:
+  """Local paths made absolute (orbax/tensorstore require it); `gs://…` unchanged."""
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 @contextlib.contextmanager
 def _read_only(directory: str, step: int | None) -> Iterator[tuple[ocp.CheckpointManager, int]]:
   """An orbax manager over an existing `checkpoints/` directory and the step to read (newest)."""
+  directory = _absolute(directory)
   manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
@@ -151,7 +158,7 @@ def saved_param_parts(directory: str, step: int | None = None) -> tuple[list[str
   """
   with _read_only(directory, step) as (_, step):
     tree = ocp.StandardCheckpointer().metadata(
-        os.path.join(directory, str(step), PARAMS)).item_metadata.tree
+        os.path.join(_absolute(directory), str(step), PARAMS)).item_metadata.tree
     return sorted(tree.keys()), step
 
 

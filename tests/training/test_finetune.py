@@ -149,3 +149,16 @@ def test_initial_params_from_a_pretraining_checkpoint(tmp_path):
   assert chex_equal(params["reader"]["bert"], pre["encoder"]["bert"])
   assert chex_equal(params["reader"]["span_logits"], fresh["reader"]["span_logits"])
   assert not chex_equal(params["reader"]["bert"], fresh["reader"]["bert"])
+
+
+def test_checkpoint_manager_accepts_a_relative_directory(tmp_path, monkeypatch):
+  from realm_jax.training import checkpointing
+  monkeypatch.chdir(tmp_path)
+  manager = checkpointing.CheckpointManager("rel/checkpoints", async_save=False)
+  params = {"w": jnp.arange(3.0)}
+  manager.save(1, params, {"m": jnp.zeros(2)}, {"data": {}}, force=True)
+  manager.close()
+  restored, step = checkpointing.restore_params("rel/checkpoints",
+                                                checkpointing.abstract_like(params))
+  assert step == 1 and np.array_equal(restored["w"], np.arange(3.0))
+  assert checkpointing.saved_param_parts("rel/checkpoints") == (["w"], 1)
