@@ -98,11 +98,11 @@ def configured(module: str, function: str) -> Callable[..., Any]:
     return fn
 
 
-def write_config(workdir: str) -> None:
-  """Writes the resolved gin configuration to `WORKDIR/config.gin` (atomically)."""
+def write_config(workdir: str, name: str = "config.gin") -> None:
+  """Writes the resolved gin configuration to `WORKDIR/<name>` (atomically)."""
   import gin
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.gin")
+  path = os.path.join(workdir, name)
   with open(path + ".tmp", "w") as f:
     f.write(gin.config_str())
   os.replace(path + ".tmp", path)
@@ -144,7 +144,9 @@ def run(argv: Sequence[str]) -> Any:
     if len(args.questions) != 1:
       raise UsageError("convert needs one checkpoint path: realm-jax convert PATH --workdir W")
     kwargs["checkpoint"] = args.questions[0]
-  if args.command != "predict":
+  if args.command == "index-builder":  # shares WORKDIR with the trainer: its own file
+    write_config(workdir, "config-index-builder.gin")
+  elif args.command != "predict":
     write_config(workdir)
   result = fn(**kwargs)
   if args.command == "main":

@@ -1,21 +1,43 @@
-"""The index builder: embeds every block of the knowledge corpus and writes an embedding snapshot.
+"""The index builder: embeds every block of the knowledge corpus and writes embedding snapshots.
 
 REALM §3.4 ("asynchronous MIPS refreshes"): a separate job re-embeds the corpus Z with the newest
 document embedder Embed_doc and publishes a new MIPS index; the trainer keeps going on the old index and
-swaps when the new one is ready. This module holds the embedding pass (`embed_blocks`) and the one-shot
-snapshot build (`build_snapshot`) that both the trainer (first index) and the builder job use.
+swaps when the new one is ready (`retrieval/watcher.py`). This module holds
+
+  * the embedding pass (`run_batched`, `make_document_embed_fn`) and the one-shot, resumable snapshot
+    build (`embed_snapshot` / `build_snapshot`), used by the trainer for a first index and by the job;
+  * the job itself, `run` (`realm-jax index-builder`): it watches `WORKDIR/checkpoints`, restores only
+    the retriever's parameters of the newest checkpoint, re-embeds the corpus, commits
+    `WORKDIR/snapshots/<step>` atomically, prunes old snapshots, and loops.
 
 The pass is a `jax.jit`-ed forward of the document tower over the mesh, batch split over `data`.
 Blocks are sorted by length and padded to a small set of bucket lengths, so that a corpus of short
 paragraphs does not pay for 288 tokens each; every process embeds its own contiguous range of blocks
 (multi-host index building) and writes its own snapshot shards.
+
+The protocol between the trainer and this job (they share nothing but the work directory):
+
+    WORKDIR/checkpoints/<step>/         written by the trainer (orbax; `params` item read here)
+    WORKDIR/snapshots/<step>/           written here (committed by a rename; see retrieval/snapshot.py)
+    WORKDIR/snapshots/.tmp-<step>/      a snapshot being written; a restarted job resumes its shards
+    WORKDIR/trainer_done.json           written by the trainer when it has saved its final checkpoint
+                                        (`mark_trainer_done`): the job embeds that checkpoint and exits
+    WORKDIR/index_builder/status.json   this job's state (phase, newest snapshot, pid), for launchers
+    WORKDIR/index_builder/refreshes.jsonl  one JSON line per committed snapshot, with timings
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import os
 import pathlib
+import shutil
+import signal
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import snapshot as snapshot_lib
 from realm_jax.training import sharding
@@ -118,37 +141,70 @@ def shard_ranges(begin: int, end: int, num_shards: int) -> Sequence[tuple[int, i
   return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+  """What one `embed_snapshot` call did (REALM §3.4 index refresh).
+
+  Attributes:
+    path: the committed snapshot directory on process 0; None on other processes.
+    params_step: the train step of the embedder parameters (the snapshot's name).
+    num_blocks: blocks in the corpus (rows of the snapshot).
+    num_shards: shards of the snapshot (all processes together).
+    written_shards: shards this process embedded and wrote.
+    skipped_shards: shards of this process found already written by an interrupted run (resume).
+    embed_s: wall seconds this process spent embedding and writing its shards.
+    commit_s: wall seconds of the commit (checksums, manifest, rename) on process 0; 0 elsewhere.
+  """
+
+  path: pathlib.Path | None
+  params_step: int
+  num_blocks: int
+  num_shards: int
+  written_shards: tuple[int, ...]
+  skipped_shards: tuple[int, ...]
+  embed_s: float
+  commit_s: float
+
+
+def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
                    retriever_params: Any, params_step: int, mesh: jax.sharding.Mesh | None = None,
                    batch_size: int = 64, blocks_per_shard: int = 4096,
                    metadata: dict[str, Any] | None = None, process_index: int | None = None,
-                   process_count: int | None = None, overwrite: bool = False
-                   ) -> pathlib.Path | None:
+                   process_count: int | None = None, overwrite: bool = False,
+                   shard_pause_s: float = 0.0, embed_fn: EmbedFn | None = None) -> BuildResult:
   """Embeds every block with Embed_doc and commits the snapshot `<root>/<params_step>` (REALM §3.4).
 
   Each process embeds a disjoint contiguous range of blocks on its own local devices and writes its own
-  shards into the shared temporary directory; shards already written by an earlier, interrupted run are
-  skipped (resume). Process 0 commits once every shard is present.
+  shards into the shared temporary directory `<root>/.tmp-<params_step>`; shards already written by an
+  earlier, interrupted run are skipped (resume). Process 0 commits once every shard is present.
 
   Args:
     root: the snapshots directory (`WORKDIR/snapshots`).
     corpus: a `data.corpus.Corpus` (`block_ids`, `fingerprint`, `retrieval_inputs(indices)`).
-    retriever_cfg / retriever_params: the document embedder.
+    retriever_cfg / retriever_params: the document embedder (params replicated on `mesh`, or host).
     params_step: the train step of `retriever_params` (the snapshot's name).
     mesh: devices to embed on (default: this process's local devices, data-parallel).
     batch_size: blocks per forward pass.
     blocks_per_shard: shard granularity (also the unit of resume).
-    metadata: extra manifest fields.
+    metadata: extra manifest fields (JSON).
+    process_index / process_count: default `jax.process_index()` / `jax.process_count()`.
+    overwrite: replace an already committed snapshot of this step.
+    shard_pause_s: seconds to sleep after each written shard, yielding the CPU to a trainer that shares
+      the host (the CPU demo); 0 on accelerators.
+    embed_fn: `make_document_embed_fn(retriever_cfg, mesh)`, made once by a caller that builds many
+      snapshots (its compiled bucket shapes are then reused); default: made here.
 
   Returns:
-    The committed path on process 0; None on other processes.
+    A `BuildResult` (its `path` is None on processes other than 0).
 
   Raises:
-    snapshot.SnapshotError: if an existing temporary directory belongs to another corpus or config.
+    snapshot.SnapshotError: if an existing temporary directory belongs to another corpus or config,
+      or the step is already committed (and not `overwrite`).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   mesh = mesh or sharding.make_mesh(devices=jax.local_devices())
+  start = time.perf_counter()
   num_blocks = len(corpus)
   per_process = max(1, math.ceil(num_blocks / process_count / blocks_per_shard))
   num_shards = per_process * process_count
@@ -158,11 +214,13 @@ def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
                     embedding_dim=retriever_cfg.embedding_dim), overwrite=overwrite)
   begin, end = process_range(num_blocks, process_index, process_count)
   done = set(writer.completed_shards())
-  embed_fn = make_document_embed_fn(retriever_cfg, mesh)
+  embed_fn = embed_fn or make_document_embed_fn(retriever_cfg, mesh)
   my_shards = range(process_index * per_process, (process_index + 1) * per_process)
+  written, skipped = [], []
   for shard, (lo, hi) in zip(my_shards, shard_ranges(begin, end, per_process)):
     if shard in done:
       logging.info("snapshot %s: shard %d already written, skipped", writer.tmp_dir, shard)
+      skipped.append(shard)
       continue
     rows = np.arange(lo, hi)
     inputs = corpus.retrieval_inputs(rows)
@@ -170,12 +228,606 @@ def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
                        desc=f"embedding shard {shard + 1}/{num_shards}") if len(rows)
            else np.zeros((0, retriever_cfg.embedding_dim), np.float32))
     writer.write_shard(shard, corpus.block_ids[rows], emb)
+    written.append(shard)
+    if shard_pause_s > 0:
+      time.sleep(shard_pause_s)
   if process_count > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"snapshot-{params_step}-written")
-  if process_index != 0:
+  embed_s = time.perf_counter() - start
+  path, commit_s = None, 0.0
+  if process_index == 0:
+    t0 = time.perf_counter()
+    path = writer.commit()
+    commit_s = time.perf_counter() - t0
+    logging.info("committed snapshot %s (%d blocks, dim %d; %d shard(s) written, %d resumed)", path,
+                 num_blocks, retriever_cfg.embedding_dim, len(written), len(skipped))
+  return BuildResult(path=path, params_step=int(params_step), num_blocks=num_blocks,
+                     num_shards=num_shards, written_shards=tuple(written),
+                     skipped_shards=tuple(skipped), embed_s=embed_s, commit_s=commit_s)
+
+
+def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
+                   retriever_params: Any, params_step: int, mesh: jax.sharding.Mesh | None = None,
+                   batch_size: int = 64, blocks_per_shard: int = 4096,
+                   metadata: dict[str, Any] | None = None, process_index: int | None = None,
+                   process_count: int | None = None, overwrite: bool = False
+                   ) -> pathlib.Path | None:
+  """Embeds every block with Embed_doc and commits `<root>/<params_step>` (REALM §3.4).
+
+  `embed_snapshot` without the statistics; see it for the arguments.
+
+  Returns:
+    The committed path on process 0; None on other processes.
+
+  Raises:
+    snapshot.SnapshotError: if an existing temporary directory belongs to another corpus or config.
+  """
+  return embed_snapshot(root, corpus, retriever_cfg, retriever_params, params_step, mesh=mesh,
+                        batch_size=batch_size, blocks_per_shard=blocks_per_shard, metadata=metadata,
+                        process_index=process_index, process_count=process_count,
+                        overwrite=overwrite).path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The knowledge corpus of the job
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """The knowledge corpus Z the index builder embeds: it must be the trainer's (same fingerprint).
+
+  `run` also accepts the trainer's own data config (`pretrain.PretrainDataConfig`,
+  `finetune.OpenQADataConfig`, or any object with `corpus_sources` and optionally `extra_sources`,
+  `max_block_length`, `tokenizer`, `tokenizer_path`, `data_dir`), so that one gin macro configures both
+  jobs and they block the same corpus; see `as_corpus_config`.
+
+  Attributes:
+    sources: corpus files (SQuAD JSON, JSONL or text; `data.corpus`). Empty: the embedded SQuAD v1.1
+      files (dev + the first 30 train articles, 3,997 blocks of ≤ 288 wordpieces).
+    extra_sources: files appended after `sources` (as `pretrain.PretrainDataConfig.extra_sources`).
+    max_block_length: `3 + title + body` wordpieces per block (288 in the paper).
+    tokenizer: `"wordpiece"` or `"sentencepiece"`.
+    tokenizer_path: vocab / model file; empty: the model checkpoint's `vocab.txt`, or the MiniLM
+      package's when the model is randomly initialised.
+    data_dir: TFDS data directory; empty: `WORKDIR/tfds` (shared with the trainer).
+
+  Raises:
+    ValueError: in `__post_init__` if `max_block_length < 8`.
+  """
+
+  sources: tuple[str, ...] = ()
+  extra_sources: tuple[str, ...] = ()
+  max_block_length: int = 288
+  tokenizer: str = "wordpiece"
+  tokenizer_path: str = ""
+  data_dir: str = ""
+
+  def __post_init__(self):
+    if self.max_block_length < 8:
+      raise ValueError(f"CorpusConfig.max_block_length={self.max_block_length} is too small")
+    object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
+    object.__setattr__(self, "extra_sources", tuple(str(s) for s in self.extra_sources))
+
+
+def as_corpus_config(data: Any) -> CorpusConfig:
+  """A `CorpusConfig` from itself or from a trainer's data config (duck-typed, see `CorpusConfig`).
+
+  Raises:
+    TypeError: if `data` has neither `sources` nor `corpus_sources`.
+  """
+  if isinstance(data, CorpusConfig):
+    return data
+  sources = getattr(data, "corpus_sources", getattr(data, "sources", None))
+  if sources is None:
+    raise TypeError(f"index_builder: data must be a CorpusConfig or a data config with "
+                    f"corpus_sources, got {type(data).__name__}")
+  return CorpusConfig(sources=tuple(sources),
+                      extra_sources=tuple(getattr(data, "extra_sources", ())),
+                      max_block_length=getattr(data, "max_block_length", 288),
+                      tokenizer=getattr(data, "tokenizer", "wordpiece"),
+                      tokenizer_path=getattr(data, "tokenizer_path", ""),
+                      data_dir=getattr(data, "data_dir", ""))
+
+
+def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress: bool = True):
+  """Prepares (once, TFDS) and loads the blocked knowledge corpus of `data` (see `CorpusConfig`).
+
+  The trainer and the index builder may prepare the same TFDS dataset at the same moment; the loser of
+  that race (its final rename fails) simply loads the winner's copy.
+
+  Returns:
+    A `data.corpus.Corpus`.
+
+  Raises:
+    FileNotFoundError / data.corpus.DataFormatError: naming the bad source file.
+  """
+  from realm_jax import tokenization
+  from realm_jax.data import corpus as corpus_lib
+  from realm_jax.data import tfds_builders
+
+  config = as_corpus_config(data)
+  tok_path = config.tokenizer_path
+  if not tok_path:
+    ckpt = model.checkpoint_dir()
+    tok_path = str(pathlib.Path(ckpt) / "vocab.txt") if ckpt else str(
+        tokenization.minilm_model_dir() / "vocab.txt")
+  tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
+  sources = list(config.sources)
+  if not sources:
+    embedded = corpus_lib.embedded_squad_paths()
+    sources = [str(embedded["dev"]), str(embedded["train"])]
+  sources += list(config.extra_sources)  # The order of `pretrain.load_corpus`: same fingerprint.
+  data_dir = config.data_dir or os.path.join(workdir, "tfds")
+  for attempt in range(3):
+    try:
+      return tfds_builders.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
+                                        show_progress=show_progress)
+    except OSError as e:
+      if attempt == 2 or isinstance(e, FileNotFoundError):
+        raise
+      logging.warning("preparing the corpus under %s raced with another job (%s); loading theirs",
+                      data_dir, e)
+      time.sleep(1.0 + attempt)
+  raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: which step, and the retriever's parameters only
+# ----------------------------------------------------------------------------------------------------
+
+
+TRAINER_DONE_NAME = "trainer_done.json"
+
+
+def mark_trainer_done(workdir: str, final_step: int) -> None:
+  """Called by the trainer after its final checkpoint: the index builder embeds it and exits.
+
+  Writes `WORKDIR/trainer_done.json` (`{"final_step": …, "time": …}`) atomically.
+
+  Args:
+    workdir: the run's work directory (local path).
+    final_step: the step of the trainer's final checkpoint.
+  """
+  path = pathlib.Path(workdir) / TRAINER_DONE_NAME
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  tmp.write_text(json.dumps({"final_step": int(final_step), "time": time.time()}) + "\n")
+  os.replace(tmp, path)
+
+
+def clear_trainer_done(workdir: str) -> None:
+  """Called by the trainer when it starts (or resumes): removes a done marker of an earlier run."""
+  (pathlib.Path(workdir) / TRAINER_DONE_NAME).unlink(missing_ok=True)
+
+
+def trainer_final_step(workdir: str) -> int | None:
+  """The `final_step` of `WORKDIR/trainer_done.json`, or None when the trainer has not finished.
+
+  A malformed marker is logged and treated as absent.
+  """
+  path = pathlib.Path(workdir) / TRAINER_DONE_NAME
+  try:
+    return int(json.loads(path.read_text())["final_step"])
+  except FileNotFoundError:
     return None
-  path = writer.commit()
-  logging.info("committed snapshot %s (%d blocks, dim %d)", path, num_blocks,
-               retriever_cfg.embedding_dim)
-  return path
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("ignoring malformed %s: %s", path, e)
+    return None
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Finalised orbax checkpoint steps under `directory` (`WORKDIR/checkpoints`, local or `gs://`).
+
+  Checkpoints still being written (orbax's temporary directories) are not listed.
+
+  Returns:
+    The steps, sorted; [] when there is none or no directory.
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+  try:
+    if not epath.Path(directory).is_dir():
+      return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
+  except FileNotFoundError:
+    return []
+
+
+def abstract_retriever_params(retriever_cfg: retriever_lib.RetrieverConfig,
+                              mesh: jax.sharding.Mesh) -> Any:
+  """`jax.ShapeDtypeStruct`s of the retriever's parameters, replicated on `mesh` (nothing computed)."""
+  shapes = jax.eval_shape(lambda key: realm.init_retriever(retriever_cfg, key), jax.random.key(0))
+  rep = sharding.replicated(mesh)
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                shapes)
+
+
+def restore_retriever_params(directory: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
+  """Restores only `params["retriever"]` of checkpoint `step` (orbax partial restore).
+
+  The encoder / reader parameters and the optimiser state are never read, so a refresh reads about a
+  third of a pre-training checkpoint's `params` and nothing else.
+
+  Args:
+    directory: the checkpoints directory (`WORKDIR/checkpoints`, local or `gs://`).
+    abstract: the retriever's abstract parameters with shardings (`abstract_retriever_params`).
+    step: the checkpoint step; None: the newest.
+
+  Returns:
+    `(retriever_params, step)`, the parameters placed as `abstract` says.
+
+  Raises:
+    FileNotFoundError: if the step is not (or no longer) there, or `directory` holds no checkpoint.
+    ValueError: if the checkpoint's params hold no `retriever` subtree of these shapes.
+  """
+  import orbax.checkpoint as ocp
+  from realm_jax.training import checkpointing
+
+  manager = ocp.CheckpointManager(
+      directory, item_names=(checkpointing.PARAMS, checkpointing.OPT_STATE, checkpointing.META),
+      options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (deleted meanwhile?)")
+    target = {"retriever": abstract}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          checkpointing.PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                       partial_restore=True)}))
+    except FileNotFoundError:
+      raise
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{directory}/{step}: cannot restore params['retriever'] with the model's "
+                       f"shapes ({e}); is the index builder's model config the trainer's?") from e
+    logging.info("restored the retriever params of step %d from %s", step, directory)
+    return restored[checkpointing.PARAMS]["retriever"], int(step)
+  finally:
+    manager.close()
+
+
+def _newest_mtime(path: pathlib.Path) -> float | None:
+  """Latest mtime of `path` and its direct children (seconds since the epoch), None if it is gone."""
+  try:
+    newest = path.stat().st_mtime
+    for entry in path.iterdir():
+      newest = max(newest, entry.stat().st_mtime)
+    return newest
+  except FileNotFoundError:
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------
+
+
+def next_params_step(checkpoints: Sequence[int], committed: Sequence[int]) -> int | None:
+  """Which parameters to embed next, or None to wait (the refresh policy, REALM §3.4).
+
+  Always the newest checkpoint (intermediate ones are skipped, as in the official refresher), and the
+  initial parameters (step 0) when the trainer has written no checkpoint yet and no index exists: the
+  trainer needs a first index before its first step. A half-written `.tmp-<step>` of the chosen step
+  is resumed by `embed_snapshot`.
+
+  Args:
+    checkpoints: finalised checkpoint steps.
+    committed: steps of the committed snapshots of this corpus.
+
+  Returns:
+    The params step to embed, or None when the newest snapshot is at least as new as every checkpoint.
+  """
+  newest_snapshot = max(committed) if committed else None
+  target = max(checkpoints) if checkpoints else 0
+  if newest_snapshot is not None and target <= newest_snapshot:
+    return None
+  return target
+
+
+def _initial_retriever_params(model: realm.ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> Any:
+  """The trainer's initial retriever params (`realm.init_params` with its seed), replicated on `mesh`.
+
+  Without a pretrained checkpoint the whole random initialisation is jitted (seconds instead of an
+  op-by-op init); with one, `init_params` grafts the checkpoint's BERT onto the random heads.
+  """
+  init = lambda key: realm.init_params(model, key, parts=("retriever",))["retriever"]  # noqa: E731
+  if model.checkpoint_dir() is None:
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(seed))
+  return jax.device_put(init(jax.random.key(seed)), sharding.replicated(mesh))
+
+
+def _after_write_conflict(root: pathlib.Path, step: int, error: snapshot_lib.SnapshotError,
+                          stale_tmp_age_s: float, poll_interval_s: float) -> None:
+  """Handles a snapshot that another writer committed or is writing with other settings.
+
+  This happens when a trainer builds its own first index at the same moment, or when the job is
+  restarted with another `blocks_per_shard`. A committed snapshot is simply taken as done; a
+  `.tmp-<step>` with other settings is deleted once idle for `stale_tmp_age_s`, else left to its writer.
+  """
+  if (root / str(step)).is_dir():
+    logging.info("index builder: snapshot %d was committed by another writer meanwhile (%s)", step,
+                 error)
+    return
+  tmp = root / f"{snapshot_lib.TMP_PREFIX}{step}"
+  newest = _newest_mtime(tmp)
+  if newest is not None and time.time() - newest > stale_tmp_age_s:
+    logging.warning("index builder: deleting %s, idle for more than %.0f s and written with other "
+                    "settings (%s)", tmp, stale_tmp_age_s, error)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return
+  logging.warning("index builder: cannot write snapshot %d now (%s); another writer seems active. "
+                  "Polling again in %.0f s (delete %s to start it over).", step, error,
+                  poll_interval_s, tmp)
+  time.sleep(poll_interval_s)
+
+
+class _StopRequested(Exception):
+  """SIGTERM arrived: stop between (or inside) refreshes; shards already written stay for a resume."""
+
+
+_WAIT, _BUILD, _STOP = 0, 1, 2
+
+
+def _agree(values: Sequence[int]) -> list[int]:
+  """Process 0's `values` on every process (the builder's decisions must agree across hosts)."""
+  if jax.process_count() == 1:
+    return [int(v) for v in values]
+  from jax.experimental import multihost_utils
+  out = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64))
+  return [int(v) for v in np.asarray(out)]
+
+
+class _Journal:
+  """`WORKDIR/index_builder/{status.json, refreshes.jsonl}`, written by process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.dir = pathlib.Path(workdir) / "index_builder"
+    self.enabled = enabled
+    self.status: dict[str, Any] = {"pid": os.getpid(), "started": time.time()}
+    if enabled:
+      self.dir.mkdir(parents=True, exist_ok=True)
+
+  def set(self, **fields: Any) -> None:
+    self.status.update(fields, updated=time.time())
+    if not self.enabled:
+      return
+    path = self.dir / "status.json"
+    tmp = path.with_name(f"status.json.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(self.status, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+  def record(self, entry: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.dir / "refreshes.jsonl", "a", encoding="utf-8") as f:
+      f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def read_refreshes(workdir: str) -> list[dict[str, Any]]:
+  """The records of `WORKDIR/index_builder/refreshes.jsonl` (one per committed snapshot), oldest first.
+
+  Each record holds `params_step`, `source` (`init`, `init_from` or `checkpoint`), `path`,
+  `written_shards`, `skipped_shards`, `num_blocks`, timings in seconds (`restore_s`, `embed_s`,
+  `commit_s`, `total_s`) and Unix times (`checkpoint_mtime`, `committed_at`).
+  """
+  path = pathlib.Path(workdir) / "index_builder" / "refreshes.jsonl"
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(workdir: str,
+        model: realm.ModelConfig = realm.ModelConfig(),
+        data: Any = CorpusConfig(),
+        poll_interval_s: float = 10.0,
+        keep_snapshots: int = 3,
+        batch_size: int = 64,
+        blocks_per_shard: int = 4096,
+        max_refreshes: int | None = None,
+        exit_when_trainer_done: bool = True,
+        num_train_steps: int | None = None,
+        init_from: str = "",
+        seed: int = 0,
+        idle_timeout_s: float | None = None,
+        stale_tmp_age_s: float = 3600.0,
+        shard_pause_s: float = 0.0,
+        mesh_shape: tuple[int, ...] = (-1, 1)) -> dict[str, Any]:
+  """`realm-jax index-builder`: the asynchronous index refresher of REALM pre-training (§3.4).
+
+  Loop: poll `WORKDIR/checkpoints` every `poll_interval_s`; when its newest checkpoint is newer than the
+  newest snapshot, restore that checkpoint's retriever parameters (only them), re-embed every block of
+  the corpus on this job's devices (each process of a multi-host job embeds and writes its own shards),
+  commit `WORKDIR/snapshots/<step>` atomically, and keep the newest `keep_snapshots` snapshots. With no
+  checkpoint and no snapshot yet it builds the FIRST index itself, from the initial parameters (the
+  pretrained BERT, or `init_from`, as the trainer does; params step 0), so that the trainer can start.
+  A `.tmp-<step>` left by a killed run is resumed: its finished shards are not embedded again.
+
+  Stops when (a) `max_refreshes` snapshots were committed by this call, (b) `exit_when_trainer_done`
+  and the trainer's final checkpoint (`WORKDIR/trainer_done.json`, or step ≥ `num_train_steps`) has
+  been embedded, (c) nothing was built for `idle_timeout_s`, or (d) on SIGTERM / Ctrl-C (nothing
+  partial becomes visible; a restart resumes).
+
+  Args:
+    workdir: the trainer's work directory (local: snapshots are committed with `os.rename`).
+    model: the trainer's model config (its retriever embeds; its checkpoint initialises step 0).
+    data: the knowledge corpus: a `CorpusConfig`, or the trainer's data config (`as_corpus_config`).
+    poll_interval_s: seconds between looks at `WORKDIR/checkpoints`.
+    keep_snapshots: newest committed snapshots kept (the official refresher keeps 3); the newest one
+      is never deleted.
+    batch_size: blocks per forward pass (a multiple of the local device count is best).
+    blocks_per_shard: snapshot shard size in blocks, also the unit of resume after a crash.
+    max_refreshes: stop after this many commits (the first index counts); None: no limit.
+    exit_when_trainer_done: stop once the trainer's final checkpoint is embedded.
+    num_train_steps: the trainer's total steps (bind the same gin macro): a checkpoint at or past it is
+      final, even without the done marker.
+    init_from: the trainer's `init_from` (a work directory or its `checkpoints/`, e.g. the ICT warm
+      start): its newest retriever params embed the first index instead of the initialisation.
+    seed: the trainer's seed (the randomly initialised projection of the first index must be its own).
+    idle_timeout_s: stop when no snapshot was committed for this long; None: wait forever.
+    stale_tmp_age_s: delete other `.tmp-*` directories idle for this long (crashed writers).
+    shard_pause_s: sleep after each shard to leave CPU time to a trainer on the same host.
+    mesh_shape: this job's local mesh, `(data, model)`; -1 fills.
+
+  Returns:
+    A summary: `refreshes` (the records of `read_refreshes` written by this call), `stopped_because`,
+    `num_blocks`, `corpus_fingerprint`.
+
+  Raises:
+    snapshot.SnapshotError: if `WORKDIR/snapshots` holds snapshots of another corpus.
+    ValueError: on a bad argument, or a checkpoint without the model's retriever parameters.
+  """
+  from realm_jax.training import checkpointing
+
+  if keep_snapshots < 1:
+    raise ValueError(f"index_builder.run: keep_snapshots must be >= 1, got {keep_snapshots}")
+  if poll_interval_s <= 0:
+    raise ValueError(f"index_builder.run: poll_interval_s must be > 0, got {poll_interval_s}")
+  if max_refreshes is not None and max_refreshes < 1:
+    raise ValueError(f"index_builder.run: max_refreshes must be >= 1 or None, got {max_refreshes}")
+  sharding.initialize_distributed()
+  is_main = jax.process_index() == 0
+  journal = _Journal(workdir, enabled=is_main)
+  journal.set(phase="loading_corpus")
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    def on_sigterm(signum, frame):  # noqa: ARG001
+      raise _StopRequested(f"signal {signum}")
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  summary: dict[str, Any] = {"refreshes": [], "stopped_because": None}
+  try:
+    corpus = load_corpus(data, model, workdir, show_progress=is_main)
+    summary.update(num_blocks=len(corpus), corpus_fingerprint=corpus.fingerprint)
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.local_devices())
+    retriever_cfg = model.retriever_config()
+    abstract = abstract_retriever_params(retriever_cfg, mesh)
+    embed_fn = make_document_embed_fn(retriever_cfg, mesh)  # Compiled once per bucket length.
+    ckpt_dir = checkpointing.checkpoint_dir(workdir)
+    snapshots_root = pathlib.Path(workdir) / "snapshots"
+    logging.info("index builder: %d blocks (corpus %s), %d local device(s) x %d process(es); "
+                 "watching %s every %.1f s", len(corpus), corpus.fingerprint[:12],
+                 jax.local_device_count(), jax.process_count(), ckpt_dir, poll_interval_s)
+    journal.set(phase="waiting", corpus_fingerprint=corpus.fingerprint, num_blocks=len(corpus))
+
+    def committed_steps() -> list[int]:
+      steps = []
+      for step, path in snapshot_lib.list_snapshots(snapshots_root):
+        fingerprint = snapshot_lib.read_manifest(path)["corpus_fingerprint"]
+        if fingerprint != corpus.fingerprint:
+          raise snapshot_lib.SnapshotError(
+              f"{path}: snapshot of another corpus ({fingerprint[:12]}, this job's is "
+              f"{corpus.fingerprint[:12]}); use a new work directory or the trainer's corpus")
+        steps.append(step)
+      return steps
+
+    last_commit = time.time()
+    first_poll = True
+    while True:
+      decision = [_WAIT, 0, 0]
+      if is_main:
+        ckpts = checkpoint_steps(ckpt_dir)
+        committed = committed_steps()
+        newest = max(committed) if committed else None
+        final_step = trainer_final_step(workdir) if exit_when_trainer_done else None
+        if exit_when_trainer_done and num_train_steps is not None and any(
+            s >= num_train_steps for s in ckpts):
+          final_step = max(s for s in ckpts if s >= num_train_steps)
+        target = next_params_step(ckpts, committed)
+        if max_refreshes is not None and len(summary["refreshes"]) >= max_refreshes:
+          decision = [_STOP, 0, 0]
+          summary["stopped_because"] = f"max_refreshes={max_refreshes} reached"
+        elif (final_step is not None and newest is not None and newest >= final_step
+              and target is None):
+          decision = [_STOP, 0, 0]
+          summary["stopped_because"] = f"the trainer is done (final step {final_step} embedded)"
+        elif target is not None:
+          decision = [_BUILD, target, len(ckpts)]
+        elif idle_timeout_s is not None and time.time() - last_commit > idle_timeout_s:
+          decision = [_STOP, 0, 0]
+          summary["stopped_because"] = f"no new checkpoint for {idle_timeout_s:.0f} s"
+        elif first_poll:
+          logging.info("index builder: snapshot %s is current; waiting for a newer checkpoint",
+                       newest)
+      first_poll = False
+      action, step, have_ckpt = _agree(decision)
+      if action == _STOP:
+        logging.info("index builder: stopping, %s", summary["stopped_because"])
+        break
+      if action == _WAIT:
+        time.sleep(poll_interval_s)
+        continue
+
+      t_start = time.perf_counter()
+      if have_ckpt:
+        source = "checkpoint"
+        journal.set(phase="restoring", params_step=step)
+        try:
+          params, _ = restore_retriever_params(ckpt_dir, abstract, step)
+        except FileNotFoundError as e:
+          logging.warning("index builder: %s; polling again", e)
+          time.sleep(poll_interval_s)
+          continue
+      elif init_from:
+        source = "init_from"
+        nested = os.path.join(init_from, "checkpoints")
+        params, _ = restore_retriever_params(nested if os.path.isdir(nested) else init_from,
+                                             abstract)
+      else:
+        source = "init"
+        params = _initial_retriever_params(model, seed, mesh)
+      restore_s = time.perf_counter() - t_start
+      checkpoint_mtime = (_newest_mtime(pathlib.Path(ckpt_dir) / str(step))
+                          if source == "checkpoint" else None)
+      logging.info("index builder: embedding %d blocks with the %s params of step %d", len(corpus),
+                   source, step)
+      journal.set(phase="embedding", params_step=step)
+      try:
+        result = embed_snapshot(
+            snapshots_root, corpus, retriever_cfg, params, step, mesh=mesh, batch_size=batch_size,
+            blocks_per_shard=blocks_per_shard, shard_pause_s=shard_pause_s, embed_fn=embed_fn,
+            metadata={"source": source, "checkpoint_mtime": checkpoint_mtime,
+                      "init_checkpoint": model.init_checkpoint})
+      except snapshot_lib.SnapshotError as e:
+        _after_write_conflict(snapshots_root, step, e, stale_tmp_age_s, poll_interval_s)
+        continue
+      finally:
+        del params
+      last_commit = time.time()
+      entry = {"params_step": step, "source": source,
+               "path": str(result.path) if result.path else None,
+               "num_blocks": result.num_blocks, "num_shards": result.num_shards,
+               "written_shards": list(result.written_shards),
+               "skipped_shards": list(result.skipped_shards), "restore_s": restore_s,
+               "embed_s": result.embed_s, "commit_s": result.commit_s,
+               "total_s": time.perf_counter() - t_start, "checkpoint_mtime": checkpoint_mtime,
+               "committed_at": last_commit}
+      summary["refreshes"].append(entry)
+      if is_main:
+        journal.record(entry)
+        removed = snapshot_lib.prune_snapshots(snapshots_root, keep=keep_snapshots, protect=(step,),
+                                               stale_tmp_age_s=stale_tmp_age_s)
+        for tmp in snapshots_root.glob(f"{snapshot_lib.TMP_PREFIX}*"):
+          tmp_step = tmp.name[len(snapshot_lib.TMP_PREFIX):]
+          if tmp_step.isdigit() and int(tmp_step) < step:  # Can never be committed any more.
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        journal.set(phase="waiting", last_snapshot_step=step, refreshes=len(summary["refreshes"]))
+        logging.info("index builder: snapshot %d live in %.1f s (restore %.1f s, embed %.1f s, "
+                     "commit %.1f s; %d shard(s) resumed); pruned %d", step, entry["total_s"],
+                     restore_s, result.embed_s, result.commit_s, len(result.skipped_shards),
+                     len(removed))
+  except (_StopRequested, KeyboardInterrupt) as e:
+    summary["stopped_because"] = f"interrupted ({str(e) or 'Ctrl-C'})"
+    logging.warning("index builder: %s; written shards stay in .tmp-<step> and resume on restart",
+                    summary["stopped_because"])
+  finally:
+    journal.set(phase="stopped", stopped_because=summary["stopped_because"])
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return summary

@@ -11,7 +11,7 @@ TINY = realm.ModelConfig(
     bert=bert.BertConfig(vocab_size=128, hidden_size=16, num_layers=1, num_heads=2,
                          intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
                          attention_dropout=0.0))
-LOSS_KEY = {"finetune": "train/loss"}
+LOSS_KEY = {"finetune": "train/loss", "ict": "train/ict_loss", "pretrain": "train/loss"}
 
 
 def finetune(global_batch, mesh):
@@ -47,4 +47,54 @@ def finetune(global_batch, mesh):
   return state, train_fn, batch
 
 
-BUILDERS = {"finetune": finetune}
+def _random_batch(spec, rng):
+  import jax.numpy as jnp
+  batch = {}
+  for name, s in spec.items():
+    if s.dtype == jnp.bool_:
+      batch[name] = np.ones(s.shape, bool)
+    elif s.dtype == jnp.float32:
+      batch[name] = np.ones(s.shape, np.float32)
+    elif name.endswith("_ids") and "segment" not in name:
+      batch[name] = rng.integers(5, 128, s.shape).astype(np.int32)
+    elif name.endswith("segment_ids"):
+      batch[name] = np.zeros(s.shape, np.int32)
+    else:
+      batch[name] = np.ones(s.shape, np.int32)
+  return batch
+
+
+def ict(global_batch, mesh):
+  import jax
+  from realm_jax.training import ict as ict_lib
+  from realm_jax.training import optim
+  task = ict_lib.IctConfig(query_length=8, block_length=16)
+  batch = _random_batch(ict_lib.abstract_batch(task, global_batch), np.random.default_rng(0))
+  batch["block_id"] = np.arange(global_batch, dtype=np.int32)
+  tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
+                                              warmup_steps=0))
+  params = realm.init_params(TINY, jax.random.key(0), parts=("retriever",))
+  state = __import__("realm_jax.training.finetune", fromlist=["x"]).create_train_state(
+      params, tx, mesh)
+  train_fn, _ = ict_lib.make_steps(TINY, tx, mesh)
+  return state, train_fn, batch
+
+
+def pretrain(global_batch, mesh):
+  import jax
+  from realm_jax.training import finetune as ft
+  from realm_jax.training import optim
+  from realm_jax.training import pretrain as pre
+  task = pre.PretrainConfig(num_candidates=3, query_length=8, candidate_length=12, max_masks=2)
+  rng = np.random.default_rng(0)
+  batch = _random_batch(pre.abstract_batch(task, global_batch), rng)
+  batch["mlm_positions"] = np.tile(np.array([2, 3], np.int32), (global_batch, 1))
+  tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
+                                              warmup_steps=0))
+  params = realm.init_params(TINY, jax.random.key(0), parts=("retriever", "encoder"))
+  state = ft.create_train_state(params, tx, mesh)
+  train_fn, _ = pre.make_steps(TINY, tx, mesh)
+  return state, train_fn, batch
+
+
+BUILDERS = {"finetune": finetune, "ict": ict, "pretrain": pretrain}

@@ -1,0 +1,365 @@
+"""Tests for realm_jax/index_builder.py: the asynchronous index refresher job (REALM §3.4).
+
+In-process tests call `index_builder.run` directly; the crash test runs the real job
+(`python -m realm_jax.cli index-builder`) in a subprocess, SIGKILLs it mid-write and restarts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from realm_jax import index_builder
+from realm_jax.models import bert
+from realm_jax.models import realm
+from realm_jax.retrieval import searchers
+from realm_jax.retrieval import snapshot as snap
+from realm_jax.retrieval import watcher as watcher_lib
+from realm_jax.training import checkpointing
+from realm_jax.training import sharding
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = realm.ModelConfig(
+    init_checkpoint=None, pooling="cls_projection", projection_size=8,
+    bert=bert.BertConfig(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
+                         intermediate_size=32, max_position_embeddings=64))
+MAX_BLOCK_LENGTH = 64
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+  """A 40-block JSONL corpus, prepared once (TFDS) in a shared data dir: `(CorpusConfig, Corpus)`."""
+  root = tmp_path_factory.mktemp("corpus")
+  source = root / "corpus.jsonl"
+  with open(source, "w") as f:
+    for i in range(40):
+      text = (f"{WORDS[i % 20].capitalize()} {i} is a town on the {WORDS[(i * 7) % 20]} river. It "
+              f"was founded in {1800 + i} by {WORDS[(i * 3) % 20]} settlers.")
+      f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
+  data = index_builder.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
+                                    data_dir=str(root / "tfds"))
+  corpus = index_builder.load_corpus(data, MODEL, str(root), show_progress=False)
+  assert len(corpus) == 40
+  return data, corpus
+
+
+@pytest.fixture(scope="module")
+def base_params():
+  """Randomly initialised retriever params of the tiny model (jitted once), on the host."""
+  cfg = MODEL.retriever_config()
+  return jax.device_get(jax.jit(lambda k: realm.init_retriever(cfg, k))(jax.random.key(1)))
+
+
+def _trained_params(base, step):
+  """The retriever params a stand-in trainer has at `step`: `base` plus step-dependent noise."""
+  rng = np.random.default_rng(step)
+  return jax.tree_util.tree_map(
+      lambda x: (x + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype), base)
+
+
+def _save_checkpoint(workdir, base, step):
+  """Writes what the trainer writes: params {retriever, encoder}, an optimiser state, meta."""
+  manager = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(str(workdir)),
+                                            save_interval_steps=1, async_save=False)
+  retriever = _trained_params(base, step)
+  params = {"retriever": retriever, "encoder": {"w": np.full((4,), float(step), np.float32)}}
+  manager.save(step, params, {"count": np.asarray(step, np.int32)}, {"data": {}}, force=True)
+  manager.close()
+  return retriever
+
+
+def _embed_all(corpus, params):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  fn = index_builder.make_document_embed_fn(MODEL.retriever_config(), mesh)
+  return index_builder.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
+                                   mesh, progress=False)
+
+
+def _builder_gin(path, data, **bindings):
+  """A gin file configuring `index_builder.run` for the tiny model and corpus, plus `bindings`."""
+  lines = [
+      "from __gin__ import dynamic_registration",
+      "from realm_jax import index_builder",
+      "from realm_jax.models import bert",
+      "from realm_jax.models import realm",
+      "index_builder.run.model = @realm.ModelConfig()",
+      "index_builder.run.data = @index_builder.CorpusConfig()",
+      *(f"index_builder.run.{k} = {v!r}" for k, v in bindings.items()),
+      f"index_builder.CorpusConfig.sources = {tuple(data.sources)!r}",
+      f"index_builder.CorpusConfig.max_block_length = {data.max_block_length}",
+      f"index_builder.CorpusConfig.data_dir = {data.data_dir!r}",
+      "realm.ModelConfig.init_checkpoint = None",
+      "realm.ModelConfig.bert = @bert.BertConfig()",
+      "realm.ModelConfig.pooling = 'cls_projection'",
+      "realm.ModelConfig.projection_size = 8",
+      *(f"bert.BertConfig.{k} = {getattr(MODEL.bert, k)!r}"
+        for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "max_position_embeddings")),
+  ]
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def _start_builder(workdir, gin_file, log_path):
+  """`realm-jax index-builder` in its own process, on 2 simulated CPU devices, logging to a file."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             TF_CPP_MIN_LOG_LEVEL="3")
+  log = open(log_path, "w")
+  return subprocess.Popen(
+      [sys.executable, "-m", "realm_jax.cli", "index-builder", "--gin_file", str(gin_file),
+       "--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+
+
+def _wait_until(predicate, timeout_s, what):
+  deadline = time.monotonic() + timeout_s
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy and helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_next_params_step_policy():
+  # No checkpoint, no index: the first index from the initial params.
+  assert index_builder.next_params_step([], []) == 0
+  # An index and no newer checkpoint: wait.
+  assert index_builder.next_params_step([], [0]) is None
+  assert index_builder.next_params_step([100], [100]) is None
+  # Newer checkpoints: the newest one, skipping the intermediate ones.
+  assert index_builder.next_params_step([100, 200, 300], [0]) == 300
+  # A trainer resumed from a checkpoint in a work directory without snapshots.
+  assert index_builder.next_params_step([700], []) == 700
+
+
+def test_done_marker_round_trip(tmp_path):
+  assert index_builder.trainer_final_step(str(tmp_path)) is None
+  index_builder.mark_trainer_done(str(tmp_path), 1234)
+  assert index_builder.trainer_final_step(str(tmp_path)) == 1234
+  index_builder.clear_trainer_done(str(tmp_path))
+  assert index_builder.trainer_final_step(str(tmp_path)) is None
+  (tmp_path / index_builder.TRAINER_DONE_NAME).write_text("{not json")
+  assert index_builder.trainer_final_step(str(tmp_path)) is None
+
+
+def test_as_corpus_config_accepts_a_trainer_data_config():
+  from realm_jax.training import finetune
+  data = finetune.OpenQADataConfig(corpus_sources=("a.jsonl",), max_block_length=128,
+                                   data_dir="/d")
+  config = index_builder.as_corpus_config(data)
+  assert config == index_builder.CorpusConfig(sources=("a.jsonl",), max_block_length=128,
+                                              data_dir="/d")
+  with pytest.raises(TypeError, match="corpus_sources"):
+    index_builder.as_corpus_config(object())
+
+
+def test_restore_retriever_params_reads_only_the_retriever(tmp_path, base_params):
+  expected = _save_checkpoint(tmp_path, base_params, 7)
+  mesh = sharding.make_mesh(devices=jax.devices()[:2])
+  abstract = index_builder.abstract_retriever_params(MODEL.retriever_config(), mesh)
+  ckpt_dir = checkpointing.checkpoint_dir(str(tmp_path))
+  assert index_builder.checkpoint_steps(ckpt_dir) == [7]
+  params, step = index_builder.restore_retriever_params(ckpt_dir, abstract)
+  assert step == 7
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), expected)
+  leaf = jax.tree_util.tree_leaves(params)[0]
+  assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 2
+  with pytest.raises(FileNotFoundError, match="step 8"):
+    index_builder.restore_retriever_params(ckpt_dir, abstract, 8)
+  other = realm.ModelConfig(init_checkpoint=None, pooling="cls_projection", projection_size=4,
+                            bert=MODEL.bert)
+  with pytest.raises(ValueError, match="retriever"):
+    index_builder.restore_retriever_params(
+        ckpt_dir, index_builder.abstract_retriever_params(other.retriever_config(), mesh), 7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job, in process
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_first_index_without_any_checkpoint(tiny_corpus, tmp_path):
+  """(e) No checkpoint yet: the builder embeds the initial params as snapshot 0 (the trainer waits)."""
+  data, corpus = tiny_corpus
+  summary = index_builder.run(str(tmp_path), model=MODEL, data=data, poll_interval_s=0.1,
+                              batch_size=8, blocks_per_shard=16, max_refreshes=1, seed=3)
+  assert summary["stopped_because"] == "max_refreshes=1 reached"
+  assert summary["corpus_fingerprint"] == corpus.fingerprint and summary["num_blocks"] == 40
+  path = snap.latest_snapshot(tmp_path / "snapshots")
+  assert path == tmp_path / "snapshots" / "0"
+  s = snap.read_snapshot(path, validate=True)
+  assert s.corpus_fingerprint == corpus.fingerprint and s.num_shards == 3
+  assert s.metadata["source"] == "init" and s.metadata["pooling"] == "cls_projection"
+  np.testing.assert_array_equal(s.block_ids, corpus.block_ids)
+  # The trainer's initialisation (`realm.init_params` with its seed, 3) embeds the same way.
+  init = jax.jit(lambda k: realm.init_params(MODEL, k, parts=("retriever", "encoder")))(
+      jax.random.key(3))["retriever"]
+  np.testing.assert_allclose(s.embeddings, _embed_all(corpus, init), atol=1e-5)
+  [record] = index_builder.read_refreshes(str(tmp_path))
+  assert record["params_step"] == 0 and record["source"] == "init"
+  assert record["written_shards"] == [0, 1, 2] and record["skipped_shards"] == []
+  status = json.loads((tmp_path / "index_builder" / "status.json").read_text())
+  assert status["phase"] == "stopped" and status["last_snapshot_step"] == 0
+
+
+def test_newest_checkpoint_then_prune_then_stop_at_num_train_steps(tiny_corpus, base_params,
+                                                                   tmp_path):
+  data, corpus = tiny_corpus
+  root = tmp_path / "snapshots"
+  for step in (1, 2, 3, 4):  # Older snapshots of this corpus.
+    snap.write_snapshot(root, step, corpus.block_ids, np.ones((40, 8), np.float32),
+                        corpus.fingerprint)
+  stale = snap.SnapshotWriter(root, 2_000, 1, corpus.fingerprint, 8)  # A crashed writer's leftover...
+  obsolete = snap.SnapshotWriter(root, 5, 1, corpus.fingerprint, 8)  # ...and one never committable.
+  _save_checkpoint(tmp_path, base_params, 6)
+  expected = _save_checkpoint(tmp_path, base_params, 9)
+  summary = index_builder.run(str(tmp_path), model=MODEL, data=data, poll_interval_s=0.1,
+                              batch_size=8, blocks_per_shard=64, keep_snapshots=3,
+                              num_train_steps=9)
+  assert "trainer is done (final step 9" in summary["stopped_because"]
+  assert [r["params_step"] for r in summary["refreshes"]] == [9]  # Step 6 skipped: 9 is newer.
+  assert [s for s, _ in snap.list_snapshots(root)] == [3, 4, 9]
+  assert not obsolete.tmp_dir.exists() and stale.tmp_dir.exists()  # Young: maybe still written.
+  s = snap.read_snapshot(root / "9")
+  assert s.metadata["source"] == "checkpoint" and s.metadata["checkpoint_mtime"] > 0
+  np.testing.assert_allclose(s.embeddings, _embed_all(corpus, expected), atol=1e-5)
+
+
+def test_snapshots_of_another_corpus_are_refused(tiny_corpus, tmp_path):
+  data, _ = tiny_corpus
+  snap.write_snapshot(tmp_path / "snapshots", 0, np.arange(3), np.ones((3, 8), np.float32),
+                      "some-other-corpus")
+  with pytest.raises(snap.SnapshotError, match="another corpus"):
+    index_builder.run(str(tmp_path), model=MODEL, data=data, poll_interval_s=0.1, max_refreshes=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job as a separate process: SIGKILL mid-write, restart, resume
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_write_is_invisible_and_the_restart_resumes(tiny_corpus, base_params, tmp_path):
+  """(b) No partial snapshot is ever visible; the watcher keeps its index; the restart resumes."""
+  data, corpus = tiny_corpus
+  workdir = tmp_path / "run"
+  root = workdir / "snapshots"
+  snap.write_snapshot(root, 0, corpus.block_ids,
+                      np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32),
+                      corpus.fingerprint)
+  w = watcher_lib.IndexWatcher(root, corpus.fingerprint,
+                               lambda s: searchers.searcher_from_snapshot(s, kind="scann"),
+                               poll_interval_s=0.05, max_index_staleness_steps=None,
+                               wait_timeout_s=60)
+  # A reader that looks at the snapshots directory all the time: every snapshot it can list must be
+  # complete and valid.
+  seen, errors, stop = set(), [], threading.Event()
+
+  def reader():
+    while not stop.is_set():
+      for step, path in snap.list_snapshots(root):
+        try:
+          snap.read_snapshot(path, validate=True)
+          seen.add(step)
+        except snap.SnapshotError as e:
+          if path.exists():
+            errors.append(str(e))
+
+  checker = threading.Thread(target=reader, daemon=True)
+  checker.start()
+  try:
+    assert w.before_step(0).params_step == 0
+    expected = _save_checkpoint(workdir, base_params, 5)
+    # 10 shards of 4 blocks, a pause after each: the kill lands while shards are being written.
+    gin_slow = _builder_gin(tmp_path / "slow.gin", data, poll_interval_s=0.1, batch_size=4,
+                            blocks_per_shard=4, shard_pause_s=0.5, max_refreshes=1)
+    builder = _start_builder(workdir, gin_slow, tmp_path / "builder-1.log")
+    tmp_dir = root / ".tmp-5"
+    try:
+      _wait_until(lambda: len(list(tmp_dir.glob("shard-*.json"))) >= 3, 90,
+                  "3 shards written by the first builder")
+    finally:
+      os.kill(builder.pid, signal.SIGKILL)
+      builder.wait()
+    done_before = sorted(int(p.name.split("-")[1]) for p in tmp_dir.glob("shard-*.json"))
+    assert 3 <= len(done_before) < 10, done_before
+    mtimes = {i: (tmp_dir / snap.embeddings_file_name(i, 10)).stat().st_mtime_ns
+              for i in done_before}
+    # Nothing of step 5 is visible; the watcher keeps the index it has.
+    assert snap.latest_snapshot(root) == root / "0"
+    assert [s for s, _ in snap.list_snapshots(root)] == [0]
+    w.poll_now()
+    time.sleep(0.3)
+    assert w.before_step(6).params_step == 0 and w.pending is None and not w.rejected
+
+    # The restarted job resumes the half-written snapshot: only the missing shards are embedded.
+    gin_fast = _builder_gin(tmp_path / "fast.gin", data, poll_interval_s=0.1, batch_size=4,
+                            blocks_per_shard=4, max_refreshes=1)
+    builder = _start_builder(workdir, gin_fast, tmp_path / "builder-2.log")
+    assert builder.wait(timeout=120) == 0, (tmp_path / "builder-2.log").read_text()[-3000:]
+    [record] = index_builder.read_refreshes(str(workdir))
+    assert record["params_step"] == 5 and record["skipped_shards"] == done_before
+    assert sorted(record["written_shards"] + record["skipped_shards"]) == list(range(10))
+    log = (tmp_path / "builder-2.log").read_text()
+    assert log.count("already written, skipped") == len(done_before)
+    committed = root / "5"
+    for i, mtime in mtimes.items():  # The resumed shards are the files the killed job wrote.
+      assert (committed / snap.embeddings_file_name(i, 10)).stat().st_mtime_ns == mtime
+    s = snap.read_snapshot(committed, validate=True)
+    np.testing.assert_allclose(s.embeddings, _embed_all(corpus, expected), atol=1e-5)
+    np.testing.assert_array_equal(s.block_ids, corpus.block_ids)
+    _wait_until(lambda: w.pending is not None, 30, "the watcher to load snapshot 5")
+    assert w.before_step(7).params_step == 5 and w.swap_count == 2
+  finally:
+    stop.set()
+    checker.join()
+    w.close()
+  assert not errors, errors[:3]
+  assert seen == {0, 5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The local launcher's helpers (realm_jax/launch_local.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_launcher_splits_cores_and_gives_each_job_its_devices():
+  from realm_jax import launch_local
+  assert launch_local.split_cpus({0, 1}) == ([0], [1])
+  assert launch_local.split_cpus(range(16), 0.75) == (list(range(12)), list(range(12, 16)))
+  assert launch_local.split_cpus([3]) == ([3], [3])
+  assert launch_local.split_cpus(range(4), 0.99) == ([0, 1, 2], [3])  # Each keeps one core.
+  env = launch_local.child_env(2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
+  assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=2"
+  assert env["PYTHONUNBUFFERED"] == "1"
+  assert launch_local.child_env(None, {"XLA_FLAGS": "--bar"})["XLA_FLAGS"] == "--bar"
+  assert [launch_local.exit_code(c) for c in (0, 3, -2, -9)] == [0, 3, 130, 137]
+
+
+def test_launcher_echoes_complete_log_lines_with_a_prefix(tmp_path):
+  import io
+  from realm_jax import launch_local
+  out = io.StringIO()
+  echo = launch_local.LogEcho(out, interval_s=0.01)
+  log = tmp_path / "trainer.log"
+  log.write_text("old line\n")
+  echo.follow("trainer", log)  # Starts at the end: only new output is echoed.
+  with open(log, "a") as f:
+    f.write("step 1\nbar  10%\rbar 100%\npartial")
+  time.sleep(0.2)
+  echo.close()
+  assert out.getvalue() == "[trainer] step 1\n[trainer] bar 100%\n"
