@@ -179,7 +179,7 @@ class StaticIndexSource:
             "index/params_step": float(self.index.snapshot.params_step)}
 
   def close(self) -> None:
-    pass
+    """Nothing to release: no thread, no open file (part of the `IndexSource` interface)."""
 
 
 class InlineRefreshIndexSource:
@@ -263,4 +263,4 @@ class InlineRefreshIndexSource:
             "index/refresh_s": float(self.refresh_seconds)}
 
   def close(self) -> None:
-    pass
+    """Nothing to release: no thread, no open file (part of the `IndexSource` interface)."""
