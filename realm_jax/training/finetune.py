@@ -32,6 +32,7 @@ from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import losses
+from realm_jax.training import optim
 from realm_jax.training import sharding
 
 Array = jax.Array
@@ -627,7 +628,7 @@ def train_and_evaluate(workdir: str,
                        model: realm.ModelConfig = realm.ModelConfig(),
                        data: OpenQADataConfig = OpenQADataConfig(),
                        task: OpenQAConfig = OpenQAConfig(),
-                       optimizer: "optim.OptimizerConfig | None" = None,
+                       optimizer: optim.OptimizerConfig | None = None,
                        batch_size: int = 8,
                        num_train_steps: int = 100,
                        eval_batch_size: int = 8,
@@ -675,12 +676,7 @@ def train_and_evaluate(workdir: str,
   optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
   timings: dict[str, float] = {}
   t0 = time.time()
-  sharding.initialize_distributed()
-  mesh = sharding.make_mesh(mesh_shape)
-  data_size = mesh.shape[sharding.DATA_AXIS]
-  if batch_size % data_size:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh data axis "
-                     f"({data_size} devices)")
+  mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = metric_writer.MetricWriter(workdir)

@@ -862,12 +862,7 @@ def train(workdir: str,
                                                  num_train_steps=max(num_train_steps, 1))
   timings: dict[str, float] = {}
   t0 = time.time()
-  sharding.initialize_distributed()
-  mesh = sharding.make_mesh(mesh_shape)
-  data_size = mesh.shape[sharding.DATA_AXIS]
-  if batch_size % data_size:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh data axis "
-                     f"({data_size} devices)")
+  mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
   encoder_cfg = model.bert_config()
   if task.joint_length > encoder_cfg.max_position_embeddings:
     raise ValueError(f"PretrainConfig: query_length + candidate_length = {task.joint_length} "

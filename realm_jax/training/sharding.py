@@ -117,3 +117,25 @@ def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> d
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def setup_training_mesh(mesh_shape: Sequence[int], global_batch_size: int) -> Mesh:
+  """Start-up shared by the train loops: `jax.distributed` (when multi-host), the mesh, batch check.
+
+  Args:
+    mesh_shape: as in `make_mesh`.
+    global_batch_size: examples per step over all processes.
+
+  Returns:
+    The mesh.
+
+  Raises:
+    ValueError: if the global batch does not split evenly over the `data` axis.
+  """
+  initialize_distributed()
+  mesh = make_mesh(mesh_shape)
+  data_size = mesh.shape[DATA_AXIS]
+  if global_batch_size % data_size:
+    raise ValueError(f"batch_size={global_batch_size} must be a multiple of the mesh data axis "
+                     f"({data_size} devices)")
+  return mesh
