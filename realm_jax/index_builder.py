@@ -18,12 +18,17 @@ paragraphs does not pay for 288 tokens each; every process embeds its own contig
 The protocol between the trainer and this job (they share nothing but the work directory):
 
     WORKDIR/checkpoints/<step>/         written by the trainer (orbax; `params` item read here)
-    WORKDIR/snapshots/<step>/           written here (committed by a rename; see retrieval/snapshot.py)
-    WORKDIR/snapshots/.tmp-<step>/      a snapshot being written; a restarted job resumes its shards
+    WORKDIR/snapshots/<step>/           written here (committed by a rename locally, by writing its
+                                        manifest last on gs://; see retrieval/snapshot.py)
+    WORKDIR/snapshots/.tmp-<step>/      a snapshot being written (locally; on gs:// that is a <step>/
+                                        without manifest.json); a restarted job resumes its shards
     WORKDIR/trainer_done.json           written by the trainer when it has saved its final checkpoint
                                         (`mark_trainer_done`): the job embeds that checkpoint and exits
     WORKDIR/index_builder/status.json   this job's state (phase, newest snapshot, pid), for launchers
     WORKDIR/index_builder/refreshes.jsonl  one JSON line per committed snapshot, with timings
+
+WORKDIR may be a local directory or a URL (`gs://bucket/…`, through fsspec: `realm_jax.fileio`; gs://
+needs `pip install 'realm-jax[gcs]'`), as when the trainer and this job run on separate TPU slices.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import signal
 import threading
 import time
@@ -45,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from realm_jax import fileio
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import snapshot as snapshot_lib
@@ -146,7 +151,8 @@ class BuildResult:
   """What one `embed_snapshot` call did (REALM §3.4 index refresh).
 
   Attributes:
-    path: the committed snapshot directory on process 0; None on other processes.
+    path: the committed snapshot directory on process 0 (a URL string on object stores); None on other
+      processes.
     params_step: the train step of the embedder parameters (the snapshot's name).
     num_blocks: blocks in the corpus (rows of the snapshot).
     num_shards: shards of the snapshot (all processes together).
@@ -156,7 +162,7 @@ class BuildResult:
     commit_s: wall seconds of the commit (checksums, manifest, rename) on process 0; 0 elsewhere.
   """
 
-  path: pathlib.Path | None
+  path: fileio.Path | None
   params_step: int
   num_blocks: int
   num_shards: int
@@ -175,11 +181,12 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
   """Embeds every block with Embed_doc and commits the snapshot `<root>/<params_step>` (REALM §3.4).
 
   Each process embeds a disjoint contiguous range of blocks on its own local devices and writes its own
-  shards into the shared temporary directory `<root>/.tmp-<params_step>`; shards already written by an
-  earlier, interrupted run are skipped (resume). Process 0 commits once every shard is present.
+  shards into the shared staging directory (`snapshot.staging_dir`: `<root>/.tmp-<params_step>` locally,
+  `<root>/<params_step>` on object stores); shards already written by an earlier, interrupted run are
+  skipped (resume). Process 0 commits once every shard is present.
 
   Args:
-    root: the snapshots directory (`WORKDIR/snapshots`).
+    root: the snapshots directory (`WORKDIR/snapshots`; local path or URL).
     corpus: a `data.corpus.Corpus` (`block_ids`, `fingerprint`, `retrieval_inputs(indices)`).
     retriever_cfg / retriever_params: the document embedder (params replicated on `mesh`, or host).
     params_step: the train step of `retriever_params` (the snapshot's name).
@@ -252,7 +259,7 @@ def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
                    batch_size: int = 64, blocks_per_shard: int = 4096,
                    metadata: dict[str, Any] | None = None, process_index: int | None = None,
                    process_count: int | None = None, overwrite: bool = False
-                   ) -> pathlib.Path | None:
+                   ) -> fileio.Path | None:
   """Embeds every block with Embed_doc and commits `<root>/<params_step>` (REALM §3.4).
 
   `embed_snapshot` without the statistics; see it for the arguments.
@@ -384,22 +391,21 @@ TRAINER_DONE_NAME = "trainer_done.json"
 def mark_trainer_done(workdir: str, final_step: int) -> None:
   """Called by the trainer after its final checkpoint: the index builder embeds it and exits.
 
-  Writes `WORKDIR/trainer_done.json` (`{"final_step": …, "time": …}`) atomically.
+  Writes `WORKDIR/trainer_done.json` (`{"final_step": …, "time": …}`) atomically (temp + rename
+  locally, one object write on object stores).
 
   Args:
-    workdir: the run's work directory (local path).
+    workdir: the run's work directory (local path or URL).
     final_step: the step of the trainer's final checkpoint.
   """
-  path = pathlib.Path(workdir) / TRAINER_DONE_NAME
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  tmp.write_text(json.dumps({"final_step": int(final_step), "time": time.time()}) + "\n")
-  os.replace(tmp, path)
+  fileio.makedirs(workdir)
+  fileio.write_atomic(fileio.join(workdir, TRAINER_DONE_NAME),
+                      json.dumps({"final_step": int(final_step), "time": time.time()}) + "\n")
 
 
 def clear_trainer_done(workdir: str) -> None:
   """Called by the trainer when it starts (or resumes): removes a done marker of an earlier run."""
-  (pathlib.Path(workdir) / TRAINER_DONE_NAME).unlink(missing_ok=True)
+  fileio.remove(fileio.join(workdir, TRAINER_DONE_NAME))
 
 
 def trainer_final_step(workdir: str) -> int | None:
@@ -407,9 +413,9 @@ def trainer_final_step(workdir: str) -> int | None:
 
   A malformed marker is logged and treated as absent.
   """
-  path = pathlib.Path(workdir) / TRAINER_DONE_NAME
+  path = fileio.join(workdir, TRAINER_DONE_NAME)
   try:
-    return int(json.loads(path.read_text())["final_step"])
+    return int(json.loads(fileio.read_text(path))["final_step"])
   except FileNotFoundError:
     return None
   except (OSError, ValueError, KeyError, TypeError) as e:
@@ -492,15 +498,10 @@ def restore_retriever_params(directory: str, abstract: Any, step: int | None = N
     manager.close()
 
 
-def _newest_mtime(path: pathlib.Path) -> float | None:
-  """Latest mtime of `path` and its direct children (seconds since the epoch), None if it is gone."""
-  try:
-    newest = path.stat().st_mtime
-    for entry in path.iterdir():
-      newest = max(newest, entry.stat().st_mtime)
-    return newest
-  except FileNotFoundError:
-    return None
+def _newest_mtime(path: fileio.Path) -> float | None:
+  """Latest mtime of `path` and its direct children (seconds since the epoch; on object stores every
+  object below it), None if it is gone."""
+  return fileio.newest_mtime(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -542,24 +543,25 @@ def _initial_retriever_params(model: realm.ModelConfig, seed: int, mesh: jax.sha
   return jax.device_put(init(jax.random.key(seed)), sharding.replicated(mesh))
 
 
-def _after_write_conflict(root: pathlib.Path, step: int, error: snapshot_lib.SnapshotError,
+def _after_write_conflict(root: fileio.Path, step: int, error: snapshot_lib.SnapshotError,
                           stale_tmp_age_s: float, poll_interval_s: float) -> None:
   """Handles a snapshot that another writer committed or is writing with other settings.
 
   This happens when a trainer builds its own first index at the same moment, or when the job is
-  restarted with another `blocks_per_shard`. A committed snapshot is simply taken as done; a
-  `.tmp-<step>` with other settings is deleted once idle for `stale_tmp_age_s`, else left to its writer.
+  restarted with another `blocks_per_shard`. A committed snapshot is simply taken as done; a staging
+  directory (`.tmp-<step>`; on object stores `<step>` without manifest) with other settings is deleted
+  once idle for `stale_tmp_age_s`, else left to its writer.
   """
-  if (root / str(step)).is_dir():
+  if snapshot_lib.is_committed(fileio.join(root, str(step))):
     logging.info("index builder: snapshot %d was committed by another writer meanwhile (%s)", step,
                  error)
     return
-  tmp = root / f"{snapshot_lib.TMP_PREFIX}{step}"
+  tmp = snapshot_lib.staging_dir(root, step)
   newest = _newest_mtime(tmp)
   if newest is not None and time.time() - newest > stale_tmp_age_s:
     logging.warning("index builder: deleting %s, idle for more than %.0f s and written with other "
                     "settings (%s)", tmp, stale_tmp_age_s, error)
-    shutil.rmtree(tmp, ignore_errors=True)
+    fileio.rmtree(tmp)
     return
   logging.warning("index builder: cannot write snapshot %d now (%s); another writer seems active. "
                   "Polling again in %.0f s (delete %s to start it over).", step, error,
@@ -587,26 +589,24 @@ class _Journal:
   """`WORKDIR/index_builder/{status.json, refreshes.jsonl}`, written by process 0 only."""
 
   def __init__(self, workdir: str, enabled: bool):
-    self.dir = pathlib.Path(workdir) / "index_builder"
+    self.dir = fileio.join(workdir, "index_builder")
     self.enabled = enabled
     self.status: dict[str, Any] = {"pid": os.getpid(), "started": time.time()}
     if enabled:
-      self.dir.mkdir(parents=True, exist_ok=True)
+      fileio.makedirs(self.dir)
 
   def set(self, **fields: Any) -> None:
     self.status.update(fields, updated=time.time())
     if not self.enabled:
       return
-    path = self.dir / "status.json"
-    tmp = path.with_name(f"status.json.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(self.status, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    fileio.write_atomic(fileio.join(self.dir, "status.json"),
+                        json.dumps(self.status, indent=2, sort_keys=True) + "\n")
 
   def record(self, entry: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.dir / "refreshes.jsonl", "a", encoding="utf-8") as f:
-      f.write(json.dumps(entry, sort_keys=True) + "\n")
+    fileio.append_text(fileio.join(self.dir, "refreshes.jsonl"),
+                       json.dumps(entry, sort_keys=True) + "\n")
 
 
 def read_refreshes(workdir: str) -> list[dict[str, Any]]:
@@ -616,10 +616,12 @@ def read_refreshes(workdir: str) -> list[dict[str, Any]]:
   `written_shards`, `skipped_shards`, `num_blocks`, timings in seconds (`restore_s`, `embed_s`,
   `commit_s`, `total_s`) and Unix times (`checkpoint_mtime`, `committed_at`).
   """
-  path = pathlib.Path(workdir) / "index_builder" / "refreshes.jsonl"
-  if not path.is_file():
+  path = fileio.join(workdir, "index_builder", "refreshes.jsonl")
+  try:
+    text = fileio.read_text(path)
+  except (FileNotFoundError, IsADirectoryError):
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run(workdir: str,
@@ -654,7 +656,8 @@ def run(workdir: str,
   partial becomes visible; a restart resumes).
 
   Args:
-    workdir: the trainer's work directory (local: snapshots are committed with `os.rename`).
+    workdir: the trainer's work directory: local (snapshots are committed with `os.rename`) or a URL
+      such as `gs://bucket/run` (committed by writing the manifest last; needs gcsfs).
     model: the trainer's model config (its retriever embeds; its checkpoint initialises step 0).
     data: the knowledge corpus: a `CorpusConfig`, or the trainer's data config (`as_corpus_config`).
     poll_interval_s: seconds between looks at `WORKDIR/checkpoints`.
@@ -709,7 +712,7 @@ def run(workdir: str,
     abstract = abstract_retriever_params(retriever_cfg, mesh)
     embed_fn = make_document_embed_fn(retriever_cfg, mesh)  # Compiled once per bucket length.
     ckpt_dir = checkpointing.checkpoint_dir(workdir)
-    snapshots_root = pathlib.Path(workdir) / "snapshots"
+    snapshots_root = fileio.join(workdir, "snapshots")
     logging.info("index builder: %d blocks (corpus %s), %d local device(s) x %d process(es); "
                  "watching %s every %.1f s", len(corpus), corpus.fingerprint[:12],
                  jax.local_device_count(), jax.process_count(), ckpt_dir, poll_interval_s)
@@ -775,14 +778,14 @@ def run(workdir: str,
           continue
       elif init_from:
         source = "init_from"
-        nested = os.path.join(init_from, "checkpoints")
-        params, _ = restore_retriever_params(nested if os.path.isdir(nested) else init_from,
+        nested = fileio.join(init_from, "checkpoints")
+        params, _ = restore_retriever_params(str(nested) if fileio.isdir(nested) else init_from,
                                              abstract)
       else:
         source = "init"
         params = _initial_retriever_params(model, seed, mesh)
       restore_s = time.perf_counter() - t_start
-      checkpoint_mtime = (_newest_mtime(pathlib.Path(ckpt_dir) / str(step))
+      checkpoint_mtime = (_newest_mtime(fileio.join(ckpt_dir, str(step)))
                           if source == "checkpoint" else None)
       logging.info("index builder: embedding %d blocks with the %s params of step %d", len(corpus),
                    source, step)
@@ -812,10 +815,9 @@ def run(workdir: str,
         journal.record(entry)
         removed = snapshot_lib.prune_snapshots(snapshots_root, keep=keep_snapshots, protect=(step,),
                                                stale_tmp_age_s=stale_tmp_age_s)
-        for tmp in snapshots_root.glob(f"{snapshot_lib.TMP_PREFIX}*"):
-          tmp_step = tmp.name[len(snapshot_lib.TMP_PREFIX):]
-          if tmp_step.isdigit() and int(tmp_step) < step:  # Can never be committed any more.
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp_step, tmp in snapshot_lib.staging_dirs(snapshots_root):
+          if tmp_step < step:  # Can never be committed any more.
+            fileio.rmtree(tmp)
             removed.append(tmp)
         journal.set(phase="waiting", last_snapshot_step=step, refreshes=len(summary["refreshes"]))
         logging.info("index builder: snapshot %d live in %.1f s (restore %.1f s, embed %.1f s, "

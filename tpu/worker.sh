@@ -127,7 +127,8 @@ cmd_install() {
   make_venv "$python"
   local pip=("${VENV}/bin/python" -m pip)
   "${pip[@]}" install --quiet --upgrade pip
-  "${pip[@]}" install --quiet -e "$REPO_DIR" "jax[tpu]==${jax_version}"
+  # [gcs]: gcsfs, for the gs:// work directory that the trainer and the index builder share.
+  "${pip[@]}" install --quiet -e "${REPO_DIR}[gcs]" "jax[tpu]==${jax_version}"
   "${pip[@]}" install --quiet --no-deps "${NO_DEPS_PACKAGES[@]}"
   "${VENV}/bin/python" -c 'import jax, realm_jax; print("jax", jax.__version__, "realm_jax", realm_jax.__file__)'
   [[ -x "${VENV}/bin/realm-jax" ]] || die "the realm-jax command was not installed in ${VENV}/bin"

@@ -1,29 +1,41 @@
 """Embedding snapshots: the document index that the index builder writes and the trainer reads.
 
 REALM (Guu et al., 2020, §3.4, "asynchronous index refresh") re-embeds every block of the knowledge
-corpus with a recent copy of the document embedder while the trainer keeps using the previous index. The
-official code commits a new index by renaming a temporary directory; this module does the same, so that a
-reader never sees a half-written snapshot.
+corpus with a recent copy of the document embedder while the trainer keeps using the previous index. A
+reader must never see a half-written snapshot; how a snapshot is committed depends on the file system
+(`fileio.supports_atomic_rename`).
 
 Layout of one committed snapshot:
 
-    <root>/<params_step>/manifest.json                          written LAST
+    <root>/<params_step>/manifest.json                          the commit: written LAST
     <root>/<params_step>/embeddings-00000-of-00004.npy          [rows, dim] float32 (or float16)
     <root>/<params_step>/block_ids-00000-of-00004.npy           [rows] int64
     <root>/<params_step>/shard-00000-of-00004.json              per-shard commit record (checksums)
     <root>/<params_step>/writer.json                            the writers' shared settings
 
-A directory without a valid `manifest.json` is not a snapshot: `list_snapshots` skips it. Writers work
-in `<root>/.tmp-<params_step>/` (a deterministic name, so that a restarted builder resumes the shards
-already written); each shard is written to `*.partial` files and renamed, then its commit record is
-written the same way. Several processes may write disjoint shards into the same temporary directory
-(one index builder per host); exactly one of them calls `SnapshotWriter.commit`, which checks every
-shard, writes the manifest and renames the directory to `<root>/<params_step>`.
+A directory without a valid `manifest.json` is not a snapshot: `list_snapshots` and `read_snapshot`
+skip / refuse it. Several processes may write disjoint shards of one snapshot (one index builder per
+host); exactly one of them calls `SnapshotWriter.commit`, which checks every shard (commit record and
+checksums) and writes the manifest. Each shard's arrays are written first and its commit record after
+them, so a restarted builder resumes the shards that have a record (`SnapshotWriter.completed_shards`).
+
+Local (POSIX) file systems — commit by rename, as the official code: writers work in
+`<root>/.tmp-<params_step>/` (a deterministic name, so that a restart resumes it); every file is
+written to a `*.partial` file, fsync-ed and renamed; the commit writes the manifest there and renames
+the directory to `<root>/<params_step>`. Replacing a committed snapshot (`overwrite=True`) renames the
+old one aside first; pruning renames a snapshot to `.deleting-<step>-<id>` before deleting it.
+
+Object stores (`gs://`, `s3://`, `memory://`, … through fsspec) — commit by writing the manifest last:
+there is no atomic rename (it is copy + delete) but one object write is atomic. Writers therefore work
+directly in `<root>/<params_step>/` (a restart resumes the shards found there) and the commit is the
+single write of `manifest.json` after every shard was checked; until then the directory is invisible
+to readers. Replacing (`overwrite=True`) and pruning delete the old manifest before the files it names,
+so a reader never takes a half-deleted snapshot for a valid one (one that is reading at that moment
+gets a `SnapshotError` for a vanished file, as with a local prune).
 
 Rows keep the shard order: row `r` of `Snapshot.embeddings` is the embedding of `Snapshot.block_ids[r]`,
-and the searchers return these row numbers (see `retrieval/searchers.py`).
-
-Only local (POSIX) file systems are supported: commits rely on `os.rename` being atomic.
+and the searchers return these row numbers (see `retrieval/searchers.py`). Paths are `pathlib.Path`
+for local snapshots and URL strings (`gs://bucket/work/snapshots/500`) on object stores.
 """
 
 from __future__ import annotations
@@ -36,13 +48,14 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 import time
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tqdm
+
+from realm_jax import fileio
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -53,7 +66,6 @@ TMP_PREFIX = ".tmp-"
 # leftovers.
 _OLD_PREFIX = ".old-"
 _DELETING_PREFIX = ".deleting-"
-_HASH_CHUNK_BYTES = 1 << 22
 _FINITE_CHECK_ROWS = 1 << 16
 _STEP_DIR_RE = re.compile(r"^[0-9]+$")
 
@@ -87,74 +99,39 @@ def shard_record_file_name(shard_index: int, num_shards: int) -> str:
   return f"shard-{shard_index:05d}-of-{num_shards:05d}.json"
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: fileio.Path) -> str:
   """Hex SHA-256 of a file, read in 4 MiB chunks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK_BYTES):
-      digest.update(chunk)
-  return digest.hexdigest()
+  return fileio.sha256(path)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-  """Flushes a directory entry (after a rename) to disk; a no-op where directories cannot be opened."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+def _atomic_save_npy(path: fileio.Path, array: np.ndarray) -> None:
+  """Writes `array` as `.npy` atomically: locally a fsync-ed `*.partial` file renamed onto `path`; on
+  object stores one object write."""
+  fileio.save_npy(path, array)
 
 
-def _partial_name(path: pathlib.Path) -> pathlib.Path:
-  """A unique `*.partial` sibling of `path` (unique so concurrent writers never share one)."""
-  return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
+def _json_text(obj: Mapping[str, Any]) -> str:
+  """Indented, key-sorted JSON with a final newline (the format of every snapshot JSON file)."""
+  return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes `array` as `.npy` to a `*.partial` file, fsyncs it, then renames it onto `path`."""
-  tmp = _partial_name(path)
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-  _fsync_dir(path.parent)
+def _atomic_write_json(path: fileio.Path, obj: Mapping[str, Any]) -> None:
+  """Writes `obj` as indented JSON atomically (locally `*.partial` + fsync + rename; object stores: one
+  object write)."""
+  fileio.write_atomic(path, _json_text(obj))
 
 
-def _atomic_write_json(path: pathlib.Path, obj: Mapping[str, Any]) -> None:
-  """Writes `obj` as indented JSON to a `*.partial` file, fsyncs it, then renames it onto `path`."""
-  tmp = _partial_name(path)
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-  _fsync_dir(path.parent)
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: fileio.Path) -> dict[str, Any]:
   """Parses a JSON object file.
 
   Raises:
     SnapshotError: if the file is missing, unreadable, not JSON or not a JSON object.
   """
   try:
-    text = path.read_text(encoding="utf-8")
+    text = fileio.read_text(path)
   except FileNotFoundError as e:
     raise SnapshotError(f"{path}: file not found") from e
-  except OSError as e:
+  except (OSError, UnicodeDecodeError) as e:
     raise SnapshotError(f"{path}: cannot read ({e})") from e
   try:
     obj = json.loads(text)
@@ -165,7 +142,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
   return obj
 
 
-def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...], file: pathlib.Path) -> Any:
+def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...], file: PathLike) -> Any:
   """Returns `obj[name]`, checking that it exists and has one of `types` (bool is never an int).
 
   Raises:
@@ -240,7 +217,8 @@ class Snapshot:
   """One committed embedding snapshot (or the shards of it that were loaded), REALM §3.4.
 
   Attributes:
-    path: the snapshot directory `<root>/<params_step>`.
+    path: the snapshot directory `<root>/<params_step>` (`pathlib.Path`; a URL string on object
+      stores).
     params_step: the training step of the embedder parameters that produced the embeddings.
     corpus_fingerprint: fingerprint of the knowledge corpus (block ids and texts) that was embedded.
     block_ids: `[num_blocks]` int64, unique; row `r` of `embeddings` embeds block `block_ids[r]`.
@@ -256,7 +234,7 @@ class Snapshot:
     SnapshotError: in `__post_init__` if the arrays disagree in shape or type.
   """
 
-  path: pathlib.Path
+  path: fileio.Path
   params_step: int
   corpus_fingerprint: str
   block_ids: np.ndarray
@@ -304,20 +282,114 @@ class Snapshot:
 # ----------------------------------------------------------------------------------------------------
 
 
-class SnapshotWriter:
-  """Writes the shards of one snapshot into `<root>/.tmp-<params_step>/`, then commits it (REALM §3.4).
+def is_committed(path: PathLike) -> bool:
+  """Whether a snapshot directory `<root>/<params_step>` counts as committed for writers.
 
-  Resumable: the temporary directory name depends only on `params_step`, and `completed_shards()` lists
-  the shards already written and checksummed, so a restarted index builder skips them. Several processes
-  may construct a writer with the same arguments and write disjoint shards concurrently; exactly one then
-  calls `commit()`. The writers' shared settings (`num_shards`, `corpus_fingerprint`, `dim`, `dtype`) are
+  Locally: the directory exists (it only ever appears by the commit's rename). On object stores: its
+  `manifest.json` exists (the directory exists as soon as a shard was written). The manifest is not
+  validated here (`read_manifest` does that).
+  """
+  path = fileio.as_path(path)
+  if fileio.supports_atomic_rename(path):
+    return fileio.exists(path)
+  return fileio.exists(fileio.join(path, MANIFEST_NAME))
+
+
+def staging_dir(root: PathLike, params_step: int) -> fileio.Path:
+  """Where the writers of snapshot `params_step` write their shards before the commit.
+
+  `<root>/.tmp-<params_step>` locally (renamed on commit); `<root>/<params_step>` itself on object
+  stores (committed by writing the manifest last).
+  """
+  if fileio.supports_atomic_rename(root):
+    return fileio.join(root, f"{TMP_PREFIX}{int(params_step)}")
+  return fileio.join(root, str(int(params_step)))
+
+
+def staging_dirs(root: PathLike) -> list[tuple[int, fileio.Path]]:
+  """Snapshots being written (or abandoned) under `root`: `(params_step, staging directory)` pairs.
+
+  Locally the `.tmp-<step>` directories; on object stores the `<step>` directories without a
+  `manifest.json` (and any `.tmp-<step>`). Sorted by step; `[]` if `root` does not exist.
+  """
+  root = fileio.as_path(root)
+  try:
+    names = fileio.listdir(root)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  atomic = fileio.supports_atomic_rename(root)
+  found = []
+  for name in names:
+    entry = fileio.join(root, name)
+    if name.startswith(TMP_PREFIX) and name[len(TMP_PREFIX):].isdigit():
+      if fileio.isdir(entry):
+        found.append((int(name[len(TMP_PREFIX):]), entry))
+    elif not atomic and _STEP_DIR_RE.match(name) and not is_committed(entry):
+      if fileio.isdir(entry):
+        found.append((int(name), entry))
+  return sorted(found, key=lambda x: (x[0], str(x[1])))
+
+
+def _retract(path: fileio.Path) -> None:
+  """Object stores: withdraws the committed snapshot `path` and deletes its files (for `overwrite`).
+
+  Order: (1) note when the manifest was written; (2) delete the writers' files (`shard-*.json`,
+  `writer.json`; readers never use them, so the snapshot stays valid meanwhile, and a crash here leaves
+  it committed); (3) delete the manifest: the snapshot is gone for readers; (4) delete the arrays. Only
+  objects written no later than the manifest are deleted: newer ones belong to a writer of the new
+  snapshot that started meanwhile (another process of the same job).
+  """
+  manifest = fileio.join(path, MANIFEST_NAME)
+  if not fileio.exists(manifest):
+    return  # Withdrawn concurrently.
+  try:
+    committed_at = fileio.mtime(manifest)
+  except OSError:  # No modification times on this store (or just deleted): delete everything.
+    committed_at = float("inf")
+
+  def delete_old(names: Iterable[str]) -> None:
+    for name in names:
+      file = fileio.join(path, name)
+      try:
+        written_at = fileio.mtime(file)
+      except FileNotFoundError:
+        continue  # Deleted concurrently.
+      except OSError:
+        written_at = float("-inf")  # No time known: taken as old.
+      if written_at <= committed_at:
+        fileio.remove(file)
+
+  try:
+    names = [n for n in fileio.listdir(path) if n != MANIFEST_NAME]
+  except (FileNotFoundError, NotADirectoryError):
+    names = []
+  delete_old(n for n in names if n.endswith(".json"))
+  fileio.remove(manifest)
+  delete_old(n for n in names if not n.endswith(".json"))
+  logging.info("Withdrew snapshot %s (overwrite=True)", path)
+
+
+class SnapshotWriter:
+  """Writes the shards of one snapshot, then commits it (REALM §3.4; see the module docstring).
+
+  Shards go to `tmp_dir`: `<root>/.tmp-<params_step>/` locally (committed by renaming it to
+  `<root>/<params_step>`), `<root>/<params_step>/` itself on object stores (committed by writing
+  `manifest.json` last); `staging_dir` gives it.
+
+  Resumable: `tmp_dir` depends only on `params_step`, and `completed_shards()` lists the shards already
+  written and checksummed, so a restarted index builder skips them. Several processes may construct a
+  writer with the same arguments and write disjoint shards concurrently; exactly one then calls
+  `commit()`. The writers' shared settings (`num_shards`, `corpus_fingerprint`, `dim`, `dtype`) are
   recorded in `writer.json` by the first writer, and a later writer with different settings is refused.
   The manifest `metadata` is the committing writer's.
 
-  If `<root>/<params_step>` already exists, the constructor and `commit()` raise `SnapshotError` unless
-  `overwrite=True`; with `overwrite=True` the commit renames the old directory aside, renames the new one
-  into place and then deletes the old one (readers see the old snapshot, then for an instant no snapshot
-  at that step, then the new one — never a mixture).
+  If the snapshot is already committed (`is_committed`), the constructor and `commit()` raise
+  `SnapshotError` unless `overwrite=True`. With `overwrite=True`, locally the commit renames the old
+  directory aside, renames the new one into place and then deletes the old one (readers see the old
+  snapshot, then for an instant no snapshot at that step, then the new one — never a mixture). On object
+  stores the new shards are written where the old ones are, so the CONSTRUCTOR withdraws the old
+  snapshot (manifest deleted before its arrays, see `_retract`): readers see no snapshot at that step
+  until the new one is committed.
 
   Example:
     writer = SnapshotWriter(root, params_step=500, num_shards=4, corpus_fingerprint=fp, dim=128)
@@ -335,21 +407,24 @@ class SnapshotWriter:
                dtype: str = "float32",
                metadata: Mapping[str, Any] | None = None,
                overwrite: bool = False):
-    """Creates (or joins) the temporary directory of one snapshot.
+    """Creates (or joins) the staging directory of one snapshot.
 
     Args:
-      root: the snapshots directory, e.g. `WORKDIR/snapshots`; created if missing.
+      root: the snapshots directory, e.g. `WORKDIR/snapshots` (local path or URL such as
+        `gs://bucket/work/snapshots`); created if missing.
       params_step: training step of the embedder parameters (the snapshot's directory name); >= 0.
       num_shards: number of shards the embeddings are split into; >= 1.
       corpus_fingerprint: fingerprint of the embedded corpus (non-empty string).
       dim: embedding dimension; >= 1.
       dtype: storage dtype, one of `SUPPORTED_DTYPES`; embeddings are cast to it.
       metadata: free-form JSON metadata for the manifest.
-      overwrite: replace an already committed `<root>/<params_step>` on commit.
+      overwrite: replace an already committed `<root>/<params_step>` (on commit locally, at once on
+        object stores).
 
     Raises:
       SnapshotError: on a bad argument, if the snapshot is already committed (and not `overwrite`), or if
-        the temporary directory was started with different settings.
+        the staging directory was started with different settings.
+      ImportError: for a URL whose fsspec backend is not installed (e.g. gcsfs for `gs://`).
     """
     where = f"SnapshotWriter({root})"
     if (isinstance(params_step, bool) or not isinstance(params_step, (int, np.integer)) or
@@ -364,7 +439,7 @@ class SnapshotWriter:
                           f"got {corpus_fingerprint!r}")
     if dtype not in SUPPORTED_DTYPES:
       raise SnapshotError(f"{where}: field 'dtype' must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
-    self.root = pathlib.Path(root)
+    self.root = fileio.as_path(root)
     self.params_step = int(params_step)
     self.num_shards = int(num_shards)
     self.corpus_fingerprint = corpus_fingerprint
@@ -372,16 +447,20 @@ class SnapshotWriter:
     self.dtype = dtype
     self.metadata = _validate_metadata(metadata, where)
     self.overwrite = overwrite
-    self.tmp_dir = self.root / f"{TMP_PREFIX}{self.params_step}"
-    self.final_dir = self.root / str(self.params_step)
+    self.atomic_rename = fileio.supports_atomic_rename(self.root)
+    self.tmp_dir = staging_dir(self.root, self.params_step)
+    self.final_dir = fileio.join(self.root, str(self.params_step))
     self._committed = False
-    if self.final_dir.exists() and not overwrite:
-      raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
-                          "exists (pass overwrite=True to replace it)")
-    self.tmp_dir.mkdir(parents=True, exist_ok=True)
+    if is_committed(self.final_dir):
+      if not overwrite:
+        raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
+                            "exists (pass overwrite=True to replace it)")
+      if not self.atomic_rename:
+        _retract(self.final_dir)
+    fileio.makedirs(self.tmp_dir)
     self._join_writer_config()
 
-  # -- settings shared by all writers of this temporary directory ---------------------------------
+  # -- settings shared by all writers of this staging directory --------------------------------------
 
   def _settings(self) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "params_step": self.params_step,
@@ -389,35 +468,29 @@ class SnapshotWriter:
             "dim": self.dim, "dtype": self.dtype}
 
   def _join_writer_config(self) -> None:
-    """Records the settings in `writer.json` (first writer, race-free via `os.link`) or checks them."""
-    config_path = self.tmp_dir / WRITER_CONFIG_NAME
-    if not config_path.exists():
-      tmp = _partial_name(config_path)
-      try:
-        with open(tmp, "w", encoding="utf-8") as f:
-          json.dump(self._settings(), f, indent=2, sort_keys=True)
-          f.flush()
-          os.fsync(f.fileno())
-        try:
-          os.link(tmp, config_path)  # Fails if another writer won the race; then we check theirs.
-        except FileExistsError:
-          pass
-      finally:
-        tmp.unlink(missing_ok=True)
+    """Records the settings in `writer.json` (first writer) or checks them against the file.
+
+    Locally the first write is race-free (`os.link`); on object stores it is an exclusive create where
+    the backend has one (GCS), else "write if absent"; either way every writer then reads the file back
+    and compares, so a writer with other settings is refused.
+    """
+    config_path = fileio.join(self.tmp_dir, WRITER_CONFIG_NAME)
+    if not fileio.exists(config_path):
+      fileio.write_if_absent(config_path, _json_text(self._settings()))
     existing = _read_json(config_path)
     for name, value in self._settings().items():
       if existing.get(name) != value:
         raise SnapshotError(
             f"{config_path}: field {name!r} is {existing.get(name)!r} but this writer has {value!r}; "
-            f"the temporary directory {self.tmp_dir} was started by a different job (delete it to "
+            f"the staging directory {self.tmp_dir} was started by a different job (delete it to "
             "start over)")
 
   # -- shards --------------------------------------------------------------------------------------
 
-  def _shard_paths(self, shard_index: int) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    return (self.tmp_dir / embeddings_file_name(shard_index, self.num_shards),
-            self.tmp_dir / block_ids_file_name(shard_index, self.num_shards),
-            self.tmp_dir / shard_record_file_name(shard_index, self.num_shards))
+  def _shard_paths(self, shard_index: int) -> tuple[fileio.Path, fileio.Path, fileio.Path]:
+    return (fileio.join(self.tmp_dir, embeddings_file_name(shard_index, self.num_shards)),
+            fileio.join(self.tmp_dir, block_ids_file_name(shard_index, self.num_shards)),
+            fileio.join(self.tmp_dir, shard_record_file_name(shard_index, self.num_shards)))
 
   def _check_shard_index(self, shard_index: int) -> None:
     if (isinstance(shard_index, bool) or not isinstance(shard_index, (int, np.integer)) or
@@ -435,7 +508,8 @@ class SnapshotWriter:
 
     Raises:
       SnapshotError: on a bad shard index, wrong shapes, non-integer or repeated block ids, NaN/inf
-        embeddings, or after `commit()`.
+        embeddings, after `commit()`, or (object stores) once another writer committed the snapshot
+        (the files are the committed snapshot's then).
     """
     if self._committed:
       raise SnapshotError(f"{self.final_dir}: snapshot already committed; cannot write shard "
@@ -460,7 +534,10 @@ class SnapshotWriter:
     check_finite(stored, emb_path, "embeddings")
     ids64 = np.ascontiguousarray(block_ids, dtype=np.int64)
     check_unique_block_ids(ids64, ids_path)
-    record_path.unlink(missing_ok=True)  # The shard is incomplete from here until its record exists.
+    if not self.atomic_rename and is_committed(self.final_dir):
+      raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} was "
+                          f"committed by another writer; shard {shard_index} not written")
+    fileio.remove(record_path)  # The shard is incomplete from here until its record exists.
     _atomic_save_npy(emb_path, stored)
     _atomic_save_npy(ids_path, ids64)
     record = {
@@ -469,8 +546,8 @@ class SnapshotWriter:
         "num_rows": int(stored.shape[0]),
         "dim": self.dim,
         "dtype": self.dtype,
-        "embeddings_file": emb_path.name,
-        "block_ids_file": ids_path.name,
+        "embeddings_file": fileio.basename(emb_path),
+        "block_ids_file": fileio.basename(ids_path),
         "embeddings_sha256": _sha256(emb_path),
         "block_ids_sha256": _sha256(ids_path),
     }
@@ -489,13 +566,13 @@ class SnapshotWriter:
                         ("embeddings_sha256", str), ("block_ids_sha256", str)):
       _field(record, name, types, record_path)
     expected = {"shard_index": shard_index, "num_shards": self.num_shards, "dim": self.dim,
-                "dtype": self.dtype, "embeddings_file": emb_path.name,
-                "block_ids_file": ids_path.name}
+                "dtype": self.dtype, "embeddings_file": fileio.basename(emb_path),
+                "block_ids_file": fileio.basename(ids_path)}
     for name, value in expected.items():
       if record[name] != value:
         raise SnapshotError(f"{record_path}: field {name!r} is {record[name]!r}, expected {value!r}")
     for path, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
-      if not path.exists():
+      if not fileio.exists(path):
         raise SnapshotError(f"{path}: file not found (named by field {name!r} of {record_path})")
       if verify and _sha256(path) != record[name]:
         raise SnapshotError(f"{path}: checksum does not match field {name!r} of {record_path}")
@@ -510,9 +587,13 @@ class SnapshotWriter:
     Returns:
       Sorted shard indices.
     """
+    try:
+      present = set(fileio.listdir(self.tmp_dir))
+    except (FileNotFoundError, NotADirectoryError):
+      present = set()
     done = []
     for shard_index in range(self.num_shards):
-      if not self._shard_paths(shard_index)[2].exists():
+      if shard_record_file_name(shard_index, self.num_shards) not in present:
         continue
       try:
         self._load_record(shard_index, verify=verify)
@@ -522,8 +603,9 @@ class SnapshotWriter:
       done.append(shard_index)
     return done
 
-  def commit(self, verify: bool = True) -> pathlib.Path:
-    """Checks every shard, writes the manifest, and renames the directory to `<root>/<params_step>`.
+  def commit(self, verify: bool = True) -> fileio.Path:
+    """Checks every shard and writes the manifest: locally into `tmp_dir`, then renamed to
+    `<root>/<params_step>`; on object stores into `<root>/<params_step>` directly, as the last write.
 
     Args:
       verify: re-hash every shard file and check block-id uniqueness across shards before committing.
@@ -534,17 +616,22 @@ class SnapshotWriter:
     Raises:
       SnapshotError: if a shard is missing or corrupt, block ids repeat across shards, the corpus is
         empty, the step was committed meanwhile (and not `overwrite`), or the temporary directory is
-        gone.
+        gone (local).
     """
     if self._committed:
       raise SnapshotError(f"{self.final_dir}: already committed by this writer")
-    if not self.tmp_dir.is_dir():
+    if self.atomic_rename and not fileio.isdir(self.tmp_dir):
       raise SnapshotError(f"{self.tmp_dir}: temporary directory not found (committed by another "
                           "process?)")
-    if self.final_dir.exists() and not self.overwrite:
+    if is_committed(self.final_dir) and not self.overwrite:
       raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
                           "exists (pass overwrite=True to replace it)")
-    missing = [i for i in range(self.num_shards) if not self._shard_paths(i)[2].exists()]
+    try:
+      present = set(fileio.listdir(self.tmp_dir))
+    except FileNotFoundError:
+      present = set()
+    missing = [i for i in range(self.num_shards)
+               if shard_record_file_name(i, self.num_shards) not in present]
     if missing:
       raise SnapshotError(f"{self.tmp_dir}: cannot commit, {len(missing)} of {self.num_shards} shards "
                           f"missing (first: {shard_record_file_name(missing[0], self.num_shards)})")
@@ -552,8 +639,9 @@ class SnapshotWriter:
                for i in tqdm.trange(self.num_shards, desc="verify snapshot shards",
                                     disable=self.num_shards < 8 or not verify)]
     if verify:
-      all_ids = np.concatenate([np.load(self.tmp_dir / r["block_ids_file"]) for r in records])
-      check_unique_block_ids(all_ids, self.tmp_dir / "block_ids-*.npy")
+      all_ids = np.concatenate([fileio.load_npy(fileio.join(self.tmp_dir, r["block_ids_file"]))
+                                for r in records])
+      check_unique_block_ids(all_ids, fileio.join(self.tmp_dir, "block_ids-*.npy"))
     num_blocks = sum(r["num_rows"] for r in records)
     if num_blocks == 0:
       raise SnapshotError(f"{self.tmp_dir}: field 'num_blocks' is 0; a snapshot needs at least one row")
@@ -584,29 +672,43 @@ class SnapshotWriter:
         "created_unix": now,
         "metadata": self.metadata,
     }
-    for stale in self.tmp_dir.glob("*.partial"):
-      stale.unlink(missing_ok=True)
-    _atomic_write_json(self.tmp_dir / MANIFEST_NAME, manifest)
-    old = None
-    if self.final_dir.exists():  # Only reachable with overwrite=True.
-      old = self.root / f"{_OLD_PREFIX}{self.params_step}-{uuid.uuid4().hex[:8]}"
-      os.rename(self.final_dir, old)
-    try:
-      os.rename(self.tmp_dir, self.final_dir)
-    except OSError as e:
-      raise SnapshotError(f"{self.final_dir}: cannot rename {self.tmp_dir} into place ({e}); was the "
-                          "step committed concurrently?") from e
-    _fsync_dir(self.root)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    for stale in fileio.glob(self.tmp_dir, "*.partial"):
+      fileio.remove(stale)
+    if not self.atomic_rename:
+      _atomic_write_json(fileio.join(self.final_dir, MANIFEST_NAME), manifest)  # The commit.
+    else:
+      self._rename_into_place(manifest)
     self._committed = True
     logging.info("Committed snapshot %s: %d blocks x %d (%s) in %d shard(s)", self.final_dir,
                  num_blocks, self.dim, self.dtype, self.num_shards)
     return self.final_dir
 
+  def _rename_into_place(self, manifest: Mapping[str, Any]) -> None:
+    """Local commit: manifest into `tmp_dir`, old snapshot (overwrite) aside, `tmp_dir` renamed."""
+    _atomic_write_json(fileio.join(self.tmp_dir, MANIFEST_NAME), manifest)
+    old = None
+    if fileio.exists(self.final_dir):  # Only reachable with overwrite=True.
+      old = fileio.join(self.root, f"{_OLD_PREFIX}{self.params_step}-{uuid.uuid4().hex[:8]}")
+      fileio.rename(self.final_dir, old)
+    try:
+      fileio.rename(self.tmp_dir, self.final_dir)
+    except OSError as e:
+      raise SnapshotError(f"{self.final_dir}: cannot rename {self.tmp_dir} into place ({e}); was the "
+                          "step committed concurrently?") from e
+    fileio.fsync_dir(self.root)
+    if old is not None:
+      fileio.rmtree(old)
+
   def discard(self) -> None:
-    """Deletes the temporary directory (all shards written so far, by any writer)."""
-    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+    """Deletes the staging directory (all shards written so far, by any writer).
+
+    On object stores the staging directory is `<root>/<params_step>`: a snapshot committed there is
+    left alone (with a warning).
+    """
+    if not self.atomic_rename and is_committed(self.final_dir):
+      logging.warning("SnapshotWriter.discard: %s is committed; not deleted", self.final_dir)
+      return
+    fileio.rmtree(self.tmp_dir)
 
 
 def write_snapshot(root: PathLike,
@@ -617,11 +719,11 @@ def write_snapshot(root: PathLike,
                    num_shards: int = 1,
                    metadata: Mapping[str, Any] | None = None,
                    dtype: str = "float32",
-                   overwrite: bool = False) -> pathlib.Path:
+                   overwrite: bool = False) -> fileio.Path:
   """Writes and commits a whole snapshot from in-memory arrays (rows split into contiguous shards).
 
   Args:
-    root: the snapshots directory.
+    root: the snapshots directory (local path or URL).
     params_step: embedder parameter step (directory name).
     block_ids: `[num_blocks]` integer block ids, unique.
     embeddings: `[num_blocks, dim]` float embeddings.
@@ -673,8 +775,8 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
   Raises:
     SnapshotError: naming the manifest file and the field, if it is missing or inconsistent.
   """
-  path = pathlib.Path(path)
-  file = path / MANIFEST_NAME
+  path = fileio.as_path(path)
+  file = fileio.join(path, MANIFEST_NAME)
   m = _read_json(file)
   version = _field(m, "format_version", int, file)
   if version != FORMAT_VERSION:
@@ -683,8 +785,9 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
   step = _field(m, "params_step", int, file)
   if step < 0:
     raise SnapshotError(f"{file}: field 'params_step' must be >= 0, got {step}")
-  if _STEP_DIR_RE.match(path.name) and int(path.name) != step:
-    raise SnapshotError(f"{file}: field 'params_step' is {step} but the directory is {path.name}")
+  name = fileio.basename(path)
+  if _STEP_DIR_RE.match(name) and int(name) != step:
+    raise SnapshotError(f"{file}: field 'params_step' is {step} but the directory is {name}")
   fingerprint = _field(m, "corpus_fingerprint", str, file)
   if not fingerprint:
     raise SnapshotError(f"{file}: field 'corpus_fingerprint' is empty")
@@ -733,12 +836,34 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
   return m
 
 
-def _load_npy(path: pathlib.Path, mmap: bool, field: str) -> np.ndarray:
-  """np.load with errors turned into SnapshotError naming the file."""
+def _load_npy(path: fileio.Path, mmap: bool, field: str) -> np.ndarray:
+  """`fileio.load_npy` with errors turned into SnapshotError naming the file."""
   try:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    return fileio.load_npy(path, mmap=mmap)
   except FileNotFoundError as e:
     raise SnapshotError(f"{path}: file not found (field {field!r} of the manifest)") from e
+  except (OSError, ValueError, EOFError) as e:
+    raise SnapshotError(f"{path}: not a readable .npy file for field {field!r} ({e})") from e
+
+
+def _load_npy_checked(path: fileio.Path, sha256: str | None, field: str, checksum_field: str,
+                      manifest_file: fileio.Path) -> np.ndarray:
+  """Object stores: reads a `.npy` file ONCE, checks its SHA-256 (if given) and parses it.
+
+  Raises:
+    SnapshotError: naming the file and the manifest field, if it is missing, corrupt or not `.npy`.
+  """
+  try:
+    data = fileio.read_bytes(path)
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{path}: file not found (field {checksum_field!r} of {manifest_file})") from e
+  except OSError as e:
+    raise SnapshotError(f"{path}: cannot read ({e})") from e
+  if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    raise SnapshotError(f"{path}: checksum does not match field {checksum_field!r} of "
+                        f"{manifest_file} (file corrupt or modified)")
+  try:
+    return fileio.load_npy_bytes(data)
   except (OSError, ValueError, EOFError) as e:
     raise SnapshotError(f"{path}: not a readable .npy file for field {field!r} ({e})") from e
 
@@ -753,10 +878,11 @@ def read_snapshot(path: PathLike,
   every loaded file, block-id uniqueness and the absence of NaN/inf (this reads every byte).
 
   Args:
-    path: the snapshot directory `<root>/<params_step>`.
+    path: the snapshot directory `<root>/<params_step>` (local path or URL).
     validate: check checksums, uniqueness and finiteness.
     mmap: memory-map the `.npy` files read-only instead of reading them (one shard stays a memmap;
-      several shards are concatenated into memory).
+      several shards are concatenated into memory). Local files only: on object stores every file is
+      read once, fully (hashed and parsed from the same bytes).
     shard_indices: shards to load, default all; loaded in increasing order.
 
   Returns:
@@ -765,10 +891,11 @@ def read_snapshot(path: PathLike,
   Raises:
     SnapshotError: naming the file and field, if anything is missing, malformed or corrupt.
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
+  local = isinstance(path, pathlib.Path)
   m = read_manifest(path)
   num_shards, dim, dtype = m["num_shards"], m["dim"], np.dtype(m["dtype"])
-  manifest_file = path / MANIFEST_NAME
+  manifest_file = fileio.join(path, MANIFEST_NAME)
   if shard_indices is None:
     selected = list(range(num_shards))
   else:
@@ -780,18 +907,24 @@ def read_snapshot(path: PathLike,
   for i in tqdm.tqdm(selected, desc="read snapshot", disable=len(selected) < 8):
     shard = m["shards"][i]
     rows = shard["row_end"] - shard["row_start"]
-    emb_path = path / shard["embeddings_file"]
-    ids_path = path / shard["block_ids_file"]
-    if validate:
-      for file, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
-        if not file.exists():
-          raise SnapshotError(f"{file}: file not found (field 'shards[{i}].{name}' of "
-                              f"{manifest_file})")
-        if _sha256(file) != shard[name]:
-          raise SnapshotError(f"{file}: checksum does not match field 'shards[{i}].{name}' of "
-                              f"{manifest_file} (file corrupt or modified)")
-    emb = _load_npy(emb_path, mmap, f"shards[{i}].embeddings_file")
-    ids = _load_npy(ids_path, mmap, f"shards[{i}].block_ids_file")
+    emb_path = fileio.join(path, shard["embeddings_file"])
+    ids_path = fileio.join(path, shard["block_ids_file"])
+    if local:
+      if validate:
+        for file, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
+          if not file.exists():
+            raise SnapshotError(f"{file}: file not found (field 'shards[{i}].{name}' of "
+                                f"{manifest_file})")
+          if _sha256(file) != shard[name]:
+            raise SnapshotError(f"{file}: checksum does not match field 'shards[{i}].{name}' of "
+                                f"{manifest_file} (file corrupt or modified)")
+      emb = _load_npy(emb_path, mmap, f"shards[{i}].embeddings_file")
+      ids = _load_npy(ids_path, mmap, f"shards[{i}].block_ids_file")
+    else:
+      emb, ids = (_load_npy_checked(file, shard[name] if validate else None, f"shards[{i}].{field}",
+                                    f"shards[{i}].{name}", manifest_file)
+                  for file, field, name in ((emb_path, "embeddings_file", "embeddings_sha256"),
+                                            (ids_path, "block_ids_file", "block_ids_sha256")))
     if emb.shape != (rows, dim):
       raise SnapshotError(f"{emb_path}: shape {emb.shape} differs from field 'shards[{i}].shape' "
                           f"{[rows, dim]} of {manifest_file}")
@@ -810,7 +943,7 @@ def read_snapshot(path: PathLike,
   block_ids = all_ids[0] if len(all_ids) == 1 else np.concatenate(all_ids)
   embeddings = all_emb[0] if len(all_emb) == 1 else np.concatenate(all_emb)
   if validate:
-    check_unique_block_ids(np.asarray(block_ids), path / "block_ids-*.npy")
+    check_unique_block_ids(np.asarray(block_ids), fileio.join(path, "block_ids-*.npy"))
   return Snapshot(path=path, params_step=m["params_step"], corpus_fingerprint=m["corpus_fingerprint"],
                   block_ids=block_ids, embeddings=embeddings, metadata=m["metadata"],
                   num_shards=num_shards, shard_indices=tuple(selected),
@@ -822,64 +955,63 @@ def read_snapshot(path: PathLike,
 # ----------------------------------------------------------------------------------------------------
 
 
-def list_snapshots(root: PathLike) -> list[tuple[int, pathlib.Path]]:
+def list_snapshots(root: PathLike) -> list[tuple[int, fileio.Path]]:
   """Committed snapshots under `root`: `<step>` directories with a valid manifest (schema only).
+
+  On object stores a `<step>` directory without a manifest (shards still being written, or abandoned)
+  is not listed.
 
   Returns:
     `(params_step, path)` pairs sorted by increasing step; `[]` if `root` does not exist.
   """
-  root = pathlib.Path(root)
-  if not root.is_dir():
+  root = fileio.as_path(root)
+  try:
+    names = fileio.listdir(root)
+  except (FileNotFoundError, NotADirectoryError):
     return []
   found = []
-  for entry in root.iterdir():
-    if not (_STEP_DIR_RE.match(entry.name) and entry.is_dir()):
+  for name in names:
+    if not _STEP_DIR_RE.match(name):
+      continue
+    entry = fileio.join(root, name)
+    if isinstance(entry, pathlib.Path) and not entry.is_dir():
       continue
     try:
       read_manifest(entry)
     except SnapshotError as e:
       logging.debug("Not a snapshot: %s", e)
       continue
-    found.append((int(entry.name), entry))
-  return sorted(found)
+    found.append((int(name), entry))
+  return sorted(found, key=lambda x: (x[0], str(x[1])))
 
 
-def latest_snapshot(root: PathLike) -> pathlib.Path | None:
+def latest_snapshot(root: PathLike) -> fileio.Path | None:
   """The committed snapshot with the highest params step, or None if there is none."""
   snapshots = list_snapshots(root)
   return snapshots[-1][1] if snapshots else None
 
 
-def _newest_mtime(path: pathlib.Path) -> float:
-  """Latest modification time of a directory or anything directly inside it (seconds since epoch)."""
-  newest = path.stat().st_mtime
-  for entry in path.iterdir():
-    try:
-      newest = max(newest, entry.stat().st_mtime)
-    except FileNotFoundError:
-      continue
-  return newest
-
-
 def prune_snapshots(root: PathLike,
                     keep: int = 3,
                     protect: Iterable[int] = (),
-                    stale_tmp_age_s: float | None = None) -> list[pathlib.Path]:
+                    stale_tmp_age_s: float | None = None) -> list[fileio.Path]:
   """Deletes all but the newest `keep` committed snapshots (the official refresher keeps 3, §3.4).
 
-  A snapshot is first renamed to `.deleting-<step>-<id>` (so it disappears from `list_snapshots` at once)
-  and then removed. Leftover `.deleting-*` / `.old-*` directories are removed too. Directories named
-  `<step>` without a valid manifest are never touched (they are not snapshots and not ours).
+  A snapshot disappears from `list_snapshots` at once and is then removed: locally it is first renamed
+  to `.deleting-<step>-<id>`; on object stores its manifest is deleted first, then the other files.
+  Leftover `.deleting-*` / `.old-*` directories are removed too. Locally, directories named `<step>`
+  without a valid manifest are never touched (they are not snapshots and not ours).
 
-  Temporary `.tmp-<step>` directories belong to writers that may still be running, so they are removed
-  only when `stale_tmp_age_s` is given and nothing in them was modified for that many seconds. Choose it
-  well above the time one shard takes to write.
+  Staging directories (`staging_dirs`: `.tmp-<step>` locally, `<step>` without a manifest on object
+  stores) belong to writers that may still be running, so they are removed only when `stale_tmp_age_s`
+  is given and nothing in them was modified for that many seconds. Choose it well above the time one
+  shard takes to write.
 
   Args:
     root: the snapshots directory.
     keep: number of newest committed snapshots to keep; >= 1.
     protect: steps never deleted (e.g. the one the trainer is currently searching).
-    stale_tmp_age_s: age in seconds after which an idle `.tmp-*` directory is deleted; None: never.
+    stale_tmp_age_s: age in seconds after which an idle staging directory is deleted; None: never.
 
   Returns:
     The paths removed (original names).
@@ -889,37 +1021,53 @@ def prune_snapshots(root: PathLike,
   """
   if keep < 1:
     raise ValueError(f"prune_snapshots: keep must be >= 1, got {keep}")
-  root = pathlib.Path(root)
-  if not root.is_dir():
+  root = fileio.as_path(root)
+  if not fileio.isdir(root):
     return []
+  atomic = fileio.supports_atomic_rename(root)
   protected = {int(s) for s in protect}
   snapshots = list_snapshots(root)
   removed = []
   for step, path in snapshots[:-keep]:
     if step in protected:
       continue
-    doomed = root / f"{_DELETING_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
-    try:
-      os.rename(path, doomed)
-    except FileNotFoundError:
-      continue  # Pruned concurrently.
-    shutil.rmtree(doomed, ignore_errors=True)
+    if atomic:
+      doomed = fileio.join(root, f"{_DELETING_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
+      try:
+        fileio.rename(path, doomed)
+      except FileNotFoundError:
+        continue  # Pruned concurrently.
+    else:
+      try:
+        fileio.remove(fileio.join(path, MANIFEST_NAME), missing_ok=False)  # Invisible from here.
+      except FileNotFoundError:
+        continue  # Pruned concurrently.
+      doomed = path
+    fileio.rmtree(doomed)
     removed.append(path)
   now = time.time()
-  for entry in list(root.iterdir()):
-    if not entry.is_dir():
-      continue
-    if entry.name.startswith((_DELETING_PREFIX, _OLD_PREFIX)):
-      shutil.rmtree(entry, ignore_errors=True)
-      removed.append(entry)
-    elif entry.name.startswith(TMP_PREFIX) and stale_tmp_age_s is not None:
-      try:
-        age = now - _newest_mtime(entry)
-      except FileNotFoundError:
-        continue  # Committed (renamed) meanwhile.
-      if age > stale_tmp_age_s:
-        shutil.rmtree(entry, ignore_errors=True)
+  for name in fileio.listdir(root):
+    entry = fileio.join(root, name)
+    if name.startswith((_DELETING_PREFIX, _OLD_PREFIX)):
+      if fileio.isdir(entry):
+        fileio.rmtree(entry)
         removed.append(entry)
+      continue
+    if stale_tmp_age_s is None:
+      continue
+    uncommitted_step_dir = not atomic and bool(_STEP_DIR_RE.match(name))
+    if not (name.startswith(TMP_PREFIX) or uncommitted_step_dir) or not fileio.isdir(entry):
+      continue
+    if uncommitted_step_dir and is_committed(entry):
+      continue  # A snapshot (kept above).
+    newest = fileio.newest_mtime(entry)
+    if newest is None:
+      continue  # Committed (renamed) or deleted meanwhile.
+    if now - newest > stale_tmp_age_s:
+      if uncommitted_step_dir and is_committed(entry):
+        continue  # Committed meanwhile.
+      fileio.rmtree(entry)
+      removed.append(entry)
   if removed:
     logging.info("Pruned %d snapshot director%s under %s", len(removed),
                  "y" if len(removed) == 1 else "ies", root)

@@ -31,11 +31,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 import threading
 import time
 from typing import Any, Callable
 
+from realm_jax import fileio
 from realm_jax.retrieval import snapshot as snapshot_lib
 
 PathLike = str | os.PathLike
@@ -77,8 +77,8 @@ class LiveIndex:
     return self.snapshot.params_step
 
   @property
-  def path(self) -> pathlib.Path:
-    """The snapshot directory."""
+  def path(self) -> fileio.Path:
+    """The snapshot directory (`pathlib.Path`; a URL string on object stores)."""
     return self.snapshot.path
 
 
@@ -89,7 +89,8 @@ class IndexWatcher:
   training thread at any time. Use it as a context manager or call `close()`.
 
   Args:
-    snapshots_root: `WORKDIR/snapshots`.
+    snapshots_root: `WORKDIR/snapshots` (a local path, or a URL such as `gs://bucket/work/snapshots`
+      that the index builder on another slice writes to; see `retrieval/snapshot.py`).
     corpus_fingerprint: the trainer's corpus fingerprint; snapshots of other corpora are rejected.
     make_searcher: `snapshot -> searcher`, run in the background thread (e.g.
       `lambda s: searchers.searcher_from_snapshot(s, kind="scann")`; ScaNN search is thread-safe).
@@ -119,7 +120,7 @@ class IndexWatcher:
     if max_index_staleness_steps is not None and max_index_staleness_steps < 0:
       raise ValueError(f"IndexWatcher: max_index_staleness_steps must be >= 0 or None, got "
                        f"{max_index_staleness_steps}")
-    self.snapshots_root = pathlib.Path(snapshots_root)
+    self.snapshots_root = fileio.as_path(snapshots_root)
     self.corpus_fingerprint = corpus_fingerprint
     self.make_searcher = make_searcher
     self.poll_interval_s = float(poll_interval_s)
@@ -295,7 +296,7 @@ class IndexWatcher:
           raise IndexStalenessError(
               f"step {step}: waited {waited:.0f} s for {what}, none arrived; is the index builder "
               f"running (realm-jax index-builder with this work directory)? See "
-              f"{self.snapshots_root.parent / 'index_builder' / 'status.json'}")
+              f"{fileio.join(fileio.dirname(self.snapshots_root), 'index_builder', 'status.json')}")
         if now - last_log >= self.log_every_s:
           logging.info("IndexWatcher: step %d still waiting (%.0f s) for %s", step, waited, what)
           last_log = now
@@ -362,7 +363,7 @@ class IndexWatcher:
         t1 = time.perf_counter()
         searcher = self.make_searcher(snapshot)
       except Exception as e:  # noqa: BLE001 - any bad snapshot must leave the trainer running.
-        if not (path / snapshot_lib.MANIFEST_NAME).exists():
+        if not fileio.exists(fileio.join(path, snapshot_lib.MANIFEST_NAME)):
           logging.info("IndexWatcher: snapshot %s disappeared while loading (pruned)", path)
           continue
         self._reject(key, f"{type(e).__name__}: {e}")

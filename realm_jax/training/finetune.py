@@ -593,7 +593,8 @@ def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
   params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
   if not init_from:
     return params
-  if os.path.isfile(os.path.join(init_from, "realm_params.safetensors")):
+  from realm_jax import fileio
+  if fileio.isfile(fileio.join(init_from, "realm_params.safetensors")):
     from realm_jax.models import realm_checkpoints
     converted = realm_checkpoints.load_converted(init_from).params
     if "retriever" in converted:
@@ -604,8 +605,8 @@ def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
       params["reader"] = realm._graft(params["reader"], ("bert",), converted["encoder"]["bert"])  # pylint: disable=protected-access
     logging.info("fine-tuning starts from the converted checkpoint %s", init_from)
     return params
-  directory = os.path.join(init_from, "checkpoints")
-  directory = directory if os.path.isdir(directory) else init_from
+  directory = str(fileio.join(init_from, "checkpoints"))
+  directory = directory if fileio.isdir(directory) else init_from
   mesh = mesh or sharding.make_mesh()
   abstract = checkpointing.abstract_like(jax.device_put(params, sharding.replicated(mesh)))
   parts, step = checkpointing.saved_param_parts(directory)
@@ -693,7 +694,7 @@ def train_and_evaluate(workdir: str,
   # First index: the document embedder's snapshot of the corpus (frozen during fine-tuning).
   t1 = time.time()
   snapshots_root = os.path.join(workdir, "snapshots")
-  path = snapshot_lib.latest_snapshot(snapshots_root) if os.path.isdir(snapshots_root) else None
+  path = snapshot_lib.latest_snapshot(snapshots_root)  # None without one (local or gs://).
   if path is not None and snapshot_lib.read_manifest(path)["corpus_fingerprint"] != corpus.fingerprint:
     raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
   if path is None:

@@ -28,12 +28,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Callable, Protocol
 
 import jax
 
+from realm_jax import fileio
 from realm_jax import index_builder
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import searchers as searchers_lib
@@ -115,11 +115,11 @@ def load_index(path: str | os.PathLike, make_searcher: MakeSearcher,
 def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
                           retriever_cfg: retriever_lib.RetrieverConfig, retriever_params: Any,
                           params_step: int, batch_size: int = 64,
-                          mesh: jax.sharding.Mesh | None = None) -> pathlib.Path:
+                          mesh: jax.sharding.Mesh | None = None) -> fileio.Path:
   """The newest committed snapshot of `corpus` under `snapshots_root`; builds one if there is none.
 
   Args:
-    snapshots_root: `WORKDIR/snapshots`.
+    snapshots_root: `WORKDIR/snapshots` (local path or URL, e.g. `gs://bucket/work/snapshots`).
     corpus: the knowledge corpus (`data.corpus.Corpus`).
     retriever_cfg / retriever_params: the document embedder used when a snapshot must be built.
     params_step: the train step of `retriever_params` (the new snapshot's name).
@@ -127,12 +127,12 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
     mesh: devices to embed on (default: this process's devices).
 
   Returns:
-    The snapshot directory (on every process).
+    The snapshot directory (on every process; a URL string on object stores).
 
   Raises:
     snapshot.SnapshotError: if the newest snapshot was built for another corpus.
   """
-  root = pathlib.Path(snapshots_root)
+  root = fileio.as_path(snapshots_root)
   path = snapshot_lib.latest_snapshot(root)
   if path is not None:
     found = snapshot_lib.read_manifest(path)["corpus_fingerprint"]
@@ -146,7 +146,7 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
   index_builder.build_snapshot(root, corpus, retriever_cfg, retriever_params,
                                params_step=params_step, mesh=mesh, batch_size=batch_size)
   _sync(f"first-snapshot-{params_step}")
-  return root / str(params_step)
+  return fileio.join(root, str(params_step))
 
 
 def _sync(name: str) -> None:
@@ -215,7 +215,7 @@ class InlineRefreshIndexSource:
                mesh: jax.sharding.Mesh | None = None, keep: int = 3):
     if refresh_every_steps <= 0:
       raise ValueError(f"refresh_every_steps must be positive, got {refresh_every_steps}")
-    self.root = pathlib.Path(snapshots_root)
+    self.root = fileio.as_path(snapshots_root)
     self.corpus = corpus
     self.retriever_cfg = retriever_cfg
     self.params_fn = params_fn
@@ -245,7 +245,8 @@ class InlineRefreshIndexSource:
                                  params_step=step, mesh=self.mesh, batch_size=self.batch_size,
                                  overwrite=True)
     _sync(f"inline-refresh-{step}")
-    self.index = load_index(self.root / str(step), self.make_searcher, self.corpus.fingerprint)
+    self.index = load_index(fileio.join(self.root, str(step)), self.make_searcher,
+                            self.corpus.fingerprint)
     if jax.process_index() == 0:
       snapshot_lib.prune_snapshots(self.root, keep=self.keep, protect=(step,))
     self.num_refreshes += 1

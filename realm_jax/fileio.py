@@ -1,0 +1,586 @@
+"""Small file-system layer: local paths through os/pathlib, URLs (`gs://`, `s3://`, `memory://` …) through fsspec.
+
+The trainer and the index builder (REALM §3.4, asynchronous index refresh) share nothing but a work
+directory. On one machine that is a local directory; on Cloud TPU (separate slices) it is a `gs://`
+bucket. The two differ in what a commit can rely on:
+
+  * local (POSIX) paths: `os.replace` / `os.rename` of a file or a directory is atomic, files and
+    directories can be fsync-ed, and `os.link` fails if the target exists (an atomic "create if absent");
+  * object stores: there are no directories (only name prefixes), no rename (fsspec's `mv` copies and
+    deletes), no hard links and no fsync; but writing one object is atomic — a reader sees the old object,
+    no object, or the whole new object, never a part of it.
+
+`supports_atomic_rename(path)` tells the two apart, so callers choose their commit protocol (see
+`retrieval/snapshot.py`: rename a temporary directory locally, write the manifest last on object stores).
+
+Dispatch: a path with a scheme (`<scheme>://…`, other than `file://`) goes through
+`fsspec.core.url_to_fs`; anything else (including `file://…`, whose scheme is dropped) is a local path.
+Local paths are returned as `pathlib.Path`, URLs as `str` (without a trailing `/`): `pathlib.Path` would
+turn `gs://bucket/x` into `gs:/bucket/x`. `gs://` needs the `gcsfs` package (`pip install
+'realm-jax[gcs]'`). Directory listings are never cached (another job writes the same bucket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import io
+import os
+import pathlib
+import re
+import shutil
+import uuid
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+PathLike = str | os.PathLike
+Path = pathlib.Path | str  # What `as_path` returns: a local `pathlib.Path` or a URL string.
+
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# `pathlib.Path("gs://b/x")` is `gs:/b/x`: such a local path is a URL that lost a slash.
+_MANGLED_URL_RE = re.compile(r"^(gs|gcs|s3|s3a|az|abfs|abfss|adl|hdfs|memory|http|https):/[^/]")
+_HASH_CHUNK_BYTES = 1 << 22
+_INSTALL_HINTS = {
+    "gs": "pip install 'realm-jax[gcs]' (installs gcsfs)",
+    "gcs": "pip install 'realm-jax[gcs]' (installs gcsfs)",
+    "s3": "pip install s3fs",
+    "s3a": "pip install s3fs",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scheme(path: str) -> str | None:
+  """The URL scheme of `path` in lower case (`gs`, `memory`, …), or None for a local path."""
+  match = _URL_RE.match(path)
+  return match.group(1).lower() if match else None
+
+
+def is_url(path: PathLike) -> bool:
+  """True when `path` is a URL handled by fsspec (`scheme://…`, any scheme but `file`).
+
+  Raises:
+    ValueError: if `path` is a URL mangled by `pathlib` (`gs:/bucket/…`).
+  """
+  text = os.fspath(path)
+  if not isinstance(text, str):
+    text = os.fsdecode(text)
+  scheme = _scheme(text)
+  if scheme is None and _MANGLED_URL_RE.match(text):
+    raise ValueError(f"{text!r} looks like a URL that lost a '/' (pathlib.Path turns 'gs://b/x' into "
+                     "'gs:/b/x'); pass the URL as a string")
+  return scheme is not None and scheme != "file"
+
+
+def as_path(path: PathLike) -> Path:
+  """Normalises `path`: a `pathlib.Path` for a local path (`file://` dropped), else the URL string.
+
+  A URL loses its trailing `/` (`gs://bucket/dir/` → `gs://bucket/dir`).
+
+  Raises:
+    ValueError: if `path` is a URL mangled by `pathlib` (see `is_url`).
+  """
+  text = os.fspath(path)
+  if is_url(text):
+    prefix = _URL_RE.match(text).group(0)
+    return prefix + text[len(prefix):].rstrip("/")
+  if isinstance(text, str) and _scheme(text) == "file":
+    text = text[len("file://"):]
+  return pathlib.Path(text)
+
+
+def join(path: PathLike, *parts: str) -> Path:
+  """`path / part / …`: `pathlib` joining for local paths, `/`-joining for URLs."""
+  base = as_path(path)
+  if isinstance(base, pathlib.Path):
+    return base.joinpath(*parts)
+  return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def basename(path: PathLike) -> str:
+  """The last component of `path` (`gs://b/snapshots/500` → `500`)."""
+  base = as_path(path)
+  if isinstance(base, pathlib.Path):
+    return base.name
+  return base[len(_URL_RE.match(base).group(0)):].rsplit("/", 1)[-1]
+
+
+def dirname(path: PathLike) -> Path:
+  """The parent of `path` (`gs://b/w/snapshots` → `gs://b/w`; a bucket is its own parent)."""
+  base = as_path(path)
+  if isinstance(base, pathlib.Path):
+    return base.parent
+  prefix = _URL_RE.match(base).group(0)
+  rest = base[len(prefix):]
+  return prefix + rest.rsplit("/", 1)[0] if "/" in rest else base
+
+
+def supports_atomic_rename(path: PathLike) -> bool:
+  """True on local file systems (`os.rename` is atomic); False on object stores (rename = copy+delete).
+
+  Raises:
+    ValueError: if `path` is a URL mangled by `pathlib` (see `is_url`).
+  """
+  return not is_url(path)
+
+
+def _fs(path: PathLike) -> tuple[Any, str]:
+  """`(fsspec file system, path inside it)` for a URL; listings are not cached.
+
+  Raises:
+    ImportError: if fsspec, or the backend of the URL's scheme (gcsfs for `gs://`), is not installed;
+      the message says what to install.
+  """
+  url = os.fspath(path)
+  scheme = _scheme(url) or "file"
+  try:
+    import fsspec.core  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{url}: URLs need fsspec (pip install fsspec)") from e
+  try:
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+  except ImportError as e:
+    hint = _INSTALL_HINTS.get(scheme, f"install the fsspec backend for '{scheme}://'")
+    raise ImportError(f"{url}: no file system for '{scheme}://' ({e}); {hint}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# Queries
+# ----------------------------------------------------------------------------------------------------
+
+
+def exists(path: PathLike) -> bool:
+  """True if a file or a directory (on object stores: an object or a non-empty prefix) is at `path`."""
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return path.exists()
+  fs, p = _fs(path)
+  return fs.exists(p)
+
+
+def isdir(path: PathLike) -> bool:
+  """True if `path` is a directory (on object stores: a prefix with objects, or a created directory)."""
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return path.is_dir()
+  fs, p = _fs(path)
+  return fs.isdir(p)
+
+
+def isfile(path: PathLike) -> bool:
+  """True if `path` is a regular file (an object)."""
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return path.is_file()
+  fs, p = _fs(path)
+  return fs.isfile(p)
+
+
+def listdir(path: PathLike) -> list[str]:
+  """Names (not paths) of the entries directly inside directory `path`, sorted.
+
+  Raises:
+    FileNotFoundError: if `path` is not there.
+    NotADirectoryError: if `path` is a local file.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return sorted(os.listdir(path))
+  fs, p = _fs(path)
+  names = set()
+  for entry in fs.ls(p, detail=False):  # FileNotFoundError if nothing is there.
+    entry = str(entry).rstrip("/")
+    if entry != p.rstrip("/"):
+      names.add(entry.rsplit("/", 1)[-1])
+  if not names and not fs.isdir(p):
+    if fs.isfile(p):
+      raise NotADirectoryError(f"{path}: not a directory")
+    raise FileNotFoundError(f"{path}: no such directory")
+  return sorted(names)
+
+
+def glob(path: PathLike, pattern: str) -> list[Path]:
+  """Paths of the entries of directory `path` whose name matches `pattern` (`fnmatch`), sorted.
+
+  Returns:
+    `[]` if `path` is not a directory.
+  """
+  try:
+    names = listdir(path)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return [join(path, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
+def mtime(path: PathLike) -> float:
+  """Modification time of a file (an object: its last write), in seconds since the epoch.
+
+  Raises:
+    FileNotFoundError: if `path` is not there.
+    OSError: if an object store reports no time for it (e.g. it is only a prefix).
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return path.stat().st_mtime
+  fs, p = _fs(path)
+  return _fs_mtime(fs, p)
+
+
+def _fs_mtime(fs: Any, p: str) -> float:
+  """`mtime` inside an fsspec file system (`fs.modified`, else a time field of `fs.info`).
+
+  Raises:
+    FileNotFoundError: if `p` is not there.
+    OSError: if the file system reports no time for it (e.g. `p` is only a prefix).
+  """
+  try:
+    return fs.modified(p).timestamp()
+  except (NotImplementedError, AttributeError, KeyError, IsADirectoryError, ValueError):
+    info = fs.info(p)
+  for key in ("mtime", "updated", "LastModified", "last_modified", "created"):
+    value = info.get(key)
+    if hasattr(value, "timestamp"):
+      return value.timestamp()
+    if isinstance(value, (int, float)):
+      return float(value)
+  raise OSError(f"{fs.unstrip_protocol(p)}: the file system reports no modification time")
+
+
+def newest_mtime(path: PathLike) -> float | None:
+  """Latest modification time of directory `path` or anything in it, None if `path` is gone.
+
+  Locally: the directory and its direct children. On object stores (no directory times): every object
+  below the prefix.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    try:
+      newest = path.stat().st_mtime
+      entries = list(path.iterdir()) if path.is_dir() else []
+    except FileNotFoundError:
+      return None
+    for entry in entries:
+      try:
+        newest = max(newest, entry.stat().st_mtime)
+      except FileNotFoundError:
+        continue
+    return newest
+  fs, p = _fs(path)
+  newest = None
+  try:
+    files = [p] if fs.isfile(p) else fs.find(p)
+  except FileNotFoundError:
+    return None
+  for file in files:
+    try:
+      t = _fs_mtime(fs, file)
+    except OSError:  # Deleted meanwhile, or no time reported.
+      continue
+    newest = t if newest is None else max(newest, t)
+  return newest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def open_file(path: PathLike, mode: str = "rb", encoding: str | None = None) -> IO[Any]:
+  """Opens a file: the builtin `open` locally, `fsspec`'s file object on object stores.
+
+  On object stores a file opened for writing becomes visible, as a whole, when it is closed.
+
+  Raises:
+    FileNotFoundError: when reading a missing file.
+    FileExistsError: with mode `x…` if the file exists.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return open(path, mode, encoding=encoding)  # noqa: SIM115 - the caller closes it.
+  fs, p = _fs(path)
+  return fs.open(p, mode) if encoding is None else fs.open(p, mode, encoding=encoding)
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The whole content of a file.
+
+  Raises:
+    FileNotFoundError: if it is missing.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return path.read_bytes()
+  fs, p = _fs(path)
+  return fs.cat_file(p)
+
+
+def read_text(path: PathLike, encoding: str = "utf-8") -> str:
+  """The whole content of a text file.
+
+  Raises:
+    FileNotFoundError: if it is missing.
+    UnicodeDecodeError: if it is not `encoding`.
+  """
+  return read_bytes(path).decode(encoding)
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates directory `path` and its parents if missing (on object stores usually a no-op)."""
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    path.mkdir(parents=True, exist_ok=True)
+    return
+  fs, p = _fs(path)
+  fs.makedirs(p, exist_ok=True)
+
+
+def _partial_name(path: pathlib.Path) -> pathlib.Path:
+  """A unique `*.partial` sibling of `path` (unique so concurrent writers never share one)."""
+  return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
+
+
+def fsync_dir(path: PathLike) -> None:
+  """Flushes a local directory entry (after a rename) to disk; a no-op on object stores and where a
+  directory cannot be opened."""
+  if is_url(path):
+    return
+  try:
+    fd = os.open(as_path(path), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
+  """A binary file object whose content appears at `path` all at once, when the block exits normally.
+
+  Locally: a unique `*.partial` sibling, fsync-ed and `os.replace`-d onto `path` (the directory is
+  fsync-ed too); on an exception the partial file is deleted and `path` is untouched. Object stores:
+  one object write (a single PUT, or a resumable upload finalised on close), atomic there; on an
+  exception nothing is written.
+
+  Raises:
+    OSError: from the file system.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    tmp = _partial_name(path)
+    try:
+      with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    finally:
+      tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return
+  buffer = io.BytesIO()
+  yield buffer
+  fs, p = _fs(path)
+  fs.pipe_file(p, buffer.getvalue())
+
+
+def write_atomic(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> None:
+  """Writes `data` (str is encoded) so that readers see the old content or the new, never a part.
+
+  See `atomic_writer` for how (temp + fsync + rename locally, one object write on object stores).
+
+  Raises:
+    OSError: from the file system.
+  """
+  if isinstance(data, str):
+    data = data.encode(encoding)
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    with atomic_writer(path) as f:
+      f.write(data)
+    return
+  fs, p = _fs(path)
+  fs.pipe_file(p, data)
+
+
+def write_if_absent(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> bool:
+  """Creates `path` with `data` unless it exists; True if this call created it.
+
+  Locally the creation is race-free (`os.link` of a fsync-ed temporary file fails if `path` exists).
+  On object stores an exclusive create (`mode="xb"`: GCS `ifGenerationMatch=0`) is used where the
+  backend has it, else "check, then write": two concurrent callers may both write. Callers that need
+  agreement read the file back and compare.
+
+  Raises:
+    OSError: from the file system (not for an existing `path`).
+  """
+  if isinstance(data, str):
+    data = data.encode(encoding)
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    if path.exists():
+      return False
+    tmp = _partial_name(path)
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        return False
+    finally:
+      tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+  fs, p = _fs(path)
+  if fs.exists(p):
+    return False
+  try:
+    with fs.open(p, "xb") as f:
+      f.write(data)
+    return True
+  except FileExistsError:
+    return False
+  except (NotImplementedError, ValueError):  # No exclusive mode in this backend.
+    fs.pipe_file(p, data)
+    return True
+
+
+def append_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+  """Appends `text` to a file (created if missing).
+
+  Locally an `O_APPEND` write. Object stores cannot append: the object is read and rewritten whole
+  (fine for small logs with a single writer; concurrent appenders may lose lines).
+
+  Raises:
+    OSError: from the file system.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    with open(path, "a", encoding=encoding) as f:
+      f.write(text)
+    return
+  try:
+    old = read_bytes(path)
+  except FileNotFoundError:
+    old = b""
+  write_atomic(path, old + text.encode(encoding))
+
+
+def sha256(path: PathLike) -> str:
+  """Hex SHA-256 of a file, read in 4 MiB chunks.
+
+  Raises:
+    FileNotFoundError: if it is missing.
+  """
+  digest = hashlib.sha256()
+  with open_file(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK_BYTES):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def save_npy(path: PathLike, array: np.ndarray) -> None:
+  """Writes `array` as a `.npy` file atomically (see `atomic_writer`); no pickles.
+
+  Raises:
+    OSError: from the file system.
+  """
+  with atomic_writer(path) as f:
+    np.save(f, array, allow_pickle=False)
+
+
+def load_npy(path: PathLike, mmap: bool = False) -> np.ndarray:
+  """Reads a `.npy` file (no pickles). Object stores are read fully: `mmap` applies to local files only.
+
+  Args:
+    path: the file.
+    mmap: memory-map a local file read-only (`np.load(mmap_mode="r")`).
+
+  Raises:
+    FileNotFoundError: if it is missing.
+    ValueError / OSError / EOFError: if it is not a readable `.npy` file.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  return load_npy_bytes(read_bytes(path))
+
+
+def load_npy_bytes(data: bytes) -> np.ndarray:
+  """Parses the bytes of a `.npy` file (no pickles).
+
+  Raises:
+    ValueError / EOFError: if they are not a `.npy` file.
+  """
+  return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Deleting and renaming
+# ----------------------------------------------------------------------------------------------------
+
+
+def remove(path: PathLike, missing_ok: bool = True) -> None:
+  """Deletes a file (an object).
+
+  Raises:
+    FileNotFoundError: if it is missing and not `missing_ok`.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    path.unlink(missing_ok=missing_ok)
+    return
+  fs, p = _fs(path)
+  try:
+    fs.rm_file(p)
+  except FileNotFoundError:
+    if not missing_ok:
+      raise
+
+
+def rmtree(path: PathLike, ignore_errors: bool = True) -> None:
+  """Deletes directory `path` and everything in it (on object stores: every object under the prefix).
+
+  Not atomic anywhere: a reader may see a part of the tree meanwhile.
+
+  Raises:
+    OSError: unless `ignore_errors` (a missing `path` is never an error).
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    if ignore_errors:
+      shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+      shutil.rmtree(path)
+    return
+  fs, p = _fs(path)
+  try:
+    fs.rm(p, recursive=True)
+  except FileNotFoundError:
+    pass
+  except OSError:
+    if not ignore_errors:
+      raise
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+  """Atomically renames a local file or directory (`os.rename`).
+
+  Raises:
+    ValueError: for URLs — object stores have no atomic rename (check `supports_atomic_rename`).
+    OSError: from `os.rename` (e.g. `dst` is a non-empty directory, or `src` is gone).
+  """
+  if is_url(src) or is_url(dst):
+    raise ValueError(f"rename({src}, {dst}): object stores have no atomic rename")
+  os.rename(as_path(src), as_path(dst))
