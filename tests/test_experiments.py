@@ -16,7 +16,8 @@ from realm_jax import cli
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/*.gin")
                      if p.parent.name in ("cpu", "paper"))
-DUMMIES = {"BERT_BASE_DIR": "'unused'", "WIKIPEDIA": "('unused.jsonl',)", "CCNEWS": "('x',)",
+DUMMIES = {"BERT_BASE_DIR": "'unused'", "WIKIPEDIA": "('unused.jsonl',)",
+           "CC_NEWS": "('unused_news.jsonl',)",
            "TRAIN_QUESTIONS": "'unused'", "EVAL_QUESTIONS": "'unused'", "INIT_FROM": "''"}
 
 
@@ -25,8 +26,18 @@ def _value(name):
   return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
 
 
+def _text(path):
+  """The file's text with its `include`s inlined (a paper file may include another one)."""
+  lines = []
+  for line in (ROOT / path).read_text().splitlines():
+    if line.startswith("include '"):
+      lines.append(_text(line.split("'")[1]))
+    lines.append(line)
+  return "\n".join(lines)
+
+
 def _parse(path):
-  text = (ROOT / path).read_text()
+  text = _text(path)
   params = [f"{k} = {v}" for k, v in DUMMIES.items() if f"{k} = %gin.REQUIRED" in text]
   if "include 'experiments/models/bert_base.gin'" in text:  # no weights here: shapes from gin
     params.append("realm.ModelConfig.init_checkpoint = None")
@@ -37,7 +48,7 @@ def _parse(path):
 def test_experiment_builds_abstractly(path, monkeypatch):
   monkeypatch.chdir(ROOT)
   _parse(path)
-  text = (ROOT / path).read_text()
+  text = _text(path)
   if "runs/finetune.gin" in text:
     from realm_jax.training import finetune
     model = _value("finetune.train_and_evaluate.model")
@@ -60,5 +71,9 @@ def test_experiment_builds_abstractly(path, monkeypatch):
     if "paper" in path:  # BERT-base towers: 110M parameters each
       n = sum(x.size for x in jax.tree_util.tree_leaves(out["params"]["retriever"]))
       assert 105e6 < n < 115e6, n
+    if "ccnews" in path:  # X = CC-News, Z = Wikipedia (REALM §4.2)
+      data = _value("pretrain.train.data")
+      assert data.pretraining_sources == ("unused_news.jsonl",)
+      assert data.corpus_sources == ("unused.jsonl",)
   else:
     pytest.fail(f"{path}: no known run file included")

@@ -126,6 +126,10 @@ class PretrainDataConfig:
       this many embedded dev articles (about 43 paragraphs each): a corpus small enough to embed
       in a minute on a CPU (`embedded_dev_subset`).
     extra_sources: more files appended to the corpus (e.g. a WikiText `.tokens` file, JSONL pages).
+    pretraining_sources: files the masked sentences are cut from when they are not the knowledge
+      corpus (REALM §4.2, "REALM (CC-News)": pre-training text X from CC-News, knowledge corpus Z
+      from Wikipedia). Empty means the sentences come from the knowledge corpus itself. Their
+      blocks are not in the index, so their `source_block_id` is -1 (no trivial-retrieval filter).
     max_block_length: wordpieces per block, `3 + title + body` (288 in the paper).
     masking: 'salient' (REALM §3.4), 'random_token' or 'random_span' (Table 2 ablations).
     masking_seed: seed of the masks (see `data.pretraining.sentence_rng`).
@@ -143,6 +147,7 @@ class PretrainDataConfig:
   corpus_sources: tuple[str, ...] = ()
   embedded_dev_articles: int = 0
   extra_sources: tuple[str, ...] = ()
+  pretraining_sources: tuple[str, ...] = ()
   max_block_length: int = 288
   masking: str = "salient"
   masking_seed: int = 0
@@ -617,13 +622,26 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
 
   tokenizer, corpus = load_corpus(data, model, workdir)
   data_dir = data.data_dir or os.path.join(workdir, "tfds")
+  text_corpus = corpus
+  if data.pretraining_sources:
+    from realm_jax.data import tfds_builders
+    text_corpus = tfds_builders.build_corpus(list(data.pretraining_sources), tokenizer, data_dir,
+                                             data.max_block_length)
+    logging.info("pre-training text: %d blocks from %d files (%s), separate from the knowledge "
+                 "corpus", len(text_corpus), len(data.pretraining_sources),
+                 text_corpus.fingerprint[:12])
   examples_dir = pretraining_data.build_pretraining_dataset(
-      list(corpus), tokenizer, data_dir, masking=data.masking, query_length=task.query_length,
-      max_masks=task.max_masks, seed=data.masking_seed, corpus_fingerprint=corpus.fingerprint,
-      n_process=data.spacy_n_process)
+      list(text_corpus), tokenizer, data_dir, masking=data.masking,
+      query_length=task.query_length, max_masks=task.max_masks, seed=data.masking_seed,
+      corpus_fingerprint=text_corpus.fingerprint, n_process=data.spacy_n_process)
   examples = pretraining_data.load_pretraining_examples(examples_dir)
   if not len(examples):
     raise ValueError(f"{examples_dir}: no pre-training example")
+  if text_corpus is not corpus:
+    # Positions in another corpus are not block ids of the index: nothing to filter out.
+    arrays = dict(examples.arrays)
+    arrays["source_block_id"] = np.full_like(arrays["source_block_id"], -1)
+    examples = pretraining_data.PretrainingDataset(arrays, examples.masking)
   if data.max_examples and data.max_examples < len(examples):
     keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:data.max_examples])
     examples = pretraining_data.PretrainingDataset(
@@ -634,8 +652,9 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
 
 def _checkpoint_directory(path: str) -> str:
   """`path/checkpoints` when `path` is a work directory, else `path`."""
-  nested = os.path.join(path, "checkpoints")
-  return nested if os.path.isdir(nested) else path
+  from realm_jax import fileio
+  nested = str(fileio.join(path, "checkpoints"))
+  return nested if fileio.isdir(nested) else path
 
 
 def restore_retriever_params(init_from: str, abstract_retriever: Any) -> tuple[Any, int]:
@@ -656,8 +675,9 @@ def restore_retriever_params(init_from: str, abstract_retriever: Any) -> tuple[A
     ValueError: if its retriever params do not fit the model.
   """
   from realm_jax.training import checkpointing
+  from realm_jax import fileio
   directory = _checkpoint_directory(init_from)
-  if not os.path.isdir(directory):
+  if not fileio.isdir(directory):
     raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint directory")
   try:
     restored, step = checkpointing.restore_params(directory, {"retriever": abstract_retriever})

@@ -4,6 +4,7 @@ candidates only, 1-vs-8-device agreement, index sources, and the loop end to end
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 
@@ -358,3 +359,36 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   assert step == 1
   assert jax.tree_util.tree_structure(again["retriever"]) == jax.tree_util.tree_structure(
       params["retriever"])
+
+
+@pytest.mark.skipif(not HAS_SPACY, reason="salient spans need a spaCy English model")
+def test_pretraining_text_separate_from_the_knowledge_corpus(tmp_path):
+  """REALM (CC-News): masked sentences from one text, candidates from another corpus (§4.2)."""
+  knowledge = fx.write_jsonl(tmp_path / "wiki.jsonl")
+  news = tmp_path / "news.jsonl"
+  news.write_text("\n".join(json.dumps({"title": f"Report {i}", "text": text}) for i, text in enumerate([
+      "Reuters reported on Monday that Marseille opened a new harbour terminal in 2017.",
+      "The mayor of Toronto, John Tory, announced the budget in Ottawa on Friday.",
+  ])) + "\n")
+  kw = dict(corpus_sources=(knowledge,), max_block_length=64, tokenizer_path=fx.vocab_path(),
+            data_dir=str(tmp_path / "tfds"))
+  only_wiki = pretrain.PretrainDataConfig(**kw)
+  with_news = pretrain.PretrainDataConfig(pretraining_sources=(str(news),), **kw)
+  _, wiki_corpus, wiki_examples = pretrain.load_pretraining_data(only_wiki, MODEL, TASK,
+                                                                 str(tmp_path))
+  tok, corpus, examples = pretrain.load_pretraining_data(with_news, MODEL, TASK, str(tmp_path))
+  # The index stays the knowledge corpus; the queries are the news sentences.
+  assert corpus.fingerprint == wiki_corpus.fingerprint and len(corpus) == len(wiki_corpus)
+  assert np.all(wiki_examples.arrays["source_block_id"] >= 0)
+  assert len(examples) >= 2 and np.all(examples.arrays["source_block_id"] == -1)
+  queries = " ".join(tok.decode(row[row > 0].tolist()) for row in
+                     examples.arrays["query_input_ids"]).lower()
+  assert "harbour" in queries or "budget" in queries
+  wiki_queries = " ".join(tok.decode(row[row > 0].tolist()) for row in
+                          wiki_examples.arrays["query_input_ids"]).lower()
+  assert "harbour" not in wiki_queries and "budget" not in wiki_queries
+  # No candidate is dropped as a "trivial retrieval" of a news sentence.
+  featurizer = pretrain.PretrainFeaturizer(tok, corpus, TASK)
+  retrieved = np.tile(corpus.block_ids[:3], (len(examples), 1))
+  chosen = featurizer.select_candidates(retrieved, examples.arrays["source_block_id"])
+  np.testing.assert_array_equal(chosen[:, 1:], retrieved[:, :3])
