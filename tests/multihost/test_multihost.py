@@ -50,11 +50,7 @@ def _run(step: str, num_processes: int, local_devices: int) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("step", [
-    "finetune",
-    pytest.param("ict", marks=pytest.mark.slow),
-    pytest.param("pretrain", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("step", ["finetune", "ict", "pretrain"])
 def test_multi_process_matches_single_process(step):
   single = _run(step, 1, 8)
   assert single["processes"] == 1 and single["devices"] == 8
