@@ -45,7 +45,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -294,6 +293,8 @@ class CorpusConfig:
     sources: corpus files (SQuAD JSON, JSONL or text; `data.corpus`). Empty: the embedded SQuAD v1.1
       files (dev + the first 30 train articles, 3,997 blocks of ≤ 288 wordpieces).
     extra_sources: files appended after `sources` (as `pretrain.PretrainDataConfig.extra_sources`).
+    embedded_dev_articles: with empty `sources`, > 0 keeps only the first this many embedded SQuAD
+      dev articles (`data.corpus.embedded_dev_subset`, as `PretrainDataConfig.embedded_dev_articles`).
     max_block_length: `3 + title + body` wordpieces per block (288 in the paper).
     tokenizer: `"wordpiece"` or `"sentencepiece"`.
     tokenizer_path: vocab / model file; empty: the model checkpoint's `vocab.txt`, or the MiniLM
@@ -306,6 +307,7 @@ class CorpusConfig:
 
   sources: tuple[str, ...] = ()
   extra_sources: tuple[str, ...] = ()
+  embedded_dev_articles: int = 0
   max_block_length: int = 288
   tokenizer: str = "wordpiece"
   tokenizer_path: str = ""
@@ -332,10 +334,32 @@ def as_corpus_config(data: Any) -> CorpusConfig:
                     f"corpus_sources, got {type(data).__name__}")
   return CorpusConfig(sources=tuple(sources),
                       extra_sources=tuple(getattr(data, "extra_sources", ())),
+                      embedded_dev_articles=getattr(data, "embedded_dev_articles", 0),
                       max_block_length=getattr(data, "max_block_length", 288),
                       tokenizer=getattr(data, "tokenizer", "wordpiece"),
                       tokenizer_path=getattr(data, "tokenizer_path", ""),
                       data_dir=getattr(data, "data_dir", ""))
+
+
+def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
+  """The corpus files of `config` in blocking order; the trainer resolves its corpus the same way.
+
+  Empty `sources` mean the embedded SQuAD v1.1 files (dev, then train), or with
+  `embedded_dev_articles` > 0 a file of the first dev articles written once under
+  `data_dir/squad_subsets`; `extra_sources` follow.
+
+  Raises:
+    ValueError: if `embedded_dev_articles` is negative.
+  """
+  from realm_jax.data import corpus as corpus_lib
+  sources = list(config.sources)
+  if not sources and config.embedded_dev_articles:
+    sources = [str(corpus_lib.embedded_dev_subset(config.embedded_dev_articles,
+                                                  os.path.join(data_dir, "squad_subsets")))]
+  elif not sources:
+    embedded = corpus_lib.embedded_squad_paths()
+    sources = [str(embedded["dev"]), str(embedded["train"])]
+  return sources + list(config.extra_sources)
 
 
 def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress: bool = True):
@@ -351,7 +375,6 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
     FileNotFoundError / data.corpus.DataFormatError: naming the bad source file.
   """
   from realm_jax import tokenization
-  from realm_jax.data import corpus as corpus_lib
   from realm_jax.data import tfds_builders
 
   config = as_corpus_config(data)
@@ -361,12 +384,8 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
     tok_path = str(pathlib.Path(ckpt) / "vocab.txt") if ckpt else str(
         tokenization.minilm_model_dir() / "vocab.txt")
   tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
-  sources = list(config.sources)
-  if not sources:
-    embedded = corpus_lib.embedded_squad_paths()
-    sources = [str(embedded["dev"]), str(embedded["train"])]
-  sources += list(config.extra_sources)  # The order of `pretrain.load_corpus`: same fingerprint.
   data_dir = config.data_dir or os.path.join(workdir, "tfds")
+  sources = corpus_sources(config, data_dir)  # As `pretrain.load_corpus`: same fingerprint.
   for attempt in range(3):
     try:
       return tfds_builders.build_corpus(sources, tokenizer, data_dir, config.max_block_length,

@@ -168,6 +168,21 @@ def test_as_corpus_config_accepts_a_trainer_data_config():
     index_builder.as_corpus_config(object())
 
 
+def test_builder_and_trainer_block_the_same_embedded_subset(tmp_path):
+  """`embedded_dev_articles` reaches the index builder: both jobs get the same corpus fingerprint."""
+  from realm_jax.training import pretrain
+  data = pretrain.PretrainDataConfig(embedded_dev_articles=1, max_block_length=128,
+                                     data_dir=str(tmp_path / "tfds"))
+  config = index_builder.as_corpus_config(data)
+  assert config.embedded_dev_articles == 1
+  sources = index_builder.corpus_sources(config, data.data_dir)
+  assert len(sources) == 1 and sources[0].endswith("squad-dev-first1.json")
+  builder_corpus = index_builder.load_corpus(data, MODEL, str(tmp_path), show_progress=False)
+  _, trainer_corpus = pretrain.load_corpus(data, MODEL, str(tmp_path))
+  assert builder_corpus.fingerprint == trainer_corpus.fingerprint
+  assert 20 < len(builder_corpus) < 200  # one article, not the 3,997-block default corpus
+
+
 def test_restore_retriever_params_reads_only_the_retriever(tmp_path, base_params):
   expected = _save_checkpoint(tmp_path, base_params, 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:2])

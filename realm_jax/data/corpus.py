@@ -811,3 +811,28 @@ class Corpus:
   def __repr__(self) -> str:
     return (f"Corpus({len(self)} blocks, max_block_length={self.max_block_length}, "
             f"tokenizer={self.tokenizer!r})")
+
+
+def embedded_dev_subset(num_articles: int, directory: str | os.PathLike) -> pathlib.Path:
+  """Writes (once) the first `num_articles` articles of the embedded SQuAD v1.1 dev set (SQuAD JSON).
+
+  The file is `<directory>/squad-dev-first<N>.json`; its bytes depend only on N, so the TFDS corpus
+  built from it is reused across runs. Its questions serve zero-shot retrieval evaluations.
+
+  Raises:
+    ValueError: if `num_articles` is not positive.
+    FileNotFoundError: if the embedded data is missing.
+  """
+  if num_articles <= 0:
+    raise ValueError(f"embedded_dev_subset: num_articles must be positive, got {num_articles}")
+  path = pathlib.Path(directory) / f"squad-dev-first{num_articles}.json"
+  if path.is_file():
+    return path
+  with gzip.open(embedded_squad_paths()["dev"], "rt", encoding="utf-8") as f:
+    squad = json.load(f)
+  squad["data"] = squad["data"][:num_articles]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(squad), encoding="utf-8")
+  os.replace(tmp, path)
+  return path

@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from realm_jax.data import corpus as corpus_data
 from realm_jax.data import featurize
 from realm_jax.models import bert
 from realm_jax.models import encoder as encoder_lib
@@ -58,6 +58,8 @@ from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import finetune
 from realm_jax.training import losses
 from realm_jax.training import sharding
+
+embedded_dev_subset = corpus_data.embedded_dev_subset  # Kept here for callers of the old location.
 
 Array = jax.Array
 
@@ -124,7 +126,7 @@ class PretrainDataConfig:
       embedded SQuAD v1.1 paragraphs (dev + 30 train articles, 3,809 paragraphs).
     embedded_dev_articles: with empty `corpus_sources`, > 0 keeps only the paragraphs of the first
       this many embedded dev articles (about 43 paragraphs each): a corpus small enough to embed
-      in a minute on a CPU (`embedded_dev_subset`).
+      in a minute on a CPU (`data.corpus.embedded_dev_subset`).
     extra_sources: more files appended to the corpus (e.g. a WikiText `.tokens` file, JSONL pages).
     pretraining_sources: files the masked sentences are cut from when they are not the knowledge
       corpus (REALM §4.2, "REALM (CC-News)": pre-training text X from CC-News, knowledge corpus Z
@@ -541,34 +543,6 @@ def compiled_temp_bytes(model: realm.ModelConfig, task: PretrainConfig, batch_si
 # ---------------------------------------------------------------------------------------------------
 
 
-def embedded_dev_subset(num_articles: int, directory: str | os.PathLike) -> pathlib.Path:
-  """Writes (once) the first `num_articles` articles of the embedded SQuAD v1.1 dev set (SQuAD JSON).
-
-  The file is `<directory>/squad-dev-first<N>.json`; its bytes depend only on N, so the TFDS corpus
-  built from it is reused across runs. Its questions serve zero-shot retrieval evaluations.
-
-  Raises:
-    ValueError: if `num_articles` is not positive.
-    FileNotFoundError: if the embedded data is missing.
-  """
-  import gzip
-  import json
-  from realm_jax.data import corpus as corpus_lib
-  if num_articles <= 0:
-    raise ValueError(f"embedded_dev_subset: num_articles must be positive, got {num_articles}")
-  path = pathlib.Path(directory) / f"squad-dev-first{num_articles}.json"
-  if path.is_file():
-    return path
-  with gzip.open(corpus_lib.embedded_squad_paths()["dev"], "rt", encoding="utf-8") as f:
-    squad = json.load(f)
-  squad["data"] = squad["data"][:num_articles]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(squad), encoding="utf-8")
-  os.replace(tmp, path)
-  return path
-
-
 def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str):
   """The tokenizer and the blocked knowledge corpus (TFDS, built once) of a run.
 
@@ -579,8 +553,8 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
     FileNotFoundError: for a missing tokenizer or source file.
     data.corpus.DataFormatError: for a malformed source (naming file, line and field).
   """
+  from realm_jax import index_builder
   from realm_jax import tokenization
-  from realm_jax.data import corpus as corpus_lib
   from realm_jax.data import tfds_builders
 
   tok_path = data.tokenizer_path
@@ -593,14 +567,8 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
                             "tokenizer_path, or the init checkpoint's vocab.txt)")
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
   data_dir = data.data_dir or os.path.join(workdir, "tfds")
-  sources = list(data.corpus_sources)
-  if not sources and data.embedded_dev_articles:
-    sources = [str(embedded_dev_subset(data.embedded_dev_articles, os.path.join(data_dir,
-                                                                                "squad_subsets")))]
-  elif not sources:
-    embedded = corpus_lib.embedded_squad_paths()
-    sources = [str(embedded["dev"]), str(embedded["train"])]
-  sources += list(data.extra_sources)
+  # One resolution of the sources for the trainer and the index-builder job: same corpus fingerprint.
+  sources = index_builder.corpus_sources(index_builder.as_corpus_config(data), data_dir)
   corpus = tfds_builders.build_corpus(sources, tokenizer, data_dir, data.max_block_length)
   logging.info("corpus: %d blocks from %d files (%s)", len(corpus), len(sources),
                corpus.fingerprint[:12])
