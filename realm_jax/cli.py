@@ -99,13 +99,11 @@ def configured(module: str, function: str) -> Callable[..., Any]:
 
 
 def write_config(workdir: str, name: str = "config.gin") -> None:
-  """Writes the resolved gin configuration to `WORKDIR/<name>` (atomically)."""
+  """Writes the resolved gin configuration to `WORKDIR/<name>` (atomically; local or gs://)."""
   import gin
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, name)
-  with open(path + ".tmp", "w") as f:
-    f.write(gin.config_str())
-  os.replace(path + ".tmp", path)
+  from realm_jax import fileio
+  fileio.makedirs(workdir)
+  fileio.write_atomic(fileio.join(workdir, name), gin.config_str())
 
 
 def run(argv: Sequence[str]) -> Any:

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from realm_jax import evaluation
+from realm_jax import fileio
 from realm_jax.data import featurize
 from realm_jax.data.questions import Question
 from realm_jax.models import encoder as encoder_lib
@@ -588,12 +589,10 @@ def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
     FileNotFoundError: if `init_from` holds no checkpoint.
     ValueError: if its params do not fit the model.
   """
-  import os
   from realm_jax.training import checkpointing
   params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
   if not init_from:
     return params
-  from realm_jax import fileio
   if fileio.isfile(fileio.join(init_from, "realm_params.safetensors")):
     from realm_jax.models import realm_checkpoints
     converted = realm_checkpoints.load_converted(init_from).params
@@ -678,7 +677,7 @@ def train_and_evaluate(workdir: str,
   timings: dict[str, float] = {}
   t0 = time.time()
   mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)  # Local or gs://.
   is_main = jax.process_index() == 0
   writer = metric_writer.MetricWriter(workdir)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -35,6 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from realm_jax import fileio
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import finetune
@@ -339,7 +339,7 @@ def train(workdir: str,
   timings: dict[str, float] = {}
   t0 = time.time()
   mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)  # Local or gs://.
   is_main = jax.process_index() == 0
   writer = metric_writer.MetricWriter(workdir)
   tokenizer, corpus = pretrain.load_corpus(data, model, workdir)

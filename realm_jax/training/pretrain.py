@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from realm_jax import fileio
 from realm_jax.data import corpus as corpus_data
 from realm_jax.data import featurize
 from realm_jax.models import bert
@@ -620,7 +621,6 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
 
 def _checkpoint_directory(path: str) -> str:
   """`path/checkpoints` when `path` is a work directory, else `path`."""
-  from realm_jax import fileio
   nested = str(fileio.join(path, "checkpoints"))
   return nested if fileio.isdir(nested) else path
 
@@ -643,7 +643,6 @@ def restore_retriever_params(init_from: str, abstract_retriever: Any) -> tuple[A
     ValueError: if its retriever params do not fit the model.
   """
   from realm_jax.training import checkpointing
-  from realm_jax import fileio
   directory = _checkpoint_directory(init_from)
   if not fileio.isdir(directory):
     raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint directory")
@@ -856,7 +855,7 @@ def train(workdir: str,
     raise ValueError(f"PretrainConfig: query_length + candidate_length = {task.joint_length} "
                      "exceeds the encoder's max_position_embeddings="
                      f"{encoder_cfg.max_position_embeddings}")
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)  # Local or gs://.
   is_main = jax.process_index() == 0
   writer = metric_writer.MetricWriter(workdir)
 
