@@ -116,6 +116,12 @@ def main(argv=None) -> int:
   parser.add_argument("--index_batch_size", type=int, default=32)
   parser.add_argument("--poll_interval_s", type=float, default=1.0)
   parser.add_argument("--no_pin", action="store_true", help="both processes share every core")
+  parser.add_argument("--first_index_all_cores", action="store_true",
+                      help="build the first index (initial params) with a builder run on every core "
+                           "before the trainer starts; the pinned builder then only refreshes (saves "
+                           "half the wall time on a large corpus; the refresh figures are unchanged)")
+  parser.add_argument("--swap_timeout_s", type=float, default=3600.0,
+                      help="give up when a refresh is not live this long after its checkpoint")
   parser.add_argument("--json", default=None, help="also write the figures here")
   parser.add_argument("--quick", action="store_true",
                       help="the 3-paragraph test fixture corpus, 1 refresh, 5 baseline steps")
@@ -164,6 +170,15 @@ def main(argv=None) -> int:
   log_path = workdir / "index-builder.log"
   env = launch_local.child_env(1)
   env["JAX_PLATFORMS"] = "cpu"
+  if args.first_index_all_cores and not index_builder.read_refreshes(str(workdir)):
+    t0 = time.time()
+    print("# first index: a builder run on every core (max_refreshes=1) ...", flush=True)
+    with open(workdir / "index-builder-first.log", "w") as log:
+      subprocess.run(
+          [sys.executable, "-m", "realm_jax.cli", "index-builder", "--gin_file", str(gin_file),
+           "--workdir", str(workdir), "--gin_param", "index_builder.run.max_refreshes = 1"],
+          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=True)
+    print(f"# first index built in {time.time() - t0:.1f} s", flush=True)
   with open(log_path, "w") as log:
     builder = subprocess.Popen(
         [sys.executable, "-m", "realm_jax.cli", "index-builder", "--gin_file", str(gin_file),
@@ -235,7 +250,7 @@ def main(argv=None) -> int:
       ckpt.save(save_step, state.params, state.opt_state, {"data": {}}, force=True)
       during, swap = [], None
       swaps_before = watcher.swap_count
-      deadline = time.monotonic() + 3600
+      deadline = time.monotonic() + args.swap_timeout_s
       while swap is None:
         before_s, step_s = one_step()
         if watcher.swap_count > swaps_before:
@@ -243,7 +258,7 @@ def main(argv=None) -> int:
         else:
           during.append((before_s, step_s))
         if time.monotonic() > deadline:
-          raise RuntimeError("no swap within an hour; see " + str(log_path))
+          raise RuntimeError(f"no swap within {args.swap_timeout_s:.0f} s; see {log_path}")
       live = watcher.live
       after = [one_step() for _ in range(args.steps_after_swap)]
       ckpt.wait_until_finished()
@@ -268,7 +283,7 @@ def main(argv=None) -> int:
       })
       print(f"# refresh {r + 1}: step {save_step} live after {refreshes[-1]['written_to_live_s']:.1f} s "
             f"({len(during) + 1} steps later)", flush=True)
-    index_builder.mark_trainer_done(str(workdir), step)
+    index_builder.mark_trainer_done(str(workdir), refreshes[-1]["params_step"])  # final checkpoint
     ckpt.close()
     watcher.close()
     builder.wait(timeout=120)
@@ -284,7 +299,8 @@ def main(argv=None) -> int:
       "builder_cpus": builder_cpus, "batch_size": args.batch_size, "task": dataclasses.asdict(task),
       "baseline_step_s": _summary([s for _, s in baseline]),
       "baseline_before_step_s": _summary([b for b, _ in baseline]),
-      "first_index": {"total_s": first["total_s"], "embed_s": first["embed_s"],
+      "first_index": {"all_cores": args.first_index_all_cores, "total_s": first["total_s"],
+                      "embed_s": first["embed_s"],
                       "init_s": first["restore_s"], "trainer_waited_s": first_wait_s},
       "refreshes": refreshes,
   }
@@ -327,7 +343,8 @@ def _print_table(res) -> None:
           f"{r['trainer_searcher_build_s']:.2f}) | {r['loaded_to_live_s']:.2f} | "
           f"**{r['written_to_live_s']:.1f}** | {r['steps_during']} |")
   f = res["first_index"]
-  print(f"\nFirst index (no checkpoint yet, initial params): {f['total_s']:.1f} s in the builder "
+  where = "a builder on every core, before the trainer started" if f["all_cores"] else "the builder"
+  print(f"\nFirst index (no checkpoint yet, initial params): {f['total_s']:.1f} s in {where} "
         f"(init {f['init_s']:.1f} s, embed {f['embed_s']:.1f} s); the trainer waited "
         f"{f['trainer_waited_s']:.1f} s in before_step(0).")
 
