@@ -3,7 +3,8 @@
 On an object store (`gs://` on Cloud TPU) there is no atomic rename, so `retrieval/snapshot.py` writes the
 shards straight into `<root>/<params_step>/` and commits by writing `manifest.json` last. These tests run
 the real code against `memory://` URLs (no mocks of the code under test), plus `realm_jax.fileio` on
-local paths (the atomic temp + rename).
+local paths (the atomic temp + rename). `test_snapshot_gcs_emulator.py` runs the commit over `gs://`
+(gcsfs) against a Cloud Storage emulator, with a second writer process.
 """
 
 from __future__ import annotations
