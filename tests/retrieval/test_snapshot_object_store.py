@@ -10,10 +10,10 @@ local paths (the atomic temp + rename). `test_snapshot_gcs_emulator.py` runs the
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
+import sys
 import time
 
 import fsspec
@@ -392,8 +392,12 @@ def test_fileio_urls(mem):
   assert not fileio.exists(url)
 
 
-def test_fileio_names_the_extra_when_gcsfs_is_missing():
-  if importlib.util.find_spec("gcsfs") is not None:
-    pytest.skip("gcsfs is installed")
+def test_fileio_names_the_extra_when_gcsfs_is_missing(monkeypatch):
+  import fsspec.registry  # pylint: disable=g-import-not-at-top,unused-import
+  registry = sys.modules["fsspec.registry"]  # `fsspec.registry` is also the name of a mapping.
+  # As on a machine without the `gcs` extra: importing gcsfs fails, and fsspec has not loaded it yet.
+  monkeypatch.setitem(sys.modules, "gcsfs", None)
+  for protocol in ("gs", "gcs"):
+    monkeypatch.delitem(registry._registry, protocol, raising=False)  # pylint: disable=protected-access
   with pytest.raises(ImportError, match=r"pip install 'realm-jax\[gcs\]'"):
     fileio.exists("gs://some-bucket/work")
