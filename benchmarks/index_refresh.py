@@ -23,6 +23,9 @@ Run from the repository root (about 15 minutes on 2 shared CPU cores):
 
     .venv/bin/python benchmarks/index_refresh.py                    # 2 refreshes, 3,997 blocks
     .venv/bin/python benchmarks/index_refresh.py --quick            # tiny fixture corpus, ~2 min
+    # The whole SQuAD v1.1 (20,780 blocks; about 1 h: 27 min first index, 28 min refresh):
+    .venv/bin/python benchmarks/index_refresh.py --first_index_all_cores --refreshes 1 \
+        --swap_timeout_s 7200 --corpus_source dev-v1.1.json --corpus_source train-v1.1.json
 """
 
 from __future__ import annotations
