@@ -60,7 +60,11 @@ def test_logits_span_the_global_batch_and_match_numpy(batcher):
   log_p = masked - np.log(np.exp(masked - masked.max(1, keepdims=True)).sum(1, keepdims=True)) \
       - masked.max(1, keepdims=True)
   np.testing.assert_allclose(out["loss"], -np.mean(np.diag(log_p)), rtol=1e-4)
-  np.testing.assert_allclose(out["accuracy"], np.mean(np.argmax(masked, 1) == np.arange(16)))
+  # Accuracy from the step's own logits: at initialisation the tiny model scores every block within
+  # 2e-4 of the others (and a block held twice ties exactly), so an argmax over the float64 reference
+  # can flip where the logits agree to 1e-4.
+  np.testing.assert_allclose(out["accuracy"],
+                             np.mean(np.argmax(out["logits"], 1) == np.arange(16)))
 
 
 def _run(batch, mesh, steps, lr=5e-3):
