@@ -40,8 +40,8 @@ pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (pip install 'realm-jax[t
 emulator = pytest.importorskip("gcp_storage_emulator.server",
                                reason="needs gcp-storage-emulator (pip install 'realm-jax[test]')")
 
+import object_store_checks  # pylint: disable=g-import-not-at-top
 from realm_jax import fileio  # pylint: disable=g-import-not-at-top
-from realm_jax import index_builder  # pylint: disable=g-import-not-at-top
 from realm_jax.retrieval import snapshot as snap  # pylint: disable=g-import-not-at-top
 from realm_jax.retrieval import watcher as watcher_lib  # pylint: disable=g-import-not-at-top
 
@@ -220,15 +220,4 @@ def test_writer_process_killed_mid_snapshot_then_resumed_and_swapped_in(root, gc
 
 def test_index_builder_done_marker_and_journal_on_gcs(gcs_env):
   del gcs_env
-  workdir = f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
-  assert index_builder.trainer_final_step(workdir) is None
-  index_builder.mark_trainer_done(workdir, 120)
-  assert index_builder.trainer_final_step(workdir) == 120
-  index_builder.clear_trainer_done(workdir)
-  assert index_builder.trainer_final_step(workdir) is None
-  journal = index_builder._Journal(workdir, enabled=True)  # pylint: disable=protected-access
-  journal.set(phase="waiting")
-  journal.record({"params_step": 0})
-  journal.record({"params_step": 40})
-  assert json.loads(fileio.read_text(f"{workdir}/index_builder/status.json"))["phase"] == "waiting"
-  assert [r["params_step"] for r in index_builder.read_refreshes(workdir)] == [0, 40]
+  object_store_checks.check_done_marker_and_journal(f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}")

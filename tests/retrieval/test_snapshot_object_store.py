@@ -20,6 +20,8 @@ import fsspec
 import numpy as np
 import pytest
 
+import object_store_checks
+
 from realm_jax import fileio
 from realm_jax import index_builder
 from realm_jax.retrieval import snapshot as snap
@@ -327,18 +329,7 @@ def test_index_builder_resumes_the_shards_of_a_killed_run_on_memory(root):
 
 def test_index_builder_done_marker_and_journal_on_memory(mem):
   del mem
-  workdir = "memory://bucket/run"
-  assert index_builder.trainer_final_step(workdir) is None
-  index_builder.mark_trainer_done(workdir, 120)
-  assert index_builder.trainer_final_step(workdir) == 120
-  index_builder.clear_trainer_done(workdir)
-  assert index_builder.trainer_final_step(workdir) is None
-  journal = index_builder._Journal(workdir, enabled=True)  # pylint: disable=protected-access
-  journal.set(phase="waiting")
-  journal.record({"params_step": 0})
-  journal.record({"params_step": 40})
-  assert json.loads(fileio.read_text(f"{workdir}/index_builder/status.json"))["phase"] == "waiting"
-  assert [r["params_step"] for r in index_builder.read_refreshes(workdir)] == [0, 40]
+  object_store_checks.check_done_marker_and_journal("memory://bucket/run")
 
 
 # ----------------------------------------------------------------------------------------------------
