@@ -4,7 +4,7 @@
 install:
 	bash scripts/install.sh
 
-# The main job: SQuAD-open end to end on the embedded data (18 minutes from a clean clone on 2 CPU cores).
+# The main job: SQuAD-open end to end on the embedded data (11–18 minutes from a clean clone on 2 CPU cores).
 demo: install
 	.venv/bin/realm-jax main --workdir workdirs/squad_minilm $(ARGS)
 
