@@ -31,7 +31,7 @@ import pathlib
 import re
 import shutil
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -215,6 +215,68 @@ def glob(path: PathLike, pattern: str) -> list[Path]:
   except (FileNotFoundError, NotADirectoryError):
     return []
   return [join(path, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def has_glob(path: PathLike) -> bool:
+  """True if `path` contains a glob wildcard (`*`, `?` or `[`)."""
+  return bool(_GLOB_CHARS.search(os.fspath(path)))
+
+
+def expand_patterns(patterns: PathLike | Sequence[PathLike], what: str = "input") -> list[Path]:
+  """Expands file paths and glob patterns (local or URL) into existing files, in a stable order.
+
+  Each entry of `patterns` is either a path (kept as is; it must exist) or a glob pattern
+  (`gs://bucket/wiki/enwiki-*.jsonl`, `data/*.txt`, with `*`, `?`, `[…]`, `**`), whose matches are
+  sorted by name. Entries keep their order; a file named twice is kept at its first place. Every
+  process of a multi-host job therefore sees the same list.
+
+  Args:
+    patterns: one path or pattern, or a sequence of them.
+    what: what the files are, for error messages ("corpus source", "train questions", …).
+
+  Returns:
+    `[path, …]`: local `pathlib.Path`s or URL strings (see `as_path`).
+
+  Raises:
+    FileNotFoundError: "{what} {pattern}: the glob matches no file" or "{what} {path}: not found",
+      naming the first entry at fault.
+    ValueError: if `patterns` is empty.
+  """
+  if isinstance(patterns, (str, os.PathLike)):
+    patterns = [patterns]
+  patterns = list(patterns)
+  if not patterns:
+    raise ValueError(f"no {what} given")
+  out: list[Path] = []
+  seen: set[str] = set()
+  for pattern in patterns:
+    path = as_path(pattern)
+    if not has_glob(path):
+      if not isfile(path):
+        raise FileNotFoundError(f"{what} {path}: not found")
+      if not isinstance(path, pathlib.Path):  # One spelling per object (`memory://b` = `memory:///b`).
+        fs, p = _fs(path)
+        path = as_path(fs.unstrip_protocol(p))
+      matches = [path]
+    elif isinstance(path, pathlib.Path):
+      import glob as glob_lib  # pylint: disable=g-import-not-at-top
+      matches = [pathlib.Path(m) for m in sorted(glob_lib.glob(os.fspath(path), recursive=True))
+                 if os.path.isfile(m)]
+    else:
+      fs, p = _fs(path)
+      matches = [fs.unstrip_protocol(m) for m in sorted(fs.glob(p)) if fs.isfile(m)]
+      matches = [as_path(m) for m in matches]
+    if not matches:
+      raise FileNotFoundError(f"{what} {path}: the glob matches no file")
+    for m in matches:
+      key = os.fspath(m)
+      if key not in seen:
+        seen.add(key)
+        out.append(m)
+  return out
 
 
 def mtime(path: PathLike) -> float:
