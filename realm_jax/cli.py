@@ -59,12 +59,43 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_gin_file(name: str) -> str:
+  """The gin file `name`: a URL as is (it must exist), else found in the cwd or the project root.
+
+  Raises:
+    UsageError: naming the file if it is not found.
+  """
+  from realm_jax import fileio
+  if "://" in name and fileio.is_url(name):
+    if not fileio.isfile(name):
+      raise UsageError(f"gin file not found: {name}")
+    return name
   for base in (pathlib.Path.cwd(), PROJECT_ROOT):
     candidate = base / name
     if candidate.is_file():
       return str(candidate)
   raise UsageError(f"gin file not found: {name} (looked in {pathlib.Path.cwd()} and "
                    f"{PROJECT_ROOT})")
+
+
+def _is_url_file(path: str) -> bool:
+  """True for an existing file behind a URL (`gs://…/config.gin`); False for anything else."""
+  from realm_jax import fileio
+  try:
+    return fileio.is_url(path) and fileio.isfile(path)
+  except (ValueError, ImportError, OSError):
+    return False
+
+
+def _open_url_text(path: str):
+  """Opens a gin file behind a URL for reading (text), through `realm_jax.fileio`."""
+  from realm_jax import fileio
+  return fileio.open_file(path, "r", encoding="utf-8")
+
+
+def _register_url_gin_reader() -> None:
+  """Lets gin parse files behind URLs (e.g. `gs://bucket/run/config.gin`) through fileio."""
+  import gin
+  gin.config.register_file_reader(_open_url_text, _is_url_file)
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
@@ -75,6 +106,7 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
   """
   import gin
   gin.clear_config()
+  _register_url_gin_reader()
   gin.add_config_file_search_path(str(PROJECT_ROOT))
   files = [_resolve_gin_file(f) for f in gin_files]
   try:
@@ -117,8 +149,9 @@ def run(argv: Sequence[str]) -> Any:
   gin_files = list(preset) + list(args.gin_file)
   workdir = args.workdir
   if args.command in ("predict",) and workdir and not args.gin_file:
-    cfg = os.path.join(workdir, "config.gin")
-    if not os.path.isfile(cfg):
+    from realm_jax import fileio
+    cfg = str(fileio.join(workdir, "config.gin"))  # Local or gs://.
+    if not fileio.isfile(cfg):
       raise UsageError(f"{cfg} not found: run `realm-jax main` or `finetune` with this workdir "
                        "first, or pass --gin_file")
     gin_files = [cfg]

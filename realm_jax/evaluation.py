@@ -16,15 +16,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pathlib
 import re
 import string
 import sys
-import tempfile
 import unicodedata
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from realm_jax import fileio
 
 _REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
 _PUNCTUATION = frozenset(string.punctuation)
@@ -201,12 +201,14 @@ def _json_default(value: Any) -> Any:
 
 
 def write_predictions_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes one JSON object per line, atomically (a temporary file, then a rename).
+  """Writes one JSON object per line, atomically (local path or URL, through `realm_jax.fileio`).
 
   numpy scalars and arrays are converted to Python numbers and lists. The folder is created.
+  Locally the file appears by rename of a fsync-ed temporary file; on object stores as one object
+  write (see `fileio.atomic_writer`).
 
   Args:
-    path: destination file.
+    path: destination file (local path or URL such as `gs://bucket/run/predictions/x.jsonl`).
     records: e.g. `{"qid", "question", "prediction", "answers", "correct", "top_block_ids"}`.
 
   Returns:
@@ -214,36 +216,24 @@ def write_predictions_jsonl(path: str | os.PathLike, records: Iterable[Mapping[s
 
   Raises:
     TypeError: if a record holds a value JSON cannot represent (nothing is written then).
+    OSError: from the file system.
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  count = 0
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(dict(record), ensure_ascii=False, default=_json_default))
-        f.write("\n")
-        count += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return count
+  lines = [json.dumps(dict(record), ensure_ascii=False, default=_json_default) + "\n"
+           for record in records]  # TypeError before anything is written.
+  fileio.makedirs(fileio.dirname(path))
+  fileio.write_atomic(path, "".join(lines))
+  return len(lines)
 
 
 def read_predictions_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a file written by `write_predictions_jsonl` (blank lines skipped).
+  """Reads a file written by `write_predictions_jsonl` (blank lines skipped; local path or URL).
 
   Raises:
     FileNotFoundError: if `path` is missing.
     ValueError: naming the line of invalid JSON.
   """
   out = []
-  with open(path, encoding="utf-8") as f:
+  with fileio.open_file(path, "r", encoding="utf-8") as f:
     for line_number, line in enumerate(f, start=1):
       if line.strip():
         try:

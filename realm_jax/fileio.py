@@ -646,3 +646,96 @@ def rename(src: PathLike, dst: PathLike) -> None:
   if is_url(src) or is_url(dst):
     raise ValueError(f"rename({src}, {dst}): object stores have no atomic rename")
   os.rename(as_path(src), as_path(dst))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Staging to the local disk (for libraries that need a local path)
+# ----------------------------------------------------------------------------------------------------
+
+CACHE_DIR_ENV = "REALM_JAX_CACHE_DIR"
+
+
+def default_cache_dir() -> pathlib.Path:
+  """Where `local_copy` stages remote files: `$REALM_JAX_CACHE_DIR`, else `~/.cache/realm_jax`."""
+  value = os.environ.get(CACHE_DIR_ENV)
+  return pathlib.Path(value) if value else pathlib.Path.home() / ".cache" / "realm_jax"
+
+
+def size(path: PathLike) -> int:
+  """Size of a file in bytes.
+
+  Raises:
+    FileNotFoundError: "{path}: not found" if it is missing.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    try:
+      return path.stat().st_size
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{path}: not found") from e
+  fs, p = _fs(path)
+  try:
+    return int(fs.size(p))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path}: not found") from e
+
+
+def local_copy(path: PathLike, cache_dir: PathLike | None = None) -> pathlib.Path:
+  """A local path with the content of file `path`, for libraries that only open local files.
+
+  A local `path` is returned as is (nothing is copied). A URL is downloaded once to
+  `cache_dir/<sha256(parent URL)[:16]>/<file name>`, so the files of one remote directory land in
+  one local directory (`dirname(local_copy(url))` can stand for the model directory). A copy already
+  there is reused when its size equals the object's; otherwise it is downloaded again to a unique
+  `*.partial` file, checked by size and renamed into place (concurrent callers never see a part).
+
+  Args:
+    path: a local file or a URL (`gs://bucket/bert/model.safetensors`).
+    cache_dir: the local cache folder (default `default_cache_dir()`); must be a local path.
+
+  Returns:
+    The local `pathlib.Path`.
+
+  Raises:
+    FileNotFoundError: "{path}: not found" if the file is missing.
+    ValueError: if `cache_dir` is a URL.
+    OSError: "{path}: copied N of M bytes to {local}" if the download is short, or from the file
+      systems.
+  """
+  path = as_path(path)
+  if isinstance(path, pathlib.Path):
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: not found")
+    return path
+  cache = as_path(cache_dir if cache_dir is not None else default_cache_dir())
+  if not isinstance(cache, pathlib.Path):
+    raise ValueError(f"cache_dir={cache}: the staging cache must be a local directory")
+  expected = size(path)  # FileNotFoundError naming `path`.
+  folder = cache / hashlib.sha256(os.fspath(dirname(path)).encode()).hexdigest()[:16]
+  target = folder / basename(path)
+  if target.is_file() and target.stat().st_size == expected:
+    return target
+  folder.mkdir(parents=True, exist_ok=True)
+  tmp = _partial_name(target)
+  try:
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as src, open(tmp, "wb") as dst:
+      shutil.copyfileobj(src, dst, _HASH_CHUNK_BYTES)
+    got = tmp.stat().st_size
+    if got != expected:
+      raise OSError(f"{path}: copied {got} of {expected} bytes to {target}")
+    os.replace(tmp, target)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return target
+
+
+def upload_file(local: PathLike, dest: PathLike) -> None:
+  """Copies local file `local` to `dest` (local or URL) so readers see the old or the new content.
+
+  Raises:
+    FileNotFoundError: if `local` is missing.
+    OSError: from the file systems.
+  """
+  with open(as_path(local), "rb") as src, atomic_writer(dest) as dst:
+    shutil.copyfileobj(src, dst, _HASH_CHUNK_BYTES)

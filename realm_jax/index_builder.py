@@ -381,7 +381,7 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
   tok_path = config.tokenizer_path
   if not tok_path:
     ckpt = model.checkpoint_dir()
-    tok_path = str(pathlib.Path(ckpt) / "vocab.txt") if ckpt else str(
+    tok_path = str(fileio.join(ckpt, "vocab.txt")) if ckpt else str(
         tokenization.minilm_model_dir() / "vocab.txt")
   tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
   data_dir = config.data_dir or os.path.join(workdir, "tfds")

@@ -21,10 +21,11 @@ import importlib.util
 import io
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from realm_jax import fileio
 
 # Special-token strings shared by both implementations (BERT conventions).
 PAD_TOKEN = "[PAD]"
@@ -119,9 +120,14 @@ class Tokenizer(abc.ABC):
     return False
 
 
-def _check_file(path: str | os.PathLike, what: str) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if not path.is_file():
+def _check_file(path: str | os.PathLike, what: str) -> fileio.Path:
+  """`path` normalised by `fileio.as_path` (local or URL), checked to be a file.
+
+  Raises:
+    TokenizerError: "{what} not found: {path}".
+  """
+  path = fileio.as_path(path)
+  if not fileio.isfile(path):
     raise TokenizerError(f"{what} not found: {path}")
   return path
 
@@ -197,7 +203,7 @@ class WordPieceTokenizer(Tokenizer):
     """
     path = _check_file(vocab_path, "WordPiece vocabulary file")
     vocab: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(fileio.read_text(path), newline="") as f:  # Local or gs://.
       for line_number, line in enumerate(f, start=1):
         token = line.rstrip("\n").rstrip("\r")
         if token in vocab:
@@ -304,7 +310,7 @@ class SentencePieceTokenizer(Tokenizer):
       TokenizerError: if the file is missing or is not a suitable SentencePiece model.
     """
     path = _check_file(path, "SentencePiece model file")
-    return cls(path.read_bytes(), source=str(path))
+    return cls(fileio.read_bytes(path), source=str(path))
 
   @classmethod
   def train(cls, texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int, *,
@@ -348,13 +354,13 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError(f"SentencePiece training failed: {e}") from e
     proto = model.getvalue()
     tokenizer = cls(proto, source=f"{model_prefix}.model")
-    prefix = pathlib.Path(model_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix = os.fspath(fileio.as_path(model_prefix))  # Local or gs://.
+    fileio.makedirs(fileio.dirname(prefix))
     sp = tokenizer._sp  # pylint: disable=protected-access
     vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
                           for i in range(tokenizer.vocab_size))
-    _atomic_write_bytes(prefix.with_name(prefix.name + ".model"), proto)
-    _atomic_write_bytes(prefix.with_name(prefix.name + ".vocab"), vocab_lines.encode("utf-8"))
+    fileio.write_atomic(prefix + ".model", proto)
+    fileio.write_atomic(prefix + ".vocab", vocab_lines.encode("utf-8"))
     return tokenizer
 
   def tokenize(self, text: str) -> list[str]:
@@ -422,18 +428,6 @@ class SentencePieceTokenizer(Tokenizer):
     return f"SentencePieceTokenizer(source={self._source!r}, vocab_size={self.vocab_size})"
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def load_tokenizer(kind: str, path: str | os.PathLike, *, lowercase: bool = True) -> Tokenizer:
   """Loads a tokenizer by kind.
 
@@ -448,9 +442,9 @@ def load_tokenizer(kind: str, path: str | os.PathLike, *, lowercase: bool = True
     ValueError: for an unknown `kind`.
   """
   if kind == "wordpiece":
-    path = pathlib.Path(path)
-    if path.is_dir():
-      path = path / "vocab.txt"
+    path = fileio.as_path(path)  # Local or gs://.
+    if fileio.isdir(path):
+      path = fileio.join(path, "vocab.txt")
     return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
   if kind == "sentencepiece":
     return SentencePieceTokenizer.from_model_file(path)

@@ -11,17 +11,19 @@ Every format error names the file, the line (or JSON path) and the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
+import io
+import json
 import logging
 import os
-import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from realm_jax import fileio
 from realm_jax.data.corpus import DataFormatError
-from realm_jax.data.corpus import iter_jsonl
 from realm_jax.data.corpus import json_field
-from realm_jax.data.corpus import load_squad_json
 from realm_jax.data.corpus import squad_doc_id
 
 _LOG = logging.getLogger(__name__)
@@ -48,8 +50,69 @@ class Question:
   gold_doc_ids: tuple[str, ...] = ()
 
 
+@contextlib.contextmanager
+def _open_text(path: fileio.Path) -> Iterator[io.TextIOBase]:
+  """Opens a question file as UTF-8 text through `fileio` (local or URL; `.gz` decompressed).
+
+  Raises:
+    FileNotFoundError: "question file not found: {path}".
+  """
+  if not fileio.isfile(path):
+    raise FileNotFoundError(f"question file not found: {path}")
+  with fileio.open_file(path, "rb") as raw:
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if str(path).endswith(".gz") else raw
+    with io.TextIOWrapper(stream, encoding="utf-8") as text:
+      yield text
+
+
+def _load_squad_json(path: fileio.Path) -> list[dict[str, Any]]:
+  """Loads and validates a SQuAD v1.1 file (`.json` or `.json.gz`, local or URL).
+
+  Raises:
+    FileNotFoundError: if `path` is missing.
+    DataFormatError: invalid JSON (with its line), not UTF-8, or a missing / mistyped field (with its
+      JSON path).
+  """
+  with _open_text(path) as f:
+    try:
+      root = json.load(f)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+      raise DataFormatError(f"{path}: not UTF-8 text or a broken .gz file ({e})") from e
+  articles = json_field(root, "data", list, f"{path}: top level")
+  for i, article in enumerate(articles):
+    json_field(article, "title", str, f"{path}: data[{i}]")
+    paragraphs = json_field(article, "paragraphs", list, f"{path}: data[{i}]")
+    for j, paragraph in enumerate(paragraphs):
+      json_field(paragraph, "context", str, f"{path}: data[{i}].paragraphs[{j}]")
+  return articles
+
+
+def _iter_jsonl(path: fileio.Path) -> Iterator[tuple[int, Any]]:
+  """Yields `(line_number, parsed_value)` for every non-blank line (from 1; local or URL, `.gz`).
+
+  Raises:
+    FileNotFoundError: if `path` is missing.
+    DataFormatError: "{path}:{line}: invalid JSON (…)" or non-UTF-8 text.
+  """
+  with _open_text(path) as f:
+    line_number = 0
+    try:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          yield line_number, json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataFormatError(f"{path}:{line_number}: invalid JSON ({e.msg})") from e
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+      raise DataFormatError(f"{path}:{line_number + 1}: not UTF-8 text or a broken .gz file "
+                            f"({e})") from e
+
+
 def _select_articles(articles: list[dict[str, Any]], selection: slice | Sequence[str] | None,
-                     path: pathlib.Path) -> list[dict[str, Any]]:
+                     path: fileio.Path) -> list[dict[str, Any]]:
   if selection is None:
     return articles
   if isinstance(selection, slice):
@@ -83,8 +146,8 @@ def read_squad_open(path: str | os.PathLike,
       answers, or a duplicate id.
     KeyError: if a requested title is not in the file.
   """
-  path = pathlib.Path(path)
-  all_articles = load_squad_json(path)
+  path = fileio.as_path(path)
+  all_articles = _load_squad_json(path)
   indexed = {id(a): i for i, a in enumerate(all_articles)}
   questions: list[Question] = []
   seen: dict[str, str] = {}
@@ -114,9 +177,9 @@ def read_squad_open(path: str | os.PathLike,
 
 def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool) -> list[Question]:
   """Reads `{"question": str, "answer": [str, ...], "id"?: str}` lines (NQ-open / DrQA format)."""
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   questions = []
-  for line_number, record in iter_jsonl(path):
+  for line_number, record in _iter_jsonl(path):
     where = f"{path}:{line_number}"
     text = json_field(record, "question", str, where)
     answers = json_field(record, "answer", list, where)
@@ -133,7 +196,7 @@ def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool
           _LOG.warning("%s: field 'answer'[%d] is not a valid regular expression (%s); "
                           "it will never match: %r", where, m, e, a)
     qid = json_field(record, "id", (str, int), where, required=False)
-    qid = f"{path.name}:{line_number}" if qid is None else str(qid)
+    qid = f"{fileio.basename(path)}:{line_number}" if qid is None else str(qid)
     questions.append(Question(qid, text, list(answers), answers_are_regex))
   return questions
 
@@ -166,24 +229,30 @@ def read_drqa(path: str | os.PathLike, answers_are_regex: bool = False) -> list[
   return _read_question_answer_jsonl(path, answers_are_regex=answers_are_regex)
 
 
-def read_questions(path: str | os.PathLike,
+def read_questions(path: str | os.PathLike | Sequence[str | os.PathLike],
                    format: str) -> list[Question]:  # pylint: disable=redefined-builtin
-  """Reads a question file in one of `QUESTION_FORMATS`.
+  """Reads question files in one of `QUESTION_FORMATS`.
 
   Args:
-    path: the file.
+    path: a file, a glob pattern (`gs://bucket/nq/NQ-open.train-*.jsonl`, `data/*.txt`), or a
+      sequence of them; local paths or URLs, `.gz` decompressed. Patterns are expanded with
+      `fileio.expand_patterns` (matches sorted by name) and the files read in that order.
     format: "squad_open", "nq_open", "webquestions" or "curatedtrec" (regex answers).
+
+  Returns:
+    The questions of every file, in file order.
 
   Raises:
     ValueError: for an unknown format.
-    FileNotFoundError, DataFormatError, KeyError: from the reader.
+    FileNotFoundError: naming a missing file or a pattern that matches nothing.
+    DataFormatError, KeyError: from the reader (naming file, line and field).
   """
-  if format == "squad_open":
-    return read_squad_open(path)
-  if format == "nq_open":
-    return read_nq_open(path)
-  if format == "webquestions":
-    return read_drqa(path, answers_are_regex=False)
-  if format == "curatedtrec":
-    return read_drqa(path, answers_are_regex=True)
-  raise ValueError(f"unknown question format {format!r}; expected one of {QUESTION_FORMATS}")
+  readers = {"squad_open": read_squad_open, "nq_open": read_nq_open,
+             "webquestions": lambda p: read_drqa(p, answers_are_regex=False),
+             "curatedtrec": lambda p: read_drqa(p, answers_are_regex=True)}
+  if format not in readers:
+    raise ValueError(f"unknown question format {format!r}; expected one of {QUESTION_FORMATS}")
+  questions: list[Question] = []
+  for file in fileio.expand_patterns(path, what="question file"):
+    questions.extend(readers[format](file))
+  return questions

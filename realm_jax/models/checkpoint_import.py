@@ -41,6 +41,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from realm_jax import fileio
 from realm_jax.models.bert import BertConfig
 
 PathLike = str | os.PathLike
@@ -289,9 +290,11 @@ def config_from_json(config_file: PathLike) -> BertConfig:
       architecture differs from what `BertEncoder` computes (not `model_type="bert"`, relative
       position embeddings, or an activation other than the exact (erf) GELU).
   """
-  config_file = pathlib.Path(config_file)
+  config_file = fileio.as_path(config_file)  # Local or gs://.
   try:
-    hf = json.loads(config_file.read_text())
+    hf = json.loads(fileio.read_text(config_file))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{config_file}: not found") from e
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_file}: invalid JSON ({e})") from e
   model_type = hf.get("model_type", "bert")
@@ -316,6 +319,62 @@ def config_from_json(config_file: PathLike) -> BertConfig:
     raise ValueError(f"{config_file}: {e}") from e
 
 
+def stage_checkpoint(path: PathLike, need_config: bool = True,
+                     cache_dir: PathLike | None = None) -> pathlib.Path:
+  """A local path for a Hugging Face checkpoint that may sit behind a URL (`gs://bucket/bert`).
+
+  A local `path` is returned as a `pathlib.Path`, untouched. For a URL, only the files the loader
+  reads are copied with `fileio.local_copy` (each verified by size, reused while unchanged) into
+  one cache folder: `model.safetensors` (or `model.safetensors.index.json` and its shards) and,
+  with `need_config`, `config.json`; a URL to a single `.safetensors` file stages that file (and
+  the `config.json` beside it when there is one).
+
+  Args:
+    path: a checkpoint directory or `.safetensors` file, local or URL.
+    need_config: also stage `config.json` (required for a directory).
+    cache_dir: the local cache (default `fileio.default_cache_dir()`).
+
+  Returns:
+    The local directory (or file) to read.
+
+  Raises:
+    FileNotFoundError: naming the URL if it, its weights or its `config.json` are missing.
+    OSError: from the file systems (e.g. a short download).
+  """
+  if not fileio.is_url(path):
+    return pathlib.Path(path)
+  url = fileio.as_path(path)
+  if fileio.isfile(url):
+    local = fileio.local_copy(url, cache_dir)
+    beside = fileio.join(fileio.dirname(url), _CONFIG_NAME)
+    if need_config and fileio.isfile(beside):
+      fileio.local_copy(beside, cache_dir)
+    return local
+  if not fileio.isdir(url):
+    raise FileNotFoundError(f"load_bert_checkpoint: path={url!r} does not exist")
+  weights, index = fileio.join(url, _WEIGHTS_NAME), fileio.join(url, _WEIGHTS_INDEX_NAME)
+  if fileio.isfile(weights):
+    names = [_WEIGHTS_NAME]
+  elif fileio.isfile(index):
+    try:
+      weight_map = json.loads(fileio.read_text(index))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index}: not a safetensors index ({e})") from e
+    names = [_WEIGHTS_INDEX_NAME, *sorted(set(weight_map.values()))]
+  else:
+    raise FileNotFoundError(
+        f"load_bert_checkpoint: directory path={url!r} has no {_WEIGHTS_NAME} or "
+        f"{_WEIGHTS_INDEX_NAME} (found: {fileio.listdir(url)}); only safetensors checkpoints are read")
+  if need_config:
+    if not fileio.isfile(fileio.join(url, _CONFIG_NAME)):
+      raise FileNotFoundError(f"load_bert_checkpoint: directory path={url!r} has no "
+                              f"{_CONFIG_NAME}: add it or pass config=BertConfig(...)")
+    names.append(_CONFIG_NAME)
+  local = [fileio.local_copy(fileio.join(url, name), cache_dir) for name in names]
+  logging.info("staged %s to %s (%d files)", url, local[0].parent, len(local))
+  return local[0].parent
+
+
 def load_bert_checkpoint(path: PathLike,
                          config: BertConfig | None = None,
                          *,
@@ -326,7 +385,8 @@ def load_bert_checkpoint(path: PathLike,
   Args:
     path: a directory with `config.json` and `model.safetensors` (or a sharded
       `model.safetensors.index.json`), or a single `.safetensors` file (then `config` is required
-      unless a `config.json` lies beside it).
+      unless a `config.json` lies beside it); local or a URL (`gs://…`: the files are staged to a
+      local cache by `stage_checkpoint`).
     config: the expected architecture. When given, it is used instead of `config.json` and every
       tensor is checked against it. When None, it is read from `config.json`.
     dtype: compute dtype stored in the returned config ("float32", "bfloat16" or "float16");
@@ -345,7 +405,7 @@ def load_bert_checkpoint(path: PathLike,
     CheckpointMismatchError: naming each parameter that is missing, has the wrong shape
       (expected and found), or is unexpected (`strict=True`).
   """
-  path = pathlib.Path(path)
+  path = stage_checkpoint(path, need_config=config is None)  # A local path.
   files, config_file = _resolve_files(path, config)
   if config is None:
     config = config_from_json(config_file)
@@ -515,7 +575,7 @@ def export_bert_checkpoint(params: Mapping[str, Any],
                            config: BertConfig,
                            path: PathLike,
                            mlm_head: Mapping[str, Any] | None = None,
-                           pooler: Mapping[str, Any] | None = None) -> pathlib.Path:
+                           pooler: Mapping[str, Any] | None = None) -> fileio.Path:
   """Writes `BertEncoder` parameters as a Hugging Face checkpoint (inverse of the loader).
 
   Without `mlm_head` the layout is `BertModel`'s (prefix-less keys); with it, `BertForMaskedLM`'s
@@ -527,7 +587,7 @@ def export_bert_checkpoint(params: Mapping[str, Any],
     params: the `BertEncoder` parameter tree (numpy or JAX arrays; a `{"params": ...}` variables
       dict is unwrapped).
     config: the encoder's hyper-parameters; every tensor is checked against it.
-    path: output directory (created if needed).
+    path: output directory (created if needed), local or a URL (`gs://…`).
     mlm_head: optional masked-LM head in `BertCheckpoint.mlm_head` layout (REALM §2.3).
     pooler: optional `{"dense": {"kernel": [h, h], "bias": [h]}}`, written as
       `[bert.]pooler.dense.*` (`BertModel` loads it; `BertForMaskedLM` has no pooler and skips it
@@ -539,7 +599,7 @@ def export_bert_checkpoint(params: Mapping[str, Any],
   Raises:
     CheckpointMismatchError: naming each parameter that is missing, mis-shaped or unexpected.
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)  # A local `pathlib.Path` or a URL string.
   if set(params.keys()) == {"params"}:
     params = params["params"]
   with_head = mlm_head is not None
@@ -574,10 +634,17 @@ def export_bert_checkpoint(params: Mapping[str, Any],
   if problems:
     raise CheckpointMismatchError(str(path), problems)
 
-  path.mkdir(parents=True, exist_ok=True)
   architecture = "BertForMaskedLM" if with_head else "BertModel"
+  config_text = json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"
+  if fileio.is_url(path):  # Object stores: each file is one atomic object write, weights first.
+    from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
+    fileio.makedirs(path)
+    fileio.write_atomic(fileio.join(path, _WEIGHTS_NAME),
+                        save_bytes(tensors, metadata={"format": "pt"}))
+    fileio.write_atomic(fileio.join(path, _CONFIG_NAME), config_text)
+    return path
+  path.mkdir(parents=True, exist_ok=True)
   _atomic_write(path / _WEIGHTS_NAME,
                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-  _atomic_write(path / _CONFIG_NAME, lambda tmp: tmp.write_text(
-      json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"))
+  _atomic_write(path / _CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
   return path

@@ -20,12 +20,14 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from realm_jax import fileio
+
 PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
 
 
 def checkpoint_dir(workdir: str) -> str:
   """`WORKDIR/checkpoints` (local path or `gs://…`)."""
-  return os.path.join(workdir, "checkpoints")
+  return str(fileio.join(workdir, "checkpoints"))
 
 
 class CheckpointManager:
@@ -102,8 +104,13 @@ class CheckpointManager:
 
 
 def _absolute(directory: str) -> str:
-  """Local paths made absolute (orbax/tensorstore require it); `gs://…` unchanged."""
-  return directory if "://" in directory else os.path.abspath(directory)
+  """Local paths made absolute (orbax/tensorstore require it); URLs (`gs://…`) unchanged.
+
+  Raises:
+    ValueError: for a URL mangled by `pathlib` (`gs:/bucket/…`), see `fileio.is_url`.
+  """
+  directory = os.fspath(directory)
+  return directory if fileio.is_url(directory) else os.path.abspath(directory)
 
 
 @contextlib.contextmanager
@@ -158,7 +165,7 @@ def saved_param_parts(directory: str, step: int | None = None) -> tuple[list[str
   """
   with _read_only(directory, step) as (_, step):
     tree = ocp.StandardCheckpointer().metadata(
-        os.path.join(_absolute(directory), str(step), PARAMS)).item_metadata.tree
+        str(fileio.join(_absolute(directory), str(step), PARAMS))).item_metadata.tree
     return sorted(tree.keys()), step
 
 

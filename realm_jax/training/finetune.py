@@ -556,7 +556,7 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   tok_path = data.tokenizer_path
   if not tok_path:  # the checkpoint's vocabulary; MiniLM's uncased one for random-init models
     ckpt_dir = model.checkpoint_dir() or str(tokenization.minilm_model_dir())
-    tok_path = os.path.join(ckpt_dir, "vocab.txt")
+    tok_path = fileio.join(ckpt_dir, "vocab.txt")
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
   embedded = None
   if not (data.corpus_sources and data.train_questions and data.eval_questions):
@@ -595,7 +595,13 @@ def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
     return params
   if fileio.isfile(fileio.join(init_from, "realm_params.safetensors")):
     from realm_jax.models import realm_checkpoints
-    converted = realm_checkpoints.load_converted(init_from).params
+    converted_dir = init_from
+    if fileio.is_url(init_from):  # safetensors reads local files: stage the two files once.
+      converted_dir = fileio.dirname(
+          [fileio.local_copy(fileio.join(init_from, name))
+           for name in (realm_checkpoints.CONVERTED_CONFIG_NAME,
+                        realm_checkpoints.CONVERTED_PARAMS_NAME)][-1])
+    converted = realm_checkpoints.load_converted(converted_dir).params
     if "retriever" in converted:
       params = realm._graft(params, ("retriever",), converted["retriever"])  # pylint: disable=protected-access
     if "reader" in converted:
@@ -770,11 +776,11 @@ def train_and_evaluate(workdir: str,
   timings["final_eval_s"] = time.time() - t5
   writer.write(num_train_steps, summary["final"], prefix="eval")
   if is_main:
-    pred_dir = os.path.join(workdir, "predictions")
-    os.makedirs(pred_dir, exist_ok=True)
-    pred_path = os.path.join(pred_dir, f"eval-step{int(jax.device_get(state.step))}.jsonl")
+    pred_dir = fileio.join(workdir, "predictions")  # Local or gs://.
+    fileio.makedirs(pred_dir)
+    pred_path = fileio.join(pred_dir, f"eval-step{int(jax.device_get(state.step))}.jsonl")
     evaluation.write_predictions_jsonl(pred_path, predictions)
-    summary["predictions_path"] = pred_path
+    summary["predictions_path"] = str(pred_path)
     summary["examples"] = predictions[:3]
   timings["total_s"] = time.time() - t0
   summary["timings"] = timings

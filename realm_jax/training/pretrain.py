@@ -561,9 +561,9 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
   tok_path = data.tokenizer_path
   if not tok_path:
     ckpt = model.checkpoint_dir()
-    tok_path = (os.path.join(ckpt, "vocab.txt") if ckpt
+    tok_path = (str(fileio.join(ckpt, "vocab.txt")) if ckpt
                 else str(tokenization.minilm_model_dir() / "vocab.txt"))
-  if not os.path.exists(tok_path):
+  if not fileio.exists(tok_path):  # Local or gs://.
     raise FileNotFoundError(f"{tok_path}: tokenizer file not found (PretrainDataConfig."
                             "tokenizer_path, or the init checkpoint's vocab.txt)")
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
