@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from typing import Any, Protocol, Sequence
@@ -86,8 +87,10 @@ def _check_queries(query_embeddings: ArrayLike, dim: int, who: str) -> ArrayLike
 
 
 def _check_index(embeddings: np.ndarray, block_ids: np.ndarray,
-                 who: str) -> tuple[np.ndarray, np.ndarray]:
+                 who: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Checks `[num_blocks, dim]` embeddings and `[num_blocks]` unique integer block ids.
+
+  With `finite=False` the rows are not read (the caller checks the rows it reads).
 
   Returns:
     `(embeddings, block_ids)`; embeddings unchanged (memmaps stay memmaps), block ids as int64.
@@ -106,7 +109,8 @@ def _check_index(embeddings: np.ndarray, block_ids: np.ndarray,
                      f"{block_ids.shape} dtype {block_ids.dtype}")
   block_ids = block_ids.astype(np.int64, copy=False)
   try:
-    snapshot_lib.check_finite(embeddings, who, "embeddings")
+    if finite:
+      snapshot_lib.check_finite(embeddings, who, "embeddings")
     snapshot_lib.check_unique_block_ids(block_ids, who)
   except snapshot_lib.SnapshotError as e:
     raise ValueError(str(e)) from None
@@ -256,8 +260,19 @@ class ExactSearcher:
   object and call `sharded_top_k` directly; a returned row `r < num_blocks` is the block `block_ids[r]`
   (row order of the snapshot).
 
-  Multi-host: every host constructs the searcher with the same (global) arrays, but each host only
-  reads the rows of its own devices (a memmap stays mostly on disk), and must pass the same queries.
+  Memory (paper scale, 13.35M x 128 float32 = 6.8 GB): the device array is assembled shard by shard
+  with `jax.make_array_from_callback`; each callback reads only its device's rows (straight into a
+  `[rows_per_device, dim]` buffer when `embeddings` is a `snapshot.ShardedRows` from
+  `read_snapshot(lazy=True)`), so the host holds one copy of the index (the device buffers; on CPU
+  they are host memory) plus one device shard in flight. Finiteness is checked on the rows as they are
+  read.
+
+  Multi-host (a pod): every host runs the same code with the same GLOBAL view of the snapshot — a lazy
+  `ShardedRows` over all shard files and all `[num_blocks]` block ids — and `make_array_from_callback`
+  calls back only for the host's addressable devices, so each host reads, checks and holds only the
+  rows of its own devices (`process_row_range`), and the result is one global `jax.Array` over the
+  mesh. `open_exact_searcher` does this from a snapshot path (validating only the host's rows). All
+  hosts must call `search` with the same queries (a collective); every host gets the full result.
   """
 
   def __init__(self,
@@ -270,16 +285,19 @@ class ExactSearcher:
     """Places the index on the mesh.
 
     Args:
-      embeddings: `[num_blocks, dim]` float embeddings (stored on device as float32).
+      embeddings: `[num_blocks, dim]` float embeddings (stored on device as float32): a numpy array,
+        a memmap, or a lazy `snapshot.ShardedRows` (rows read straight into the device buffers).
       block_ids: `[num_blocks]` unique integer block ids.
       mesh: device mesh with axes `data` and `model`; default `sharding.make_mesh()` over all devices.
       approximate: use `approx_max_k` per shard (TPU-KNN); exact on CPU.
       recall_target: recall target of `approx_max_k`.
 
     Raises:
-      ValueError: on bad shapes, NaN/inf embeddings or repeated block ids.
+      ValueError: on bad shapes, NaN/inf embeddings (in the rows this process holds) or repeated
+        block ids.
+      SnapshotError: if a lazy shard file vanished or is truncated.
     """
-    embeddings, self.block_ids = _check_index(embeddings, block_ids, "ExactSearcher")
+    embeddings, self.block_ids = _check_index(embeddings, block_ids, "ExactSearcher", finite=False)
     self.num_blocks, self.dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     self.mesh = sharding.make_mesh() if mesh is None else mesh
     self.approximate = approximate
@@ -297,7 +315,13 @@ class ExactSearcher:
       out = np.zeros((stop - start, self.dim), np.float32)
       valid_stop = min(stop, self.num_blocks)
       if valid_stop > start:
-        out[:valid_stop - start] = embeddings[start:valid_stop]
+        if isinstance(embeddings, snapshot_lib.ShardedRows):
+          embeddings.read_rows(start, valid_stop, out[:valid_stop - start])
+        else:
+          out[:valid_stop - start] = embeddings[start:valid_stop]
+        if not np.isfinite(out).all():
+          bad = start + int(np.argwhere(~np.isfinite(out))[0][0])
+          raise ValueError(f"ExactSearcher: embeddings hold a non-finite value (first at row {bad})")
       return out
 
     def mask_callback(index):
@@ -362,6 +386,12 @@ class ScannSearcher:
 
   Scores are exact float32 inner products (after reordering), sorted descending. Searches are serialised
   by a lock (one ScaNN call at a time, each multi-threaded for large batches).
+
+  Serialization: the index builder writes the built searcher into the embedding snapshot
+  (`add_scann_searcher`), and the trainer / `predict` load it (`ScannSearcher.load`, through
+  `searcher_from_snapshot`) instead of training it again at every index swap. `config` (see
+  `resolve_config`) is what determines the index; a serialized searcher is used only when its config is
+  the one the reader asks for.
   """
 
   def __init__(self,
@@ -378,7 +408,9 @@ class ScannSearcher:
     """Builds the ScaNN index (logs the build time; `build_seconds` keeps it).
 
     Args:
-      embeddings: `[num_blocks, dim]` float embeddings (copied to float32).
+      embeddings: `[num_blocks, dim]` float embeddings (a numpy array, memmap or
+        `snapshot.ShardedRows`; copied once to float32 for the build; a `ShardedRows` is kept lazy
+        afterwards for the exact fall-back).
       block_ids: `[num_blocks]` unique integer block ids.
       num_leaves: k-means partitions; default `min(round(sqrt(n)), training_sample_size // 100)`.
       num_leaves_to_search: partitions searched per query; default `ceil(num_leaves / 10)`.
@@ -395,51 +427,161 @@ class ScannSearcher:
     """
     import scann  # Imported lazily: heavy, and only the host searcher needs it.
 
-    embeddings, self.block_ids = _check_index(embeddings, block_ids, "ScannSearcher")
-    self._embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    self.num_blocks, self.dim = self._embeddings.shape
-    n = self.num_blocks
-    self.num_threads = num_threads or os.cpu_count() or 1
-    self.reorder_k = 100 if reorder_k is None else int(reorder_k)
-    if self.reorder_k < 1:
-      raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
+    lazy = None if isinstance(embeddings, np.ndarray) else embeddings
+    data, self.block_ids = _check_index(embeddings if lazy is None else np.asarray(lazy), block_ids,
+                                        "ScannSearcher")
+    self.config = self.resolve_config(
+        data.shape[0], data.shape[1], num_leaves=num_leaves,
+        num_leaves_to_search=num_leaves_to_search, training_sample_size=training_sample_size,
+        dims_per_block=dims_per_block, reorder_k=reorder_k, brute_force_below=brute_force_below,
+        anisotropic_quantization_threshold=anisotropic_quantization_threshold)
+    self._set_config(self.config, num_threads)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    self._embeddings = data if lazy is None else lazy
     self._lock = threading.Lock()
     start_time = time.perf_counter()
-    builder = scann.scann_ops_pybind.builder(self._embeddings, 10, "dot_product")
+    builder = scann.scann_ops_pybind.builder(data, self.config["num_neighbors"], "dot_product")
     builder.set_n_training_threads(self.num_threads)
-    if n < brute_force_below:
-      self.mode = "brute_force"
-      self.num_leaves = self.num_leaves_to_search = 0
-      self.training_sample_size = 0
+    if self.mode == "brute_force":
       builder = builder.score_brute_force()
     else:
-      self.mode = "tree_ah"
-      self.training_sample_size = min(int(training_sample_size), n)
-      self.num_leaves = (int(num_leaves) if num_leaves is not None else
-                         max(1, min(round(math.sqrt(n)), self.training_sample_size // 100)))
-      self.num_leaves_to_search = (int(num_leaves_to_search) if num_leaves_to_search is not None
-                                   else max(1, math.ceil(self.num_leaves / 10)))
-      if not 1 <= self.num_leaves <= self.training_sample_size:
-        raise ValueError(f"ScannSearcher: num_leaves={self.num_leaves} must be in [1, "
-                         f"training_sample_size={self.training_sample_size}]")
-      if not 1 <= self.num_leaves_to_search <= self.num_leaves:
-        raise ValueError(f"ScannSearcher: num_leaves_to_search={self.num_leaves_to_search} must be "
-                         f"in [1, num_leaves={self.num_leaves}]")
-      if dims_per_block < 1:
-        raise ValueError(f"ScannSearcher: dims_per_block must be >= 1, got {dims_per_block}")
+      threshold = self.config["anisotropic_quantization_threshold"]
       builder = builder.tree(num_leaves=self.num_leaves,
                              num_leaves_to_search=self.num_leaves_to_search,
                              training_sample_size=self.training_sample_size)
       builder = builder.score_ah(
-          dims_per_block, anisotropic_quantization_threshold=anisotropic_quantization_threshold,
+          self.config["dims_per_block"],
+          anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
           training_sample_size=self.training_sample_size)
       builder = builder.reorder(self.reorder_k)
     self._searcher = builder.build()
+    del data, builder  # ScaNN holds its own copy; a lazy `embeddings` stays on disk.
     self._searcher.set_num_threads(self.num_threads)
     self.build_seconds = time.perf_counter() - start_time
+    self.loaded = False
     logging.info("ScannSearcher: built %s index over %d x %d in %.2f s (leaves %d, search %d, "
-                 "reorder %d)", self.mode, n, self.dim, self.build_seconds, self.num_leaves,
-                 self.num_leaves_to_search, self.reorder_k)
+                 "reorder %d)", self.mode, self.num_blocks, self.dim, self.build_seconds,
+                 self.num_leaves, self.num_leaves_to_search, self.reorder_k)
+
+  @staticmethod
+  def resolve_config(num_blocks: int,
+                     dim: int,
+                     num_leaves: int | None = None,
+                     num_leaves_to_search: int | None = None,
+                     training_sample_size: int = 100_000,
+                     dims_per_block: int = 2,
+                     reorder_k: int | None = None,
+                     brute_force_below: int = 10_000,
+                     anisotropic_quantization_threshold: float = 0.2,
+                     num_threads: int | None = None) -> dict[str, Any]:
+    """The settings that determine a ScaNN index over `[num_blocks, dim]` (defaults resolved).
+
+    Takes the constructor's keyword arguments (`num_threads` is accepted and ignored: it changes the
+    speed, not the index). Two searchers with equal configs are interchangeable, which is how a reader
+    decides whether the searcher serialized in a snapshot is the one it wants (REALM §3.4).
+
+    Returns:
+      A JSON-safe dict: `kind`, `distance`, `num_neighbors`, `mode` ("brute_force" or "tree_ah"),
+      `num_blocks`, `dim`, and for "tree_ah" `num_leaves`, `num_leaves_to_search`,
+      `training_sample_size`, `dims_per_block`, `anisotropic_quantization_threshold` (None for NaN)
+      and `reorder_k`.
+
+    Raises:
+      ValueError: on inconsistent tree settings.
+    """
+    del num_threads
+    n, dim = int(num_blocks), int(dim)
+    reorder = 100 if reorder_k is None else int(reorder_k)
+    if reorder < 1:
+      raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
+    config: dict[str, Any] = {"kind": "scann", "distance": "dot_product", "num_neighbors": 10,
+                              "num_blocks": n, "dim": dim, "reorder_k": reorder}
+    if n < brute_force_below:
+      config.update(mode="brute_force", num_leaves=0, num_leaves_to_search=0, training_sample_size=0)
+      return config
+    sample = min(int(training_sample_size), n)
+    leaves = (int(num_leaves) if num_leaves is not None else
+              max(1, min(round(math.sqrt(n)), sample // 100)))
+    search = (int(num_leaves_to_search) if num_leaves_to_search is not None
+              else max(1, math.ceil(leaves / 10)))
+    if not 1 <= leaves <= sample:
+      raise ValueError(f"ScannSearcher: num_leaves={leaves} must be in [1, "
+                       f"training_sample_size={sample}]")
+    if not 1 <= search <= leaves:
+      raise ValueError(f"ScannSearcher: num_leaves_to_search={search} must be in [1, "
+                       f"num_leaves={leaves}]")
+    if dims_per_block < 1:
+      raise ValueError(f"ScannSearcher: dims_per_block must be >= 1, got {dims_per_block}")
+    threshold = float(anisotropic_quantization_threshold)
+    config.update(mode="tree_ah", num_leaves=leaves, num_leaves_to_search=search,
+                  training_sample_size=sample, dims_per_block=int(dims_per_block),
+                  anisotropic_quantization_threshold=None if math.isnan(threshold) else threshold)
+    return config
+
+  def _set_config(self, config: dict[str, Any], num_threads: int | None) -> None:
+    """Sets the attributes (`mode`, `num_leaves`, …) that `search_rows` and the logs read."""
+    self.num_blocks, self.dim = int(config["num_blocks"]), int(config["dim"])
+    self.mode = config["mode"]
+    self.num_leaves = int(config["num_leaves"])
+    self.num_leaves_to_search = int(config["num_leaves_to_search"])
+    self.training_sample_size = int(config["training_sample_size"])
+    self.reorder_k = int(config["reorder_k"])
+    self.num_threads = num_threads or os.cpu_count() or 1
+
+  def serialize(self, directory: str | os.PathLike) -> None:
+    """Writes the ScaNN index into the local, empty `directory` (ScaNN's `searcher.serialize`, with
+    paths relative to the directory, so that it can be moved, uploaded and loaded elsewhere)."""
+    with self._lock:
+      self._searcher.serialize(str(directory), relative_path=True)
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike, embeddings: np.ndarray, block_ids: np.ndarray,
+           config: dict[str, Any], num_threads: int | None = None) -> "ScannSearcher":
+    """Loads an index written by `serialize` (`scann.scann_ops_pybind.load_searcher`).
+
+    Args:
+      directory: local directory with the serialized files (verified by the caller).
+      embeddings: `[num_blocks, dim]` float rows the index was built from (kept, lazily if a
+        `ShardedRows`, for the exact fall-back of short queries; not re-indexed).
+      block_ids: `[num_blocks]` int block ids, row order of `embeddings`.
+      config: the index's `resolve_config` dict (from the snapshot manifest).
+      num_threads: search threads; default `os.cpu_count()`.
+
+    Returns:
+      The searcher (`build_seconds` is the load time; `loaded` is True).
+
+    Raises:
+      ValueError: if the shapes disagree with `config` or the loaded index holds another number of
+        rows.
+      RuntimeError / OSError: from ScaNN if the files cannot be loaded.
+    """
+    import scann
+
+    self = cls.__new__(cls)
+    start_time = time.perf_counter()
+    block_ids = np.asarray(block_ids).astype(np.int64, copy=False)
+    if tuple(embeddings.shape) != (config["num_blocks"], config["dim"]) or block_ids.shape != (
+        config["num_blocks"],):
+      raise ValueError(f"ScannSearcher.load: embeddings {tuple(embeddings.shape)} / block ids "
+                       f"{block_ids.shape} differ from the config's [{config['num_blocks']}, "
+                       f"{config['dim']}]")
+    self._set_config(config, num_threads)
+    self.config = dict(config)
+    self.block_ids = block_ids
+    self._embeddings = embeddings
+    self._lock = threading.Lock()
+    self._searcher = scann.scann_ops_pybind.load_searcher(str(directory),
+                                                          assets_backcompat_shim=False)
+    size = int(self._searcher.size())
+    if size != self.num_blocks:
+      raise ValueError(f"ScannSearcher.load: the index in {directory} holds {size} rows, the "
+                       f"config says {self.num_blocks}")
+    self._searcher.set_num_threads(self.num_threads)
+    self.build_seconds = time.perf_counter() - start_time
+    self.loaded = True
+    logging.info("ScannSearcher: loaded %s index over %d x %d in %.2f s", self.mode,
+                 self.num_blocks, self.dim, self.build_seconds)
+    return self
 
   def search_rows(self, query_embeddings: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Like `search`, but returns `[batch, k]` int64 row numbers instead of block ids."""
@@ -460,7 +602,15 @@ class ScannSearcher:
     # ScaNN pads with NaN when the searched leaves hold fewer than k rows: answer those exactly.
     short = ~np.isfinite(scores).all(axis=1) | (rows >= self.num_blocks).any(axis=1)
     if short.any():
-      scores[short], rows[short] = _numpy_top_k(queries[short], self._embeddings, k)
+      try:
+        scores[short], rows[short] = _numpy_top_k(queries[short], self._embeddings, k)
+      except snapshot_lib.SnapshotError as e:  # Lazy rows whose snapshot was pruned meanwhile.
+        logging.warning("ScannSearcher: exact fall-back unavailable (%s); searching every leaf", e)
+        with self._lock:
+          r, d = self._searcher.search_batched(
+              queries[short], final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder,
+              leaves_to_search=max(self.num_leaves, 1) if self.mode == "tree_ah" else None)
+        rows[short], scores[short] = np.asarray(r).astype(np.int64), np.asarray(d, np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
@@ -562,14 +712,24 @@ class ShardedScannSearcher:
 def searcher_from_snapshot(snapshot: snapshot_lib.Snapshot,
                            kind: str = "scann",
                            mesh: Mesh | None = None,
+                           *,
+                           use_serialized: bool = True,
                            **kwargs: Any) -> Searcher:
-  """Builds a searcher over a loaded snapshot.
+  """Builds — or, for ScaNN, loads from the snapshot — a searcher over a loaded snapshot (REALM §3.4).
+
+  For `kind="scann"` the searcher the index builder serialized into the snapshot (`add_scann_searcher`)
+  is loaded when it matches: same `ScannSearcher.resolve_config(num_blocks, dim, **kwargs)`, same
+  number of rows, every file's SHA-256 as in the manifest. Otherwise the searcher is built from the
+  embeddings: silently (an info log) when the snapshot has none, with exactly ONE warning when the
+  serialized one does not fit (other config or row count, a missing or corrupt file, a malformed
+  manifest entry, or a ScaNN load error) — never a crash and never a searcher over other rows.
 
   Args:
-    snapshot: the embeddings and block ids (`snapshot.read_snapshot`).
+    snapshot: the embeddings and block ids (`snapshot.read_snapshot`, ideally `lazy=True`).
     kind: "scann" (`ScannSearcher`), "sharded_scann" (one ScaNN index per snapshot shard) or "exact"
       (`ExactSearcher` on `mesh`).
     mesh: device mesh for "exact" (default: all devices); must be None for the ScaNN kinds.
+    use_serialized: for "scann", load the snapshot's serialized searcher when it matches.
     **kwargs: passed to the searcher's constructor.
 
   Returns:
@@ -586,6 +746,145 @@ def searcher_from_snapshot(snapshot: snapshot_lib.Snapshot,
   if mesh is not None:
     raise ValueError(f"searcher_from_snapshot: mesh is only used by kind='exact', not {kind!r}")
   if kind == "scann":
+    if use_serialized:
+      loaded = load_scann_searcher(snapshot, **kwargs)
+      if loaded is not None:
+        return loaded
     return ScannSearcher(snapshot.embeddings, snapshot.block_ids, **kwargs)
   return ShardedScannSearcher([(snapshot.embeddings[a:b], snapshot.block_ids[a:b])
                                for a, b in snapshot.shard_row_ranges], **kwargs)
+
+
+def load_scann_searcher(snapshot: snapshot_lib.Snapshot, **kwargs: Any) -> ScannSearcher | None:
+  """The ScaNN searcher serialized in `snapshot`, if it is the one `kwargs` ask for; else None.
+
+  Local snapshots are loaded in place (files verified, then linked into a temporary directory);
+  object-store snapshots (`gs://`, `memory://`) are streamed into a local temporary directory, verified
+  and loaded from there (ScaNN reads local files only). The temporary directory is removed afterwards.
+
+  Args:
+    snapshot: a snapshot from `read_snapshot` (its `manifest` names the searcher files); all shards.
+    **kwargs: the `ScannSearcher` settings the caller wants (`resolve_config`).
+
+  Returns:
+    The loaded searcher, or None: with an info log when the snapshot has no serialized searcher (or
+    was loaded in part), with ONE warning when it has one that does not fit (the caller rebuilds).
+
+  Raises:
+    ValueError: if `kwargs` are not valid `ScannSearcher` settings.
+  """
+  manifest = snapshot.manifest
+  path = snapshot.path
+  if manifest is None or snapshot_lib.SEARCHER_FIELD not in manifest:
+    logging.info("no serialized searcher in snapshot %s: building ScaNN", path)
+    return None
+  if snapshot.num_shards != len(snapshot.shard_indices):
+    logging.info("snapshot %s loaded in part (shards %s): building ScaNN over those rows", path,
+                 list(snapshot.shard_indices))
+    return None
+  wanted = ScannSearcher.resolve_config(snapshot.num_blocks, snapshot.dim, **kwargs)
+  try:
+    entry = snapshot_lib.searcher_entry(manifest, path)
+    if entry["kind"] != "scann":
+      raise snapshot_lib.SnapshotError(f"it is a {entry['kind']!r} searcher")
+    if entry["num_rows"] != snapshot.num_blocks or entry["dim"] != snapshot.dim:
+      raise snapshot_lib.SnapshotError(
+          f"it indexes {entry['num_rows']} x {entry['dim']} rows, the snapshot has "
+          f"{snapshot.num_blocks} x {snapshot.dim}")
+    if entry["config"] != wanted:
+      diff = {k: (entry["config"].get(k), wanted.get(k))
+              for k in sorted(set(entry["config"]) | set(wanted))
+              if entry["config"].get(k) != wanted.get(k)}
+      raise snapshot_lib.SnapshotError(f"it was built for another configuration "
+                                       f"(field: (serialized, wanted)) {diff}")
+    with tempfile.TemporaryDirectory(prefix="realm-scann-") as local_dir:
+      snapshot_lib.fetch_searcher_files(path, entry, local_dir)
+      return ScannSearcher.load(local_dir, snapshot.embeddings, snapshot.block_ids, entry["config"],
+                                num_threads=kwargs.get("num_threads"))
+  except Exception as e:  # noqa: BLE001 - any unusable searcher file means: rebuild, never crash.
+    logging.warning("serialized searcher of snapshot %s not used, rebuilding ScaNN: %s", path, e)
+    return None
+
+
+def add_scann_searcher(writer: snapshot_lib.SnapshotWriter, **kwargs: Any) -> ScannSearcher:
+  """Builds ScaNN over every staged shard of `writer` and uploads it into the snapshot (REALM §3.4).
+
+  The index builder calls it on the committing process after all shards are written and before
+  `writer.commit()`, so the snapshot and its searcher become visible together (same commit rules:
+  manifest last, every file checksummed). ScaNN serializes to a local temporary directory, whose files
+  are then streamed into the snapshot (`SnapshotWriter.add_searcher`); readers load it with
+  `searcher_from_snapshot` instead of training ScaNN again.
+
+  Args:
+    writer: the snapshot writer whose shards are all written.
+    **kwargs: `ScannSearcher` settings (the trainer's must be the same for it to be used).
+
+  Returns:
+    The built searcher.
+
+  Raises:
+    SnapshotError: if a shard is missing or corrupt.
+    ValueError: on invalid settings or NaN/inf embeddings.
+  """
+  import scann
+
+  block_ids, embeddings = writer.staged_arrays()
+  searcher = ScannSearcher(embeddings, block_ids, **kwargs)
+  with tempfile.TemporaryDirectory(prefix="realm-scann-") as local_dir:
+    t0 = time.perf_counter()
+    searcher.serialize(local_dir)
+    serialize_s = time.perf_counter() - t0
+    writer.add_searcher(local_dir, "scann", searcher.config, searcher.num_blocks,
+                        info={"scann_version": getattr(scann, "__version__", "unknown"),
+                              "build_s": searcher.build_seconds, "serialize_s": serialize_s})
+  return searcher
+
+
+def process_row_range(mesh: Mesh, num_rows: int) -> tuple[int, int]:
+  """The rows `[start, stop)` of a `[num_rows, dim]` index that THIS process's devices hold.
+
+  For the row sharding of `sharding.index_sharding(mesh)` (rows split over every device, `data` axis
+  outermost). With the devices of each process contiguous in the mesh (what `sharding.make_mesh`
+  builds) the range is exactly the process's share; otherwise it covers it. `num_rows` is the padded
+  row count (a multiple of the device count; `ExactSearcher.num_rows`).
+
+  Raises:
+    ValueError: if the mesh has no device of this process.
+  """
+  index_map = sharding.index_sharding(mesh).addressable_devices_indices_map((int(num_rows), 1))
+  if not index_map:
+    raise ValueError("process_row_range: no device of this process in the mesh")
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [num_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return min(starts), max(stops)
+
+
+def open_exact_searcher(path: snapshot_lib.PathLike, mesh: Mesh | None = None,
+                        validate: bool = True, **kwargs: Any) -> tuple[snapshot_lib.Snapshot,
+                                                                       ExactSearcher]:
+  """Opens a snapshot lazily and places it on the mesh, each host reading only its own rows (§3.4).
+
+  The pod code path (also one host): `read_snapshot(lazy=True)` gives every host the global view (all
+  `[num_blocks]` block ids, `ShardedRows` over all shard files, nothing read); validation streams only
+  the shard files overlapping `process_row_range(mesh, …)`; `ExactSearcher` then reads only those rows
+  into this host's device buffers, forming one global `jax.Array` over the mesh.
+
+  Args:
+    path: a committed snapshot (local or URL).
+    mesh: the device mesh (default: all devices of all processes).
+    validate: check checksums, finiteness and block-id uniqueness of this host's share.
+    **kwargs: passed to `ExactSearcher`.
+
+  Returns:
+    (the lazy `Snapshot`, the `ExactSearcher`).
+
+  Raises:
+    SnapshotError: if the snapshot (this host's share) is missing, malformed or corrupt.
+  """
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  manifest = snapshot_lib.read_manifest(path)
+  num_shards = math.prod(mesh.shape[a] for a in sharding.INDEX_AXES)
+  num_rows = -(-manifest["num_blocks"] // num_shards) * num_shards
+  rows = process_row_range(mesh, num_rows)
+  snap = snapshot_lib.read_snapshot(path, validate=validate, lazy=True, validate_rows=rows)
+  return snap, ExactSearcher(snap.embeddings, snap.block_ids, mesh=mesh, **kwargs)

@@ -12,6 +12,10 @@ Layout of one committed snapshot:
     <root>/<params_step>/block_ids-00000-of-00004.npy           [rows] int64
     <root>/<params_step>/shard-00000-of-00004.json              per-shard commit record (checksums)
     <root>/<params_step>/writer.json                            the writers' shared settings
+    <root>/<params_step>/searcher-<name>                        optional: the ScaNN searcher built by
+                                                                the index builder (`searcher.serialize`
+                                                                files), named with checksums in the
+                                                                manifest's `searcher` entry
 
 A directory without a valid `manifest.json` is not a snapshot: `list_snapshots` and `read_snapshot`
 skip / refuse it. Several processes may write disjoint shards of one snapshot (one index builder per
@@ -68,6 +72,10 @@ _OLD_PREFIX = ".old-"
 _DELETING_PREFIX = ".deleting-"
 _FINITE_CHECK_ROWS = 1 << 16
 _STEP_DIR_RE = re.compile(r"^[0-9]+$")
+SEARCHER_FIELD = "searcher"
+SEARCHER_FILE_PREFIX = "searcher-"
+_SEARCHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_COPY_CHUNK_BYTES = 4 << 20
 
 PathLike = str | os.PathLike
 
@@ -97,6 +105,31 @@ def block_ids_file_name(shard_index: int, num_shards: int) -> str:
 def shard_record_file_name(shard_index: int, num_shards: int) -> str:
   """`shard-<shard:05d>-of-<num_shards:05d>.json`: the commit record of one written shard."""
   return f"shard-{shard_index:05d}-of-{num_shards:05d}.json"
+
+
+def searcher_file_name(name: str) -> str:
+  """`searcher-<name>`: where file `<name>` of a serialized searcher lives in a snapshot directory."""
+  return f"{SEARCHER_FILE_PREFIX}{name}"
+
+
+def _upload_file(local: pathlib.Path, dest: fileio.Path) -> tuple[str, int]:
+  """Streams a local file to `dest` (locally temp + fsync + rename; object stores one object write).
+
+  Returns:
+    (hex SHA-256, size in bytes) of what was copied.
+
+  Raises:
+    OSError: from either file system.
+  """
+  digest, size = hashlib.sha256(), 0
+  opener = (fileio.atomic_writer(dest) if fileio.supports_atomic_rename(dest)
+            else fileio.open_file(dest, "wb"))
+  with open(local, "rb") as src, opener as out:
+    while chunk := src.read(_COPY_CHUNK_BYTES):
+      digest.update(chunk)
+      size += len(chunk)
+      out.write(chunk)
+  return digest.hexdigest(), size
 
 
 def _sha256(path: fileio.Path) -> str:
@@ -208,6 +241,310 @@ def _validate_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------------
+# Rows read on demand from the shard files (paper scale: 13.35M x 128 float32 = 6.8 GB)
+# ----------------------------------------------------------------------------------------------------
+
+_STREAM_ROWS = 1 << 13  # Rows per read when streaming a shard file (4 MiB at dim 128, float32).
+
+
+@dataclasses.dataclass(frozen=True)
+class NpyPart:
+  """Where the rows of one `.npy` shard file live: `rows x dim` values of `dtype` from byte `offset`.
+
+  Attributes:
+    path: the `.npy` file (local `pathlib.Path` or URL string).
+    offset: byte offset of row 0 (the size of the `.npy` header).
+    rows: number of rows.
+    dim: values per row.
+    dtype: the stored dtype (float32 or float16).
+  """
+
+  path: fileio.Path
+  offset: int
+  rows: int
+  dim: int
+  dtype: np.dtype
+
+  @property
+  def row_bytes(self) -> int:
+    """Bytes per row (`dim * itemsize`)."""
+    return self.dim * self.dtype.itemsize
+
+
+def open_npy_part(path: PathLike, rows: int, dim: int, dtype: np.dtype | str,
+                  field: str) -> NpyPart:
+  """Reads only the header of a `.npy` file and checks it holds `[rows, dim]` C-order `dtype` values.
+
+  Args:
+    path: the `.npy` file (local path or URL; one small read).
+    rows / dim / dtype: what the manifest says the file holds.
+    field: the manifest field named in errors.
+
+  Returns:
+    The `NpyPart` (no data read).
+
+  Raises:
+    SnapshotError: naming the file and `field` if it is missing, not `.npy`, or of another shape,
+      dtype or order.
+  """
+  path = fileio.as_path(path)
+  dtype = np.dtype(dtype)
+  try:
+    with fileio.open_file(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran, found = np.lib.format.read_array_header_1_0(f)
+      else:
+        shape, fortran, found = np.lib.format.read_array_header_2_0(f)
+      offset = f.tell()
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{path}: file not found (field {field!r} of the manifest)") from e
+  except (OSError, ValueError, EOFError) as e:
+    raise SnapshotError(f"{path}: not a readable .npy file for field {field!r} ({e})") from e
+  if tuple(shape) != (rows, dim) or found != dtype or fortran:
+    raise SnapshotError(f"{path}: holds {'Fortran-order ' if fortran else ''}{found} {list(shape)}, "
+                        f"field {field!r} says {dtype} {[rows, dim]}")
+  return NpyPart(path=path, offset=int(offset), rows=int(rows), dim=int(dim), dtype=dtype)
+
+
+def verify_npy_part(part: NpyPart, sha256: str, field: str, manifest_file: PathLike) -> None:
+  """Streams a shard file once: its SHA-256 must be `sha256`, and every value finite (REALM §3.4).
+
+  Reads `_STREAM_ROWS` rows at a time with plain reads (no memory map, so the resident set does not
+  grow with the file; the page cache may keep it).
+
+  Raises:
+    SnapshotError: naming the file and `field` on a checksum mismatch, a short file or NaN/inf.
+  """
+  digest = hashlib.sha256()
+  try:
+    with fileio.open_file(part.path, "rb") as f:
+      digest.update(_read_exactly(f, part.offset, part.path))
+      for start in range(0, part.rows, _STREAM_ROWS):
+        n = min(_STREAM_ROWS, part.rows - start)
+        data = _read_exactly(f, n * part.row_bytes, part.path)
+        digest.update(data)
+        if not np.isfinite(np.frombuffer(data, part.dtype)).all():
+          chunk = np.frombuffer(data, part.dtype).reshape(n, part.dim)
+          bad = start + int(np.argwhere(~np.isfinite(chunk))[0][0])
+          raise SnapshotError(f"{part.path}: field 'embeddings' holds a non-finite value (first at "
+                              f"row {bad})")
+      while tail := f.read(_STREAM_ROWS * part.row_bytes):
+        digest.update(tail)
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{part.path}: file not found (field {field!r} of {manifest_file})") from e
+  except OSError as e:
+    raise SnapshotError(f"{part.path}: cannot read ({e})") from e
+  if digest.hexdigest() != sha256:
+    raise SnapshotError(f"{part.path}: checksum does not match field {field!r} of {manifest_file} "
+                        "(file corrupt or modified)")
+
+
+def _read_exactly(f: Any, num_bytes: int, path: PathLike) -> bytes:
+  """`num_bytes` bytes from the file object `f`, or SnapshotError naming `path` if it ends first."""
+  chunks, left = [], num_bytes
+  while left > 0:
+    chunk = f.read(left)
+    if not chunk:
+      raise SnapshotError(f"{path}: file is truncated ({num_bytes - left} of {num_bytes} bytes read)")
+    chunks.append(chunk)
+    left -= len(chunk)
+  return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ShardedRows:
+  """A read-only `[num_rows, dim]` array made of per-shard row blocks, read on demand (REALM §3.4).
+
+  What `read_snapshot(lazy=True)` returns as `Snapshot.embeddings`: at paper scale (13.35M x 128
+  float32, 6.8 GB) the snapshot is never concatenated in memory. Each part is either an in-memory
+  `[rows_i, dim]` array or an `NpyPart` (a shard file, local or on an object store, read with plain
+  reads: no memory map, no open file kept). Consumers see an array:
+
+    rows.shape, rows.dtype, rows.ndim, len(rows)
+    rows[a:b]             -> [b - a, dim] numpy copy (only the shards it overlaps are read)
+    rows[int_array]       -> [*int_array.shape, dim] numpy gather (e.g. the retrieved blocks)
+    rows.read_rows(a, b, out)  fills a caller's buffer (the device-array callbacks of `ExactSearcher`)
+    np.asarray(rows)      -> the whole array (one full copy; what ScaNN's builder needs)
+
+  `rows_read` counts the rows read so far (a multi-host test checks each host reads only its share).
+  """
+
+  def __init__(self, parts: Sequence[np.ndarray | NpyPart], dim: int, dtype: np.dtype | str):
+    """Concatenates `parts` by rows (nothing is read here).
+
+    Args:
+      parts: `[rows_i, dim]` arrays or `NpyPart`s, in row order.
+      dim: values per row.
+      dtype: dtype of every part (float32 or float16).
+
+    Raises:
+      ValueError: if a part has another width or dtype.
+    """
+    self._parts = list(parts)
+    self.dtype = np.dtype(dtype)
+    self._dim = int(dim)
+    sizes = []
+    for part in self._parts:
+      rows = part.rows if isinstance(part, NpyPart) else part.shape[0]
+      width = part.dim if isinstance(part, NpyPart) else (part.shape[1] if part.ndim == 2 else -1)
+      if width != self._dim or np.dtype(part.dtype) != self.dtype:
+        raise ValueError(f"ShardedRows: part of width {width} dtype {part.dtype}, expected "
+                         f"{self._dim} {self.dtype}")
+      sizes.append(int(rows))
+    self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+    self.shape = (int(self._starts[-1]), self._dim)
+    self.rows_read = 0
+
+  ndim = 2
+
+  @property
+  def size(self) -> int:
+    """Number of values (`rows * dim`)."""
+    return self.shape[0] * self.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes the whole array takes once read."""
+    return self.size * self.dtype.itemsize
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __repr__(self) -> str:
+    return f"ShardedRows(shape={self.shape}, dtype={self.dtype}, parts={len(self._parts)})"
+
+  def _read_part(self, part: np.ndarray | NpyPart, start: int, stop: int, out: np.ndarray) -> None:
+    """Copies rows `[start, stop)` of one part into `out` (`[stop - start, dim]`, any float dtype)."""
+    if not isinstance(part, NpyPart):
+      out[...] = part[start:stop]
+      return
+    n = stop - start
+    try:
+      with fileio.open_file(part.path, "rb") as f:
+        f.seek(part.offset + start * part.row_bytes)
+        if out.dtype == part.dtype and out.flags.c_contiguous and hasattr(f, "readinto"):
+          view, done = memoryview(out).cast("B"), 0
+          while done < n * part.row_bytes:
+            got = f.readinto(view[done:])
+            if not got:
+              raise SnapshotError(f"{part.path}: file is truncated (rows {start}:{stop} wanted)")
+            done += got
+        else:
+          data = _read_exactly(f, n * part.row_bytes, part.path)
+          out[...] = np.frombuffer(data, part.dtype).reshape(n, part.dim)
+    except FileNotFoundError as e:
+      raise SnapshotError(f"{part.path}: file not found (pruned while being read?)") from e
+    except OSError as e:
+      raise SnapshotError(f"{part.path}: cannot read ({e})") from e
+
+  def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows `[start, stop)` as a `[stop - start, dim]` array (written into `out` when given).
+
+    Args:
+      start / stop: row range, `0 <= start <= stop <= num_rows`.
+      out: optional C-contiguous `[stop - start, dim]` float buffer (cast on copy); default a new
+        array of `self.dtype`.
+
+    Raises:
+      IndexError: on a range outside the array.
+      ValueError: on an `out` of the wrong shape.
+      SnapshotError: if a shard file vanished or is truncated.
+    """
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= self.shape[0]:
+      raise IndexError(f"ShardedRows: rows [{start}, {stop}) outside [0, {self.shape[0]})")
+    if out is None:
+      out = np.empty((stop - start, self._dim), self.dtype)
+    elif out.shape != (stop - start, self._dim):
+      raise ValueError(f"ShardedRows.read_rows: out has shape {out.shape}, expected "
+                       f"{(stop - start, self._dim)}")
+    first = int(np.searchsorted(self._starts, start, side="right")) - 1
+    row = start
+    for i in range(max(first, 0), len(self._parts)):
+      if row >= stop:
+        break
+      lo, hi = int(self._starts[i]), int(self._starts[i + 1])
+      end = min(hi, stop)
+      if end > row:
+        self._read_part(self._parts[i], row - lo, end - lo, out[row - start:end - start])
+        row = end
+    self.rows_read += stop - start
+    return out
+
+  def _gather(self, rows: np.ndarray) -> np.ndarray:
+    """`[n, dim]` rows at the (valid, non-negative) positions `rows` (`[n]` int64)."""
+    out = np.empty((rows.shape[0], self._dim), self.dtype)
+    part_of = np.searchsorted(self._starts, rows, side="right") - 1
+    for i in np.unique(part_of):
+      where = np.nonzero(part_of == i)[0]
+      local = rows[where] - self._starts[i]
+      part = self._parts[i]
+      if not isinstance(part, NpyPart):
+        out[where] = part[local]
+        continue
+      lo, hi = int(local.min()), int(local.max()) + 1
+      if hi - lo <= 8 * len(local) + 64:  # Dense enough: one read of the span.
+        span = np.empty((hi - lo, self._dim), self.dtype)
+        self._read_part(part, lo, hi, span)
+        out[where] = span[local - lo]
+      else:
+        for j, r in zip(where, local):
+          self._read_part(part, int(r), int(r) + 1, out[j:j + 1])
+    self.rows_read += rows.shape[0]
+    return out
+
+  def __getitem__(self, key: Any) -> np.ndarray:
+    """Numpy indexing on rows (int, slice, integer or boolean array), optionally `[rows, cols]`.
+
+    Raises:
+      IndexError: on out-of-range rows.
+      TypeError: on an unsupported key.
+    """
+    cols = None
+    if isinstance(key, tuple):
+      if len(key) > 2:
+        raise IndexError(f"ShardedRows: too many indices {key!r} for a 2-D array")
+      key, cols = key[0], (key[1] if len(key) == 2 else None)
+    n = self.shape[0]
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+      index = int(key) + n if key < 0 else int(key)
+      if not 0 <= index < n:
+        raise IndexError(f"ShardedRows: row {key} outside [0, {n})")
+      result = self.read_rows(index, index + 1)[0]
+    elif isinstance(key, slice):
+      start, stop, step = key.indices(n)
+      if step == 1:
+        result = self.read_rows(start, max(start, stop))
+      else:
+        result = self._gather(np.arange(start, stop, step, dtype=np.int64))
+    else:
+      index = np.asarray(key)
+      if index.dtype == bool:
+        if index.shape != (n,):
+          raise IndexError(f"ShardedRows: boolean index of shape {index.shape}, expected ({n},)")
+        index = np.nonzero(index)[0]
+      if not np.issubdtype(index.dtype, np.integer):
+        raise TypeError(f"ShardedRows: unsupported index {key!r}")
+      flat = index.reshape(-1).astype(np.int64)
+      flat = np.where(flat < 0, flat + n, flat)
+      if flat.size and (flat.min() < 0 or flat.max() >= n):
+        raise IndexError(f"ShardedRows: index out of range [0, {n})")
+      result = self._gather(flat).reshape(index.shape + (self._dim,))
+    return result if cols is None else result[..., cols]
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    """The whole `[num_rows, dim]` array (one full copy in memory)."""
+    del copy
+    out = self.read_rows(0, self.shape[0])
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+  def astype(self, dtype: Any, copy: bool = True) -> np.ndarray:
+    """The whole array as `dtype` (numpy's `astype`, reading every row)."""
+    del copy
+    return np.asarray(self, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The in-memory snapshot
 # ----------------------------------------------------------------------------------------------------
 
@@ -223,12 +560,15 @@ class Snapshot:
     corpus_fingerprint: fingerprint of the knowledge corpus (block ids and texts) that was embedded.
     block_ids: `[num_blocks]` int64, unique; row `r` of `embeddings` embeds block `block_ids[r]`.
     embeddings: `[num_blocks, dim]` float32 (float16 if stored so); a read-only `np.memmap` when read
-      with `mmap=True` and a single shard was loaded.
+      with `mmap=True` and a single shard was loaded; a `ShardedRows` (rows read from the shard files on
+      demand, never all held in memory) when read with `lazy=True`.
     metadata: free-form JSON metadata from the writer (e.g. the embedder's config name).
     num_shards: number of shards the snapshot was written in.
     shard_indices: which shards were loaded, in row order.
     shard_row_ranges: `(start, end)` rows of each loaded shard inside `block_ids` / `embeddings`
       (default: one range covering all rows).
+    manifest: the parsed `manifest.json` (set by `read_snapshot`; None for snapshots made in memory).
+      Its optional `searcher` entry describes the serialized ScaNN searcher (`searcher_entry`).
 
   Raises:
     SnapshotError: in `__post_init__` if the arrays disagree in shape or type.
@@ -243,6 +583,7 @@ class Snapshot:
   num_shards: int = 1
   shard_indices: tuple[int, ...] = (0,)
   shard_row_ranges: tuple[tuple[int, int], ...] | None = None
+  manifest: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     where = f"Snapshot({self.path})"
@@ -451,6 +792,7 @@ class SnapshotWriter:
     self.tmp_dir = staging_dir(self.root, self.params_step)
     self.final_dir = fileio.join(self.root, str(self.params_step))
     self._committed = False
+    self._searcher: dict[str, Any] | None = None
     if is_committed(self.final_dir):
       if not overwrite:
         raise SnapshotError(f"{self.final_dir}: snapshot for params_step {self.params_step} already "
@@ -603,6 +945,78 @@ class SnapshotWriter:
       done.append(shard_index)
     return done
 
+  def staged_arrays(self) -> tuple[np.ndarray, ShardedRows]:
+    """Every written shard of the staging directory, in shard order, for building a searcher.
+
+    Returns:
+      (`[num_blocks]` int64 block ids, `[num_blocks, dim]` `ShardedRows` over the shard files: nothing
+      but the headers is read until used).
+
+    Raises:
+      SnapshotError: if a shard is missing or its files do not match its record.
+    """
+    ids, parts = [], []
+    for shard_index in range(self.num_shards):
+      record = self._load_record(shard_index, verify=False)
+      emb_path, ids_path, _ = self._shard_paths(shard_index)
+      ids.append(_load_block_ids(ids_path, record["block_ids_sha256"], f"shard {shard_index}",
+                                 fileio.join(self.tmp_dir, shard_record_file_name(
+                                     shard_index, self.num_shards)), record["num_rows"]))
+      parts.append(open_npy_part(emb_path, record["num_rows"], self.dim, self.dtype,
+                                 f"shard {shard_index} embeddings"))
+    return np.concatenate(ids), ShardedRows(parts, self.dim, self.dtype)
+
+  def add_searcher(self, local_dir: PathLike, kind: str, config: Mapping[str, Any], num_rows: int,
+                   info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Uploads a serialized searcher (e.g. ScaNN's `searcher.serialize(local_dir)`) into the snapshot.
+
+    Each file `<name>` of `local_dir` is copied (streamed, 4 MiB at a time) to
+    `<staging dir>/searcher-<name>`: locally a fsync-ed `*.partial` renamed into place, on object stores
+    one object write. The manifest written by `commit` then names every file with its SHA-256 and size,
+    the searcher's `config` (what determines it: the trainer rebuilds when its own differs) and the
+    `num_rows` it indexes (REALM §3.4: the index builder publishes the MIPS index, not only the
+    embeddings). Call it on the committing writer, before `commit`.
+
+    Args:
+      local_dir: a local directory holding only the searcher's regular files (no sub-directories).
+      kind: the searcher kind, e.g. "scann".
+      config: JSON-serialisable settings that determine the searcher.
+      num_rows: rows indexed; `commit` checks it equals the snapshot's `num_blocks`.
+      info: free-form JSON (library version, build seconds).
+
+    Returns:
+      The manifest entry (`kind`, `config`, `num_rows`, `dim`, `files`, `info`).
+
+    Raises:
+      SnapshotError: on a bad file name (only `[A-Za-z0-9_.-]`, no pickles), a sub-directory, a
+        non-serialisable config, or after `commit`.
+    """
+    where = f"SnapshotWriter.add_searcher({local_dir})"
+    if self._committed:
+      raise SnapshotError(f"{self.final_dir}: snapshot already committed; cannot add a searcher")
+    local_dir = pathlib.Path(local_dir)
+    names = sorted(os.listdir(local_dir))
+    for name in names:
+      if not _SEARCHER_NAME_RE.match(name) or name.endswith(".pkl") or not (local_dir / name).is_file():
+        raise SnapshotError(f"{where}: {name!r} is not a plain searcher file (names [A-Za-z0-9_.-], "
+                            "no pickles, no directories)")
+    if not names:
+      raise SnapshotError(f"{where}: no files")
+    for old in fileio.listdir(self.tmp_dir):
+      if old.startswith(SEARCHER_FILE_PREFIX):
+        fileio.remove(fileio.join(self.tmp_dir, old))
+    files = []
+    for name in names:
+      digest, size = _upload_file(local_dir / name, fileio.join(self.tmp_dir, searcher_file_name(name)))
+      files.append({"name": name, "sha256": digest, "bytes": size})
+    entry = {"kind": str(kind), "config": _validate_metadata(config, where),
+             "num_rows": int(num_rows), "dim": self.dim, "files": files,
+             "info": _validate_metadata(info, where)}
+    self._searcher = entry
+    logging.info("snapshot %s: searcher %s uploaded (%d files, %.1f MB)", self.tmp_dir, kind,
+                 len(files), sum(f["bytes"] for f in files) / 1e6)
+    return entry
+
   def commit(self, verify: bool = True) -> fileio.Path:
     """Checks every shard and writes the manifest: locally into `tmp_dir`, then renamed to
     `<root>/<params_step>`; on object stores into `<root>/<params_step>` directly, as the last write.
@@ -645,6 +1059,14 @@ class SnapshotWriter:
     num_blocks = sum(r["num_rows"] for r in records)
     if num_blocks == 0:
       raise SnapshotError(f"{self.tmp_dir}: field 'num_blocks' is 0; a snapshot needs at least one row")
+    if self._searcher is not None:
+      if self._searcher["num_rows"] != num_blocks:
+        raise SnapshotError(f"{self.tmp_dir}: field 'searcher.num_rows' is "
+                            f"{self._searcher['num_rows']} but the shards hold {num_blocks} rows")
+      for f in self._searcher["files"]:
+        if not fileio.exists(fileio.join(self.tmp_dir, searcher_file_name(f["name"]))):
+          raise SnapshotError(f"{fileio.join(self.tmp_dir, searcher_file_name(f['name']))}: file not "
+                              "found (field 'searcher.files' of the manifest being committed)")
     shards, row = [], 0
     for r in records:
       shards.append({
@@ -672,6 +1094,8 @@ class SnapshotWriter:
         "created_unix": now,
         "metadata": self.metadata,
     }
+    if self._searcher is not None:
+      manifest[SEARCHER_FIELD] = self._searcher
     for stale in fileio.glob(self.tmp_dir, "*.partial"):
       fileio.remove(stale)
     if not self.atomic_rename:
@@ -871,22 +1295,34 @@ def _load_npy_checked(path: fileio.Path, sha256: str | None, field: str, checksu
 def read_snapshot(path: PathLike,
                   validate: bool = True,
                   mmap: bool = False,
-                  shard_indices: Sequence[int] | None = None) -> Snapshot:
+                  shard_indices: Sequence[int] | None = None,
+                  lazy: bool = False,
+                  validate_rows: tuple[int, int] | None = None) -> Snapshot:
   """Loads a committed snapshot (all shards, or a subset for one host of a multi-host job).
 
   The manifest schema, array shapes and dtypes are always checked. With `validate`, also the SHA-256 of
   every loaded file, block-id uniqueness and the absence of NaN/inf (this reads every byte).
+
+  With `lazy` (paper scale, REALM §3.4: 13.35M x 128 float32 is 6.8 GB), `embeddings` is a
+  `ShardedRows`: only the `.npy` headers are read here, rows are read from the shard files when used
+  (so a searcher copies them straight to its device buffers and the host never holds a second copy).
+  Validation then streams each embeddings file once (SHA-256 and finiteness in one pass, plain reads).
+  On a pod every host opens the whole snapshot lazily and validates only `validate_rows`, the rows its
+  own devices hold (`searchers.process_row_range`); the other hosts validate theirs.
 
   Args:
     path: the snapshot directory `<root>/<params_step>` (local path or URL).
     validate: check checksums, uniqueness and finiteness.
     mmap: memory-map the `.npy` files read-only instead of reading them (one shard stays a memmap;
       several shards are concatenated into memory). Local files only: on object stores every file is
-      read once, fully (hashed and parsed from the same bytes).
+      read once, fully (hashed and parsed from the same bytes). Ignored with `lazy`.
     shard_indices: shards to load, default all; loaded in increasing order.
+    lazy: return `embeddings` as a `ShardedRows` over the shard files (local or object store).
+    validate_rows: with `lazy` and `validate`, only embeddings files overlapping these manifest rows
+      `[start, stop)` are checked (block ids are always checked); default all.
 
   Returns:
-    The `Snapshot`, rows in shard order.
+    The `Snapshot`, rows in shard order; `manifest` holds the parsed manifest.
 
   Raises:
     SnapshotError: naming the file and field, if anything is missing, malformed or corrupt.
@@ -909,6 +1345,19 @@ def read_snapshot(path: PathLike,
     rows = shard["row_end"] - shard["row_start"]
     emb_path = fileio.join(path, shard["embeddings_file"])
     ids_path = fileio.join(path, shard["block_ids_file"])
+    if lazy:
+      ids = _load_block_ids(ids_path, shard["block_ids_sha256"] if validate else None,
+                            f"shards[{i}]", manifest_file, rows)
+      emb = open_npy_part(emb_path, rows, dim, dtype, f"shards[{i}].embeddings_file")
+      if validate and (validate_rows is None or (shard["row_start"] < validate_rows[1] and
+                                                 validate_rows[0] < shard["row_end"])):
+        verify_npy_part(emb, shard["embeddings_sha256"], f"shards[{i}].embeddings_sha256",
+                        manifest_file)
+      all_ids.append(ids)
+      all_emb.append(emb)
+      ranges.append((row, row + rows))
+      row += rows
+      continue
     if local:
       if validate:
         for file, name in ((emb_path, "embeddings_sha256"), (ids_path, "block_ids_sha256")):
@@ -941,13 +1390,130 @@ def read_snapshot(path: PathLike,
     ranges.append((row, row + rows))
     row += rows
   block_ids = all_ids[0] if len(all_ids) == 1 else np.concatenate(all_ids)
-  embeddings = all_emb[0] if len(all_emb) == 1 else np.concatenate(all_emb)
+  if lazy:
+    embeddings = ShardedRows(all_emb, dim, dtype)
+  else:
+    embeddings = all_emb[0] if len(all_emb) == 1 else np.concatenate(all_emb)
   if validate:
     check_unique_block_ids(np.asarray(block_ids), fileio.join(path, "block_ids-*.npy"))
   return Snapshot(path=path, params_step=m["params_step"], corpus_fingerprint=m["corpus_fingerprint"],
                   block_ids=block_ids, embeddings=embeddings, metadata=m["metadata"],
                   num_shards=num_shards, shard_indices=tuple(selected),
-                  shard_row_ranges=tuple(ranges))
+                  shard_row_ranges=tuple(ranges), manifest=m)
+
+
+def _load_block_ids(path: fileio.Path, sha256: str | None, where: str, manifest_file: fileio.Path,
+                    rows: int) -> np.ndarray:
+  """Reads one `[rows]` int64 block-ids file whole, checking its SHA-256 when `sha256` is given.
+
+  Raises:
+    SnapshotError: naming the file and the manifest field if it is missing, corrupt or malformed.
+  """
+  try:
+    data = fileio.read_bytes(path)
+  except FileNotFoundError as e:
+    raise SnapshotError(f"{path}: file not found (field '{where}.block_ids_sha256' of "
+                        f"{manifest_file})") from e
+  except OSError as e:
+    raise SnapshotError(f"{path}: cannot read ({e})") from e
+  if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    raise SnapshotError(f"{path}: checksum does not match field '{where}.block_ids_sha256' of "
+                        f"{manifest_file} (file corrupt or modified)")
+  try:
+    ids = fileio.load_npy_bytes(data)
+  except (OSError, ValueError, EOFError) as e:
+    raise SnapshotError(f"{path}: not a readable .npy file for field '{where}.block_ids_file' "
+                        f"({e})") from e
+  if ids.shape != (rows,) or ids.dtype != np.int64:
+    raise SnapshotError(f"{path}: expected [{rows}] int64 block ids, got shape {ids.shape} "
+                        f"dtype {ids.dtype}")
+  return ids
+
+
+def searcher_entry(manifest: Mapping[str, Any], path: PathLike) -> dict[str, Any] | None:
+  """The manifest's serialized-searcher entry, schema-checked; None if the snapshot has none.
+
+  A malformed entry does not make the snapshot invalid (its embeddings are still good): callers
+  catch the error and rebuild the searcher.
+
+  Args:
+    manifest: a manifest from `read_manifest` / `Snapshot.manifest`.
+    path: the snapshot directory (named in errors).
+
+  Returns:
+    `{"kind", "config", "num_rows", "dim", "files": [{"name", "sha256", "bytes"}], "info"}` or None.
+
+  Raises:
+    SnapshotError: naming the manifest and the `searcher.…` field that is missing or wrong.
+  """
+  if SEARCHER_FIELD not in manifest:
+    return None
+  file = fileio.join(fileio.as_path(path), MANIFEST_NAME)
+  entry = manifest[SEARCHER_FIELD]
+  if not isinstance(entry, dict):
+    raise SnapshotError(f"{file}: field 'searcher' must be an object")
+  try:
+    for name, types in (("kind", str), ("config", dict), ("num_rows", int), ("dim", int),
+                        ("files", list)):
+      _field(entry, name, types, file)
+    if not entry["files"]:
+      raise SnapshotError(f"{file}: field 'files' is empty")
+    for i, f in enumerate(entry["files"]):
+      if not isinstance(f, dict):
+        raise SnapshotError(f"{file}: field 'files[{i}]' must be an object")
+      for name, types in (("name", str), ("sha256", str), ("bytes", int)):
+        _field(f, name, types, file)
+      if not _SEARCHER_NAME_RE.match(f["name"]) or f["name"].endswith(".pkl"):
+        raise SnapshotError(f"{file}: field 'files[{i}].name' {f['name']!r} is not a plain file name")
+  except SnapshotError as e:
+    raise SnapshotError(str(e).replace("field '", "field 'searcher.")) from None
+  return dict(entry)
+
+
+def fetch_searcher_files(path: PathLike, entry: Mapping[str, Any], local_dir: PathLike) -> None:
+  """Puts the verified files of a snapshot's serialized searcher into the local directory `local_dir`.
+
+  Local snapshots: each file is hashed, then symbolic-linked into `local_dir` (no copy of the
+  multi-GB dataset file). Object stores: each file is streamed into `local_dir` and hashed on the way.
+  Either way `local_dir` then holds the files under their original names (`scann_assets.pbtxt`, …), as
+  the library's loader expects (REALM §3.4: the trainer loads the index builder's searcher).
+
+  Args:
+    path: the snapshot directory.
+    entry: its `searcher_entry`.
+    local_dir: an existing, empty local directory.
+
+  Raises:
+    SnapshotError: naming the file and its `searcher.files[i]` field if it is missing, of another
+      size, or its SHA-256 differs (corrupt or modified).
+  """
+  path = fileio.as_path(path)
+  local_dir = pathlib.Path(local_dir)
+  manifest_file = fileio.join(path, MANIFEST_NAME)
+  for i, f in enumerate(entry["files"]):
+    src = fileio.join(path, searcher_file_name(f["name"]))
+    field = f"searcher.files[{i}]"
+    digest, size = hashlib.sha256(), 0
+    try:
+      if isinstance(src, pathlib.Path):
+        with open(src, "rb") as fin:
+          while chunk := fin.read(_COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        os.symlink(src.resolve(), local_dir / f["name"])
+      else:
+        with fileio.open_file(src, "rb") as fin, open(local_dir / f["name"], "wb") as out:
+          while chunk := fin.read(_COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    except FileNotFoundError as e:
+      raise SnapshotError(f"{src}: file not found (field '{field}' of {manifest_file})") from e
+    except OSError as e:
+      raise SnapshotError(f"{src}: cannot read ({e})") from e
+    if size != f["bytes"] or digest.hexdigest() != f["sha256"]:
+      raise SnapshotError(f"{src}: checksum does not match field '{field}.sha256' of {manifest_file} "
+                          f"({size} bytes, expected {f['bytes']}; file corrupt or modified)")
 
 
 # ----------------------------------------------------------------------------------------------------

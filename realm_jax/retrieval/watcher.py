@@ -15,8 +15,10 @@ index builder (`realm-jax index-builder`, `index_builder.run`) is a separate job
     watcher.close()
 
 A background thread polls the snapshots directory, loads the newest committed snapshot of the same
-corpus (`read_snapshot(validate=True)`: checksums, shapes, finiteness), builds its searcher, and leaves
-it as *pending*. `before_step` swaps a pending index in (a reference assignment under a lock) and so never
+corpus (`read_snapshot(validate=True, lazy=True)`: checksums, shapes, finiteness, streamed; rows stay in
+the shard files until a searcher reads them), makes its searcher — `searchers.searcher_from_snapshot`
+LOADS the ScaNN searcher the index builder serialized into the snapshot when it matches, and builds one
+otherwise — and leaves it as *pending*. `before_step` swaps a pending index in (a reference assignment under a lock) and so never
 waits for I/O or a searcher build — except when the live index is more than `max_index_staleness_steps`
 behind the step (Megatron's bound on REALM's asynchrony; 500 steps, REFERENCE.md), or when there is no
 index at all yet: then it blocks, logging while it waits, until a fresh-enough snapshot is live, or
@@ -359,7 +361,7 @@ class IndexWatcher:
         continue
       t0 = time.perf_counter()
       try:
-        snapshot = snapshot_lib.read_snapshot(path, validate=True)
+        snapshot = snapshot_lib.read_snapshot(path, validate=True, lazy=True)
         t1 = time.perf_counter()
         searcher = self.make_searcher(snapshot)
       except Exception as e:  # noqa: BLE001 - any bad snapshot must leave the trainer running.

@@ -84,6 +84,9 @@ def make_searcher_factory(kind: str, mesh: jax.sharding.Mesh | None = None,
                           **searcher_kwargs: Any) -> MakeSearcher:
   """A function snapshot -> searcher for `kind` ('scann' on the host, 'exact' sharded on `mesh`).
 
+  For 'scann' the searcher serialized in the snapshot by the index builder is loaded when it was
+  made with the same settings (`searchers.searcher_from_snapshot`); else it is built.
+
   Raises:
     ValueError: on an unknown kind.
   """
@@ -99,12 +102,16 @@ def make_searcher_factory(kind: str, mesh: jax.sharding.Mesh | None = None,
 
 def load_index(path: str | os.PathLike, make_searcher: MakeSearcher,
                expected_fingerprint: str | None = None) -> LoadedIndex:
-  """Reads (and validates) a committed snapshot and builds its searcher.
+  """Reads (and validates) a committed snapshot and makes its searcher (REALM §3.4).
+
+  The snapshot is opened lazily (`read_snapshot(lazy=True)`: validated by streaming, rows read from
+  the shard files when a searcher needs them), and `make_searcher` (`make_searcher_factory`) loads the
+  ScaNN searcher serialized in the snapshot when it matches, building one otherwise.
 
   Raises:
     snapshot.SnapshotError: if the snapshot is malformed or embeds another corpus.
   """
-  snapshot = snapshot_lib.read_snapshot(path)
+  snapshot = snapshot_lib.read_snapshot(path, lazy=True)
   if expected_fingerprint is not None and snapshot.corpus_fingerprint != expected_fingerprint:
     raise snapshot_lib.SnapshotError(
         f"{path}: field 'corpus_fingerprint' is {snapshot.corpus_fingerprint[:12]}… but the "
