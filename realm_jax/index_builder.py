@@ -159,6 +159,7 @@ class BuildResult:
     skipped_shards: shards of this process found already written by an interrupted run (resume).
     embed_s: wall seconds this process spent embedding and writing its shards.
     commit_s: wall seconds of the commit (checksums, manifest, rename) on process 0; 0 elsewhere.
+    searcher_s: wall seconds building, serializing and uploading the ScaNN searcher (process 0).
   """
 
   path: fileio.Path | None
@@ -169,6 +170,7 @@ class BuildResult:
   skipped_shards: tuple[int, ...]
   embed_s: float
   commit_s: float
+  searcher_s: float = 0.0
 
 
 def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
@@ -176,7 +178,8 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
                    batch_size: int = 64, blocks_per_shard: int = 4096,
                    metadata: dict[str, Any] | None = None, process_index: int | None = None,
                    process_count: int | None = None, overwrite: bool = False,
-                   shard_pause_s: float = 0.0, embed_fn: EmbedFn | None = None) -> BuildResult:
+                   shard_pause_s: float = 0.0, embed_fn: EmbedFn | None = None,
+                   searcher: dict[str, Any] | None = None) -> BuildResult:
   """Embeds every block with Embed_doc and commits the snapshot `<root>/<params_step>` (REALM §3.4).
 
   Each process embeds a disjoint contiguous range of blocks on its own local devices and writes its own
@@ -199,6 +202,9 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
       the host (the CPU demo); 0 on accelerators.
     embed_fn: `make_document_embed_fn(retriever_cfg, mesh)`, made once by a caller that builds many
       snapshots (its compiled bucket shapes are then reused); default: made here.
+    searcher: `ScannSearcher` settings: process 0 builds ScaNN over all shards and writes it into the
+      snapshot before the commit (`searchers.add_scann_searcher`), so trainers load it instead of
+      building it; None (default): embeddings only.
 
   Returns:
     A `BuildResult` (its `path` is None on processes other than 0).
@@ -241,8 +247,13 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"snapshot-{params_step}-written")
   embed_s = time.perf_counter() - start
-  path, commit_s = None, 0.0
+  path, commit_s, searcher_s = None, 0.0, 0.0
   if process_index == 0:
+    if searcher is not None:
+      from realm_jax.retrieval import searchers as searchers_lib
+      t0 = time.perf_counter()
+      searchers_lib.add_scann_searcher(writer, **searcher)
+      searcher_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     path = writer.commit()
     commit_s = time.perf_counter() - t0
@@ -250,7 +261,8 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
                  num_blocks, retriever_cfg.embedding_dim, len(written), len(skipped))
   return BuildResult(path=path, params_step=int(params_step), num_blocks=num_blocks,
                      num_shards=num_shards, written_shards=tuple(written),
-                     skipped_shards=tuple(skipped), embed_s=embed_s, commit_s=commit_s)
+                     skipped_shards=tuple(skipped), embed_s=embed_s, commit_s=commit_s,
+                     searcher_s=searcher_s)
 
 
 def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
@@ -658,7 +670,9 @@ def run(workdir: str,
         idle_timeout_s: float | None = None,
         stale_tmp_age_s: float = 3600.0,
         shard_pause_s: float = 0.0,
-        mesh_shape: tuple[int, ...] = (-1, 1)) -> dict[str, Any]:
+        mesh_shape: tuple[int, ...] = (-1, 1),
+        serialize_searcher: bool = True,
+        searcher_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
   """`realm-jax index-builder`: the asynchronous index refresher of REALM pre-training (§3.4).
 
   Loop: poll `WORKDIR/checkpoints` every `poll_interval_s`; when its newest checkpoint is newer than the
@@ -695,6 +709,10 @@ def run(workdir: str,
     stale_tmp_age_s: delete other `.tmp-*` directories idle for this long (crashed writers).
     shard_pause_s: sleep after each shard to leave CPU time to a trainer on the same host.
     mesh_shape: this job's local mesh, `(data, model)`; -1 fills.
+    serialize_searcher: also build the ScaNN searcher and commit it inside each snapshot (trainers
+      and `predict` load it instead of building it at every swap, REALM §3.4).
+    searcher_kwargs: its `ScannSearcher` settings; they must be the trainer's for it to be loaded
+      (default: the defaults of both).
 
   Returns:
     A summary: `refreshes` (the records of `read_refreshes` written by this call), `stopped_because`,
@@ -814,7 +832,8 @@ def run(workdir: str,
             snapshots_root, corpus, retriever_cfg, params, step, mesh=mesh, batch_size=batch_size,
             blocks_per_shard=blocks_per_shard, shard_pause_s=shard_pause_s, embed_fn=embed_fn,
             metadata={"source": source, "checkpoint_mtime": checkpoint_mtime,
-                      "init_checkpoint": model.init_checkpoint})
+                      "init_checkpoint": model.init_checkpoint},
+            searcher=dict(searcher_kwargs or {}) if serialize_searcher else None)
       except snapshot_lib.SnapshotError as e:
         _after_write_conflict(snapshots_root, step, e, stale_tmp_age_s, poll_interval_s)
         continue
@@ -827,6 +846,7 @@ def run(workdir: str,
                "written_shards": list(result.written_shards),
                "skipped_shards": list(result.skipped_shards), "restore_s": restore_s,
                "embed_s": result.embed_s, "commit_s": result.commit_s,
+               "searcher_s": result.searcher_s,
                "total_s": time.perf_counter() - t_start, "checkpoint_mtime": checkpoint_mtime,
                "committed_at": last_commit}
       summary["refreshes"].append(entry)

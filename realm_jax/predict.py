@@ -55,7 +55,7 @@ def predict(workdir: str, questions: Sequence[str],
                             "with this workdir first")
   tokenizer, corpus, _, _ = finetune.load_openqa_data(
       data, model, workdir, seed)
-  snapshot = snapshot_lib.read_snapshot(path)
+  snapshot = snapshot_lib.read_snapshot(path, lazy=True)  # Loads the serialized ScaNN searcher below.
   params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
   params = jax.device_put(params, sharding.replicated(mesh))
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
