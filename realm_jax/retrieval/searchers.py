@@ -338,10 +338,24 @@ class ExactSearcher:
     logging.info("ExactSearcher: %d x %d index (padded to %d rows) over %d devices in %.2f s",
                  self.num_blocks, self.dim, self.num_rows, num_shards, self.build_seconds)
 
+  # Scores of one call, `[batch, num_rows]` float32 over all devices, are kept under this many bytes by
+  # searching numpy queries in chunks (at 13.35M rows a 256-query batch would score 13.7 GB at once;
+  # on CPU the simulated devices share the host's memory).
+  max_score_bytes = 1 << 30
+
   def search_rows(self, query_embeddings: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Like `search`, but returns `[batch, k]` int64 row numbers (snapshot row order) for the ids."""
     k = _check_k(k, self.num_blocks, "ExactSearcher.search")
     queries = _check_queries(query_embeddings, self.dim, "ExactSearcher.search")
+    chunk = max(1, self.max_score_bytes // (4 * self.num_rows))
+    if isinstance(queries, np.ndarray) and queries.shape[0] > chunk:
+      # Equal-sized chunks (the last one padded) so that one compiled shape serves them all.
+      batch = queries.shape[0]
+      padded = np.zeros((-(-batch // chunk) * chunk, self.dim), np.float32)
+      padded[:batch] = queries
+      parts = [self.search_rows(padded[i:i + chunk], k) for i in range(0, batch, chunk)]
+      return (np.concatenate([p[0] for p in parts])[:batch],
+              np.concatenate([p[1] for p in parts])[:batch])
     if isinstance(queries, np.ndarray):
       host_queries = queries
       queries = jax.make_array_from_callback(host_queries.shape, sharding.replicated(self.mesh),

@@ -269,3 +269,14 @@ def test_exact_searcher_over_lazy_rows_matches_numpy_and_reads_each_row_once(tmp
   np.testing.assert_array_equal(got, ids[order])
   np.testing.assert_allclose(scores, np.take_along_axis(exact, order, axis=1), rtol=1e-5)
   assert searchers.process_row_range(searcher.mesh, searcher.num_rows) == (0, 208)
+
+
+def test_exact_searcher_chunks_large_query_batches(monkeypatch):
+  ids, emb, _ = _data(n=100, dim=8)
+  queries = np.random.default_rng(1).normal(size=(13, 8)).astype(np.float32)
+  searcher = searchers.ExactSearcher(emb, ids)
+  whole = searcher.search(queries, 5)
+  monkeypatch.setattr(searchers.ExactSearcher, "max_score_bytes", 4 * 104 * 3)  # 3 queries a call.
+  chunked = searcher.search(queries, 5)
+  np.testing.assert_array_equal(chunked[1], whole[1])
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
