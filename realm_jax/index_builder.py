@@ -375,19 +375,21 @@ def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
 
 
 def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress: bool = True):
-  """Prepares (once, TFDS) and loads the blocked knowledge corpus of `data` (see `CorpusConfig`).
+  """Prepares (once) and opens the blocked knowledge corpus of `data` (see `CorpusConfig`).
 
-  The trainer and the index builder may prepare the same TFDS dataset at the same moment; the loser of
-  that race (its final rename fails) simply loads the winner's copy.
+  The corpus is streamed to `data_dir/realm_corpus/` and memory-mapped (`data.corpus_store`). On a
+  pod with a `gs://` data directory every host builds its share of the source files. The trainer
+  and the index builder may prepare the same corpus at the same moment; their commits are atomic
+  and identical, and the loser of a rename race simply retries and opens the winner's copy.
 
   Returns:
-    A `data.corpus.Corpus`.
+    A `data.corpus_store.Corpus`.
 
   Raises:
     FileNotFoundError / data.corpus.DataFormatError: naming the bad source file.
   """
   from realm_jax import tokenization
-  from realm_jax.data import tfds_builders
+  from realm_jax.data import corpus_store
 
   config = as_corpus_config(data)
   tok_path = config.tokenizer_path
@@ -396,12 +398,14 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
     tok_path = str(fileio.join(ckpt, "vocab.txt")) if ckpt else str(
         tokenization.minilm_model_dir() / "vocab.txt")
   tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
-  data_dir = config.data_dir or os.path.join(workdir, "tfds")
+  data_dir = config.data_dir or fileio.join(workdir, "tfds")
   sources = corpus_sources(config, data_dir)  # As `pretrain.load_corpus`: same fingerprint.
   for attempt in range(3):
     try:
-      return tfds_builders.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
-                                        show_progress=show_progress)
+      return corpus_store.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
+                                       show_progress=show_progress,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
     except OSError as e:
       if attempt == 2 or isinstance(e, FileNotFoundError):
         raise

@@ -23,11 +23,12 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tqdm
 
+from realm_jax import fileio
 from realm_jax import tokenization
 
 DEFAULT_MAX_BLOCK_LENGTH = 288
@@ -123,12 +124,19 @@ def squad_doc_id(article_title: str, paragraph_index: int) -> str:
   return f"{article_title}#{paragraph_index}"
 
 
-def _open_text(path: pathlib.Path) -> io.TextIOBase:
-  if not path.is_file():
+def _open_text(path: fileio.PathLike) -> io.TextIOBase:
+  """Opens a local or URL text file (`.gz` decompressed on the fly) as UTF-8 text, via `fileio`.
+
+  Raises:
+    FileNotFoundError: "data file not found: {path}".
+  """
+  path = fileio.as_path(path)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"data file not found: {path}")
-  if path.suffix == ".gz":
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-  return path.open(encoding="utf-8")
+  raw = fileio.open_file(path, "rb")
+  if os.fspath(path).endswith(".gz"):
+    raw = gzip.open(raw, "rb")
+  return io.TextIOWrapper(raw, encoding="utf-8")
 
 
 def json_field(record: Any, key: str, kind: type | tuple[type, ...], where: str,
@@ -171,7 +179,7 @@ def load_squad_json(path: str | os.PathLike) -> list[dict[str, Any]]:
     DataFormatError: invalid JSON (with its line) or a missing / mistyped field (with its JSON
       path, e.g. `data[3].paragraphs[2]: missing field 'context'`).
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   with _open_text(path) as f:
     try:
       root = json.load(f)
@@ -223,7 +231,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     FileNotFoundError: if `path` is missing.
     DataFormatError: "{path}:{line}: invalid JSON (…)" or non-UTF-8 text.
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   with _open_text(path) as f:
     line_number = 0
     try:
@@ -255,8 +263,20 @@ def read_jsonl_documents(path: str | os.PathLike,
     FileNotFoundError: if `path` does not exist.
     DataFormatError: naming the line and the field at fault.
   """
-  path = pathlib.Path(path)
-  documents, seen = [], {}
+  return list(iter_jsonl_documents(path, drop_excluded_titles))
+
+
+def iter_jsonl_documents(path: str | os.PathLike,
+                         drop_excluded_titles: bool = True) -> Iterator[Document]:
+  """Streams the documents of a JSON-lines file one line at a time (see `read_jsonl_documents`).
+
+  Memory holds one line plus the per-title counters of the titles seen in this file.
+
+  Raises:
+    FileNotFoundError, DataFormatError: as `read_jsonl_documents`.
+  """
+  path = fileio.as_path(path)
+  seen: dict[str, int] = {}
   for line_number, record in iter_jsonl(path):
     where = f"{path}:{line_number}"
     title = json_field(record, "title", str, where)
@@ -265,8 +285,7 @@ def read_jsonl_documents(path: str | os.PathLike,
     if drop_excluded_titles and is_excluded_title(title):
       continue
     doc_id = _unique_doc_id(title, seen) if doc_id is None else str(doc_id)
-    documents.append(Document(doc_id, title, text))
-  return documents
+    yield Document(doc_id, title, text)
 
 
 def read_text_documents(path: str | os.PathLike,
@@ -282,7 +301,7 @@ def read_text_documents(path: str | os.PathLike,
     FileNotFoundError: if `path` does not exist.
     DataFormatError: for text that is not UTF-8 (naming the line).
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   with _open_text(path) as f:
     try:
       lines = f.read().split("\n")
@@ -327,17 +346,31 @@ def read_documents(path: str | os.PathLike, drop_excluded_titles: bool = True) -
     ValueError: for an unknown extension.
     FileNotFoundError, DataFormatError: from the reader.
   """
-  name = pathlib.Path(path).name.lower()
+  return list(iter_documents(path, drop_excluded_titles))
+
+
+def iter_documents(path: str | os.PathLike, drop_excluded_titles: bool = True) -> Iterator[Document]:
+  """Yields the documents of one local or URL file, choosing the reader by extension.
+
+  JSON lines are streamed line by line (the format of a Wikipedia dump); a SQuAD file or a plain
+  text file is parsed whole (these formats are one JSON value, or pages split by blank lines).
+
+  Raises:
+    ValueError: for an unknown extension.
+    FileNotFoundError, DataFormatError: from the reader.
+  """
+  name = fileio.basename(path).lower()
   if name.endswith(".gz"):
     name = name[:-3]
   if name.endswith(".json"):
-    return read_squad_documents(path, drop_excluded_titles)
-  if name.endswith(".jsonl"):
-    return read_jsonl_documents(path, drop_excluded_titles)
-  if name.endswith((".txt", ".tokens")):
-    return read_text_documents(path, drop_excluded_titles)
-  raise ValueError(f"{path}: unknown corpus format; expected .json(.gz) (SQuAD), "
-                   ".jsonl(.gz) or .txt(.gz)")
+    yield from read_squad_documents(path, drop_excluded_titles)
+  elif name.endswith(".jsonl"):
+    yield from iter_jsonl_documents(path, drop_excluded_titles)
+  elif name.endswith((".txt", ".tokens")):
+    yield from read_text_documents(path, drop_excluded_titles)
+  else:
+    raise ValueError(f"{path}: unknown corpus format; expected .json(.gz) (SQuAD), "
+                     ".jsonl(.gz) or .txt(.gz)")
 
 
 def embedded_squad_paths() -> dict[str, pathlib.Path]:
@@ -492,7 +525,8 @@ def split_into_blocks(documents: Iterable[Document], tokenizer: tokenization.Tok
   a sentence longer than a whole block is cut at the token limit (at the last word boundary before
   it when there is one). The title is repeated in every block of its document; a title longer than
   `(max_block_length - 3) // 2` tokens is truncated to that length. Documents without any token
-  produce no block.
+  produce no block. For corpora that do not fit in memory, `iter_blocks` streams the same blocks
+  and `data.corpus_store.build_corpus` writes them to disk.
 
   Args:
     documents: the pages, in the order that defines the block ids.
@@ -510,8 +544,6 @@ def split_into_blocks(documents: Iterable[Document], tokenizer: tokenization.Tok
   Raises:
     ValueError: if `max_block_length < 5` or two documents share a `doc_id`.
   """
-  if max_block_length < NUM_SPECIAL_TOKENS_PER_BLOCK + 2:
-    raise ValueError(f"max_block_length must be at least 5 tokens, got {max_block_length}")
   documents = list(documents)
   seen: dict[str, int] = {}
   for k, d in enumerate(documents):
@@ -519,33 +551,72 @@ def split_into_blocks(documents: Iterable[Document], tokenizer: tokenization.Tok
       raise ValueError(f"duplicate doc_id {d.doc_id!r} (documents {seen[d.doc_id]} and {k}); "
                        "doc_ids identify gold and trivial documents and must be unique")
     seen[d.doc_id] = k
-  max_title = (max_block_length - NUM_SPECIAL_TOKENS_PER_BLOCK) // 2
-  blocks: list[Block] = []
   with tqdm.tqdm(total=len(documents), desc="Splitting documents into blocks", unit="doc",
                  disable=not show_progress) as bar:
-    for lo in range(0, len(documents), batch_size):
-      batch = documents[lo:lo + batch_size]
-      bodies = tokenizer.encode_batch_with_offsets([d.text for d in batch])
-      titles = tokenizer.encode_batch_with_offsets([d.title for d in batch])
-      for document, (ids, offsets), (title_ids, _) in zip(batch, bodies, titles):
-        title_arr = np.asarray(title_ids[:max_title], dtype=np.int32)
-        budget = max_block_length - NUM_SPECIAL_TOKENS_PER_BLOCK - len(title_arr)
-        ids_arr = np.asarray(ids, dtype=np.int32)
-        off_arr = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
-        ranges, sentence_starts = _pack_document(document, ids, off_arr, tokenizer, budget)
-        for start, end in ranges:
-          char_start = int(off_arr[start:end, 0].min())
-          char_end = int(off_arr[start:end, 1].max())
-          first = bisect.bisect_right(sentence_starts, start)
-          last = bisect.bisect_left(sentence_starts, end)
-          starts = [0] + [k - start for k in sentence_starts[first:last]]
-          blocks.append(Block(
-              block_id=len(blocks), doc_id=document.doc_id, title=document.title,
-              text=document.text[char_start:char_end], title_ids=title_arr,
-              body_ids=ids_arr[start:end].copy(), body_offsets=off_arr[start:end] - char_start,
-              sentence_starts=np.asarray(starts, dtype=np.int32)))
-      bar.update(len(batch))
-  return blocks
+    return list(iter_blocks(documents, tokenizer, max_block_length, batch_size=batch_size,
+                            on_documents=bar.update))
+
+
+def iter_blocks(documents: Iterable[Document], tokenizer: tokenization.Tokenizer,
+                max_block_length: int = DEFAULT_MAX_BLOCK_LENGTH, *, batch_size: int = 256,
+                first_block_id: int = 0,
+                on_documents: Callable[[int], Any] | None = None) -> Iterator[Block]:
+  """Streams `split_into_blocks`: blocks come out `batch_size` documents at a time.
+
+  Memory holds one batch of documents and their blocks, whatever the corpus size. Documents are
+  not checked for duplicate ids here (the caller sees every id once; see `corpus_store`).
+
+  Args:
+    documents: the pages, any iterable (consumed once).
+    tokenizer, max_block_length, batch_size: as in `split_into_blocks`.
+    first_block_id: the `block_id` of the first block.
+    on_documents: called with the number of documents of each batch once it is blocked (progress).
+
+  Yields:
+    `Block`s with consecutive ids from `first_block_id`, in document order.
+
+  Raises:
+    ValueError: if `max_block_length < 5`.
+  """
+  if max_block_length < NUM_SPECIAL_TOKENS_PER_BLOCK + 2:
+    raise ValueError(f"max_block_length must be at least 5 tokens, got {max_block_length}")
+  max_title = (max_block_length - NUM_SPECIAL_TOKENS_PER_BLOCK) // 2
+  next_id = first_block_id
+  for batch in _batched(documents, batch_size):
+    bodies = tokenizer.encode_batch_with_offsets([d.text for d in batch])
+    titles = tokenizer.encode_batch_with_offsets([d.title for d in batch])
+    for document, (ids, offsets), (title_ids, _) in zip(batch, bodies, titles):
+      title_arr = np.asarray(title_ids[:max_title], dtype=np.int32)
+      budget = max_block_length - NUM_SPECIAL_TOKENS_PER_BLOCK - len(title_arr)
+      ids_arr = np.asarray(ids, dtype=np.int32)
+      off_arr = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
+      ranges, sentence_starts = _pack_document(document, ids, off_arr, tokenizer, budget)
+      for start, end in ranges:
+        char_start = int(off_arr[start:end, 0].min())
+        char_end = int(off_arr[start:end, 1].max())
+        first = bisect.bisect_right(sentence_starts, start)
+        last = bisect.bisect_left(sentence_starts, end)
+        starts = [0] + [k - start for k in sentence_starts[first:last]]
+        yield Block(
+            block_id=next_id, doc_id=document.doc_id, title=document.title,
+            text=document.text[char_start:char_end], title_ids=title_arr,
+            body_ids=ids_arr[start:end].copy(), body_offsets=off_arr[start:end] - char_start,
+            sentence_starts=np.asarray(starts, dtype=np.int32))
+        next_id += 1
+    if on_documents is not None:
+      on_documents(len(batch))
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+  """Consecutive lists of `size` items (the last may be shorter)."""
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
 
 
 def corpus_fingerprint(blocks: Iterable[Block], max_block_length: int | None = None) -> str:
@@ -667,157 +738,12 @@ def retrieval_inputs(blocks_or_arrays: Sequence[Block] | Mapping[str, Sequence[n
   return _fill_retrieval_inputs(title_ids, body_ids, tokenizer, max_length, pad_to_multiple_of)
 
 
-# ---------------------------------------------------------------------------------------------
-# In-memory corpus
-# ---------------------------------------------------------------------------------------------
-
-
-def _ragged(arrays: Sequence[np.ndarray], dtype: Any, tail: tuple[int, ...] = ()
-            ) -> tuple[np.ndarray, np.ndarray]:
-  """Concatenates arrays; returns (flat, splits) with `arrays[i] = flat[splits[i]:splits[i+1]]`."""
-  splits = np.zeros(len(arrays) + 1, dtype=np.int64)
-  np.cumsum([len(a) for a in arrays], out=splits[1:])
-  if arrays:
-    flat = np.concatenate([np.asarray(a, dtype=dtype).reshape((-1,) + tail) for a in arrays])
-  else:
-    flat = np.zeros((0,) + tail, dtype=dtype)
-  return flat, splits
-
-
-class Corpus:
-  """A blocked knowledge corpus held in flat numpy arrays, sorted by block id.
-
-  `corpus[i]` is the block at position i; `corpus.block_ids[i]` its id (positions equal ids for
-  corpora built by `split_into_blocks`). Retriever inputs for any subset of positions come from
-  `retrieval_inputs`, padded to the subset's longest block when bucketing.
-  """
-
-  def __init__(self, blocks: Sequence[Block], tokenizer: tokenization.Tokenizer,
-               max_block_length: int = DEFAULT_MAX_BLOCK_LENGTH):
-    """Builds the corpus.
-
-    Args:
-      blocks: the blocks, any order (they are sorted by `block_id`).
-      tokenizer: the tokenizer that produced the ids (supplies the special ids).
-      max_block_length: the block length limit the corpus was built with.
-
-    Raises:
-      ValueError: if two blocks share a block id.
-    """
-    blocks = sorted(blocks, key=lambda b: b.block_id)
-    self.tokenizer = tokenizer
-    self.max_block_length = max_block_length
-    self.block_ids = np.asarray([b.block_id for b in blocks], dtype=np.int64)
-    if len(self.block_ids) > 1 and np.any(np.diff(self.block_ids) == 0):
-      dup = self.block_ids[np.flatnonzero(np.diff(self.block_ids) == 0)[0]]
-      raise ValueError(f"duplicate block_id {dup}")
-    self.doc_ids = np.asarray([b.doc_id for b in blocks], dtype=object)
-    self.titles = [b.title for b in blocks]
-    self.texts = [b.text for b in blocks]
-    self._title_flat, self._title_splits = _ragged([b.title_ids for b in blocks], np.int32)
-    self._body_flat, self._body_splits = _ragged([b.body_ids for b in blocks], np.int32)
-    self._offsets_flat, _ = _ragged([b.body_offsets for b in blocks], np.int32, (2,))
-    self._sentences_flat, self._sentences_splits = _ragged(
-        [b.sentence_starts for b in blocks], np.int32)
-    self.lengths = (NUM_SPECIAL_TOKENS_PER_BLOCK + np.diff(self._title_splits)
-                    + np.diff(self._body_splits)).astype(np.int32)
-    self._fingerprint: str | None = None
-    self._doc_index: dict[str, np.ndarray] | None = None
-
-  def __len__(self) -> int:
-    return len(self.block_ids)
-
-  def __getitem__(self, i: int) -> Block:
-    """The block at position `i` (negative indices count from the end); raises `IndexError`."""
-    n = len(self)
-    if not -n <= i < n:
-      raise IndexError(f"block position {i} out of range for a corpus of {n} blocks")
-    i %= n
-    t0, t1 = self._title_splits[i], self._title_splits[i + 1]
-    b0, b1 = self._body_splits[i], self._body_splits[i + 1]
-    s0, s1 = self._sentences_splits[i], self._sentences_splits[i + 1]
-    return Block(int(self.block_ids[i]), self.doc_ids[i], self.titles[i], self.texts[i],
-                 self._title_flat[t0:t1].copy(), self._body_flat[b0:b1].copy(),
-                 self._offsets_flat[b0:b1].copy(), self._sentences_flat[s0:s1].copy())
-
-  def __iter__(self) -> Iterator[Block]:
-    return (self[i] for i in range(len(self)))
-
-  def title_ids(self, i: int) -> np.ndarray:
-    """`[num_title_tokens]` int32 title ids of the block at position i (a view)."""
-    return self._title_flat[self._title_splits[i]:self._title_splits[i + 1]]
-
-  def body_ids(self, i: int) -> np.ndarray:
-    """`[num_body_tokens]` int32 body ids of the block at position i (a view)."""
-    return self._body_flat[self._body_splits[i]:self._body_splits[i + 1]]
-
-  def body_offsets(self, i: int) -> np.ndarray:
-    """`[num_body_tokens, 2]` int32 char offsets into `texts[i]` (a view)."""
-    return self._offsets_flat[self._body_splits[i]:self._body_splits[i + 1]]
-
-  def sentence_starts(self, i: int) -> np.ndarray:
-    """`[num_sentences]` int32 sentence start indices into `body_ids(i)` (a view)."""
-    return self._sentences_flat[self._sentences_splits[i]:self._sentences_splits[i + 1]]
-
-  def positions(self, block_ids: np.ndarray | Sequence[int]) -> np.ndarray:
-    """Positions of the given block ids (any shape, int64 result of the same shape).
-
-    Raises:
-      KeyError: if an id is not in the corpus.
-    """
-    ids = np.asarray(block_ids, dtype=np.int64)
-    pos = np.searchsorted(self.block_ids, ids)
-    found = np.zeros(ids.shape, dtype=bool)
-    inside = pos < len(self)
-    found[inside] = self.block_ids[pos[inside]] == ids[inside]
-    bad = ~found
-    if np.any(bad):
-      raise KeyError(f"block ids not in the corpus: {ids[bad][:10].tolist()}")
-    return pos
-
-  def positions_of_doc(self, doc_id: str) -> np.ndarray:
-    """`[num_blocks_of_doc]` int64 positions of the blocks cut from `doc_id` (empty if none)."""
-    if self._doc_index is None:
-      index: dict[str, list[int]] = {}
-      for i, d in enumerate(self.doc_ids):
-        index.setdefault(d, []).append(i)
-      self._doc_index = {d: np.asarray(v, dtype=np.int64) for d, v in index.items()}
-    return self._doc_index.get(doc_id, np.zeros(0, dtype=np.int64))
-
-  @property
-  def fingerprint(self) -> str:
-    """`corpus_fingerprint` of the blocks and `max_block_length` (computed once)."""
-    if self._fingerprint is None:
-      self._fingerprint = corpus_fingerprint(iter(self), self.max_block_length)
-    return self._fingerprint
-
-  def retrieval_inputs(self, indices: Sequence[int] | np.ndarray | None = None,
-                       max_length: int | None = None,
-                       pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
-    """Document-tower inputs for the blocks at `indices` (all blocks when None).
-
-    See the module-level `retrieval_inputs` for the layout; `max_length` defaults to the corpus'
-    `max_block_length`. Returns `[len(indices), width]` int32 arrays.
-    """
-    if indices is None:
-      indices = np.arange(len(self))
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
-      raise IndexError(f"block positions outside [0, {len(self)})")
-    return _fill_retrieval_inputs([self.title_ids(int(i)) for i in indices],
-                                  [self.body_ids(int(i)) for i in indices], self.tokenizer,
-                                  max_length or self.max_block_length, pad_to_multiple_of)
-
-  def __repr__(self) -> str:
-    return (f"Corpus({len(self)} blocks, max_block_length={self.max_block_length}, "
-            f"tokenizer={self.tokenizer!r})")
-
-
-def embedded_dev_subset(num_articles: int, directory: str | os.PathLike) -> pathlib.Path:
+def embedded_dev_subset(num_articles: int, directory: fileio.PathLike) -> fileio.Path:
   """Writes (once) the first `num_articles` articles of the embedded SQuAD v1.1 dev set (SQuAD JSON).
 
-  The file is `<directory>/squad-dev-first<N>.json`; its bytes depend only on N, so the TFDS corpus
-  built from it is reused across runs. Its questions serve zero-shot retrieval evaluations.
+  The file is `<directory>/squad-dev-first<N>.json` (local or URL); its bytes depend only on N, so
+  the corpus built from it is reused across runs. Its questions serve zero-shot retrieval
+  evaluations.
 
   Raises:
     ValueError: if `num_articles` is not positive.
@@ -825,14 +751,12 @@ def embedded_dev_subset(num_articles: int, directory: str | os.PathLike) -> path
   """
   if num_articles <= 0:
     raise ValueError(f"embedded_dev_subset: num_articles must be positive, got {num_articles}")
-  path = pathlib.Path(directory) / f"squad-dev-first{num_articles}.json"
-  if path.is_file():
+  path = fileio.join(directory, f"squad-dev-first{num_articles}.json")
+  if fileio.isfile(path):
     return path
   with gzip.open(embedded_squad_paths()["dev"], "rt", encoding="utf-8") as f:
     squad = json.load(f)
   squad["data"] = squad["data"][:num_articles]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(squad), encoding="utf-8")
-  os.replace(tmp, path)
+  fileio.makedirs(directory)
+  fileio.write_atomic(path, json.dumps(squad))
   return path

@@ -1,10 +1,11 @@
-"""TFDS builders (array_record, no TensorFlow) for the knowledge corpus and Open-QA questions.
+"""TFDS builders (array_record, no TensorFlow) for the Open-QA questions.
 
-The blocked knowledge corpus Z (REALM §3.4) and the Open-QA question sets (REALM §4.1, ORQA §6) are
-prepared once into a TFDS data directory and read back by random access. Builders take their
-sources and tokenizer as parameters; the builder-config name is a hash of the source file contents,
-the tokenizer fingerprint and the block length, so different corpora never collide in one data_dir
-and a second `build_corpus` call with the same inputs re-uses the prepared dataset.
+The Open-QA question sets (REALM §4.1, ORQA §6) are prepared once into a TFDS data directory and
+read back by random access. The builder-config name is a hash of the source file contents, so
+different question sets never collide in one data_dir and a second `build_questions` call with the
+same inputs re-uses the prepared dataset. The knowledge corpus has its own streamed, memory-mapped
+store (`data/corpus_store.py`): at Wikipedia scale a TFDS read-back of 13.35M examples would be
+materialised in Python objects.
 
 TensorFlow is never imported: the array_record file format and `as_data_source` run on numpy only.
 """
@@ -21,26 +22,24 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from realm_jax import tokenization
-from realm_jax.data import corpus as corpus_lib
+from realm_jax import fileio
+from realm_jax.data import corpus_store
 from realm_jax.data import questions as questions_lib
 
 # Bump when the blocking or the stored layout changes, so old prepared data is not re-used.
-_CORPUS_FORMAT = 1
 _QUESTIONS_FORMAT = 1
-CORPUS_SPLIT = "blocks"
 _READ_BATCH = 512
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-  path = pathlib.Path(path)
-  if not path.is_file():
+def _file_sha256(path: fileio.PathLike) -> str:
+  """sha256 of a local or URL file; FileNotFoundError "source file not found: {path}"."""
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"source file not found: {path}")
-  h = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  return fileio.sha256(path)
+
+
+def _resolved(path: fileio.Path) -> str:
+  return os.fspath(path.resolve()) if isinstance(path, pathlib.Path) else path
 
 
 def _text(value: Any) -> str:
@@ -49,135 +48,6 @@ def _text(value: Any) -> str:
 
 def _texts(values: Any) -> list[str]:
   return [_text(v) for v in values]
-
-
-# ---------------------------------------------------------------------------------------------
-# Knowledge corpus
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class KnowledgeCorpusConfig(tfds.core.BuilderConfig):
-  """What determines a prepared corpus (the config name hashes all of it).
-
-  Attributes:
-    sources: corpus files, read with `corpus.read_documents` in this order.
-    source_sha256: sha256 of each source file's bytes.
-    tokenizer_fingerprint: `Tokenizer.fingerprint()` of the tokenizer.
-    max_block_length: block length limit in tokens (288 in REALM).
-    drop_excluded_titles: drop "List of…" / "(disambiguation)" pages (REALM §3.4).
-  """
-  sources: tuple[str, ...] = ()
-  source_sha256: tuple[str, ...] = ()
-  tokenizer_fingerprint: str = ""
-  max_block_length: int = corpus_lib.DEFAULT_MAX_BLOCK_LENGTH
-  drop_excluded_titles: bool = True
-
-
-def corpus_config(sources: Sequence[str | os.PathLike], tokenizer: tokenization.Tokenizer,
-                  max_block_length: int = corpus_lib.DEFAULT_MAX_BLOCK_LENGTH,
-                  drop_excluded_titles: bool = True) -> KnowledgeCorpusConfig:
-  """Builds the config of a corpus; its name is `"c" + sha256(contents, tokenizer, length)[:20]`.
-
-  Paths do not enter the name (only file contents do), so moving the files keeps the name.
-
-  Raises:
-    FileNotFoundError: if a source is missing.
-    ValueError: if `sources` is empty.
-  """
-  if not sources:
-    raise ValueError("build a corpus from at least one source file")
-  paths = tuple(str(pathlib.Path(s).resolve()) for s in sources)
-  digests = tuple(_file_sha256(p) for p in paths)
-  key = "\n".join([f"corpus-format={_CORPUS_FORMAT}", f"max_block_length={max_block_length}",
-                   f"drop_excluded_titles={drop_excluded_titles}",
-                   f"tokenizer={tokenizer.fingerprint()}",
-                   *(f"{pathlib.Path(p).suffixes}:{d}" for p, d in zip(paths, digests))])
-  name = "c" + hashlib.sha256(key.encode()).hexdigest()[:20]
-  description = (f"{len(paths)} source(s): {', '.join(pathlib.Path(p).name for p in paths)}; "
-                 f"max_block_length={max_block_length}; tokenizer={tokenizer!r}")
-  return KnowledgeCorpusConfig(
-      name=name, description=description, sources=paths, source_sha256=digests,
-      tokenizer_fingerprint=tokenizer.fingerprint(), max_block_length=max_block_length,
-      drop_excluded_titles=drop_excluded_titles)
-
-
-class KnowledgeCorpusBuilder(tfds.core.GeneratorBasedBuilder):
-  """One example per block of the knowledge corpus (REALM §3.4), in block-id order.
-
-  Features: block_id (int64), doc_id, title, text (str), title_ids `[n_title]`, body_ids
-  `[n_body]`, sentence_starts `[n_sentences]` (int32), body_offsets `[n_body, 2]` (int32, char
-  offsets into text). Split: "blocks". Shuffling is disabled, so reading back gives block-id
-  order.
-  """
-
-  name = "realm_knowledge_corpus"
-  VERSION = tfds.core.Version("1.0.0")
-  # No checksums or metadata files sit next to this module. Setting this also avoids TFDS
-  # 4.9.10's `code_path` lookup, which needs the `importlib_resources` backport on Python ≥ 3.9.
-  code_path = None
-  RELEASE_NOTES = {"1.0.0": "Blocks of whole sentences, ≤ max_block_length wordpieces."}
-
-  def __init__(self, *, config: KnowledgeCorpusConfig, tokenizer: tokenization.Tokenizer,
-               data_dir: str | os.PathLike, show_progress: bool = True, **kwargs: Any):
-    """Creates the builder.
-
-    Args:
-      config: from `corpus_config` (same tokenizer).
-      tokenizer: tokenizes the documents when the dataset is prepared.
-      data_dir: TFDS data directory.
-      show_progress: show the blocking progress bar.
-      **kwargs: passed to `GeneratorBasedBuilder` (e.g. `file_format`).
-
-    Raises:
-      ValueError: if the tokenizer's fingerprint differs from the config's.
-    """
-    if tokenizer.fingerprint() != config.tokenizer_fingerprint:
-      raise ValueError("the tokenizer does not match the corpus config's tokenizer fingerprint")
-    self._tokenizer = tokenizer
-    self._show_progress = show_progress
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(config=config, data_dir=os.fspath(data_dir), **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    int_seq = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="REALM knowledge corpus blocks: [CLS] title [SEP] body [SEP] ≤ max length.",
-        features=tfds.features.FeaturesDict({
-            "block_id": tfds.features.Scalar(dtype=np.int64),
-            "doc_id": tfds.features.Text(),
-            "title": tfds.features.Text(),
-            "text": tfds.features.Text(),
-            "title_ids": int_seq(),
-            "body_ids": int_seq(),
-            "sentence_starts": int_seq(),
-            "body_offsets": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
-        }),
-        disable_shuffling=True,
-        homepage="https://arxiv.org/abs/2002.08909",
-    )
-
-  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
-    del dl_manager  # Sources are local files.
-    return {CORPUS_SPLIT: self._generate_examples()}
-
-  def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-    config: KnowledgeCorpusConfig = self.builder_config
-    for path, digest in zip(config.sources, config.source_sha256):
-      if _file_sha256(path) != digest:
-        raise RuntimeError(f"{path} changed after the corpus config was made; rebuild the config")
-    documents: list[corpus_lib.Document] = []
-    for path in config.sources:
-      documents.extend(corpus_lib.read_documents(path, config.drop_excluded_titles))
-    blocks = corpus_lib.split_into_blocks(documents, self._tokenizer, config.max_block_length,
-                                          show_progress=self._show_progress)
-    for b in blocks:
-      yield b.block_id, {
-          "block_id": b.block_id, "doc_id": b.doc_id, "title": b.title, "text": b.text,
-          "title_ids": b.title_ids, "body_ids": b.body_ids,
-          "sentence_starts": b.sentence_starts, "body_offsets": b.body_offsets,
-      }
 
 
 def _read_all(data_source: Any, desc: str, show_progress: bool) -> list[dict[str, Any]]:
@@ -190,49 +60,6 @@ def _read_all(data_source: Any, desc: str, show_progress: bool) -> list[dict[str
       bar.update(min(n, lo + _READ_BATCH) - lo)
   return out
 
-
-def build_corpus(sources: Sequence[str | os.PathLike], tokenizer: tokenization.Tokenizer,
-                 data_dir: str | os.PathLike,
-                 max_block_length: int = corpus_lib.DEFAULT_MAX_BLOCK_LENGTH, *,
-                 drop_excluded_titles: bool = True,
-                 show_progress: bool = True) -> corpus_lib.Corpus:
-  """Prepares (once) and loads the blocked knowledge corpus of `sources`.
-
-  The first call reads and blocks the documents (REALM §3.4) and writes an array_record TFDS
-  dataset under `data_dir/realm_knowledge_corpus/<config name>/1.0.0/`; later calls with the same
-  file contents, tokenizer and length re-use it.
-
-  Args:
-    sources: corpus files (`.json(.gz)` SQuAD, `.jsonl(.gz)`, `.txt`), blocked in this order.
-    tokenizer: the tokenizer of the model that will embed the blocks.
-    data_dir: TFDS data directory.
-    max_block_length: `3 + title + body` limit in tokens.
-    drop_excluded_titles: drop list / index / outline / disambiguation pages.
-    show_progress: show progress bars.
-
-  Returns:
-    A `Corpus` sorted by block id.
-
-  Raises:
-    FileNotFoundError: for a missing source.
-    corpus.DataFormatError: for a malformed source (naming file, line and field).
-  """
-  config = corpus_config(sources, tokenizer, max_block_length, drop_excluded_titles)
-  builder = KnowledgeCorpusBuilder(config=config, tokenizer=tokenizer, data_dir=data_dir,
-                                   show_progress=show_progress)
-  builder.download_and_prepare()
-  examples = _read_all(builder.as_data_source(split=CORPUS_SPLIT), "Loading corpus blocks",
-                       show_progress)
-  blocks = [
-      corpus_lib.Block(
-          block_id=int(e["block_id"]), doc_id=_text(e["doc_id"]), title=_text(e["title"]),
-          text=_text(e["text"]), title_ids=np.asarray(e["title_ids"], np.int32),
-          body_ids=np.asarray(e["body_ids"], np.int32),
-          body_offsets=np.asarray(e["body_offsets"], np.int32).reshape(-1, 2),
-          sentence_starts=np.asarray(e["sentence_starts"], np.int32))
-      for e in examples
-  ]
-  return corpus_lib.Corpus(blocks, tokenizer, max_block_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,22 +85,28 @@ def questions_config(split_to_path: Mapping[str, str | os.PathLike],
                      format: str) -> OpenQAConfig:  # pylint: disable=redefined-builtin
   """Builds the config of a question set; its name hashes the format and the file contents.
 
+  A split's path may be a glob pattern (local or URL): its matches, sorted by name, are read one
+  after the other into that split.
+
   Raises:
     ValueError: for an unknown format or no split.
-    FileNotFoundError: for a missing file.
+    FileNotFoundError: for a missing file, or a glob that matches nothing.
   """
   if format not in questions_lib.QUESTION_FORMATS:
     raise ValueError(f"unknown question format {format!r}; "
                      f"expected one of {questions_lib.QUESTION_FORMATS}")
   if not split_to_path:
     raise ValueError("give at least one split")
-  split_paths = tuple(sorted((s, str(pathlib.Path(p).resolve())) for s, p in split_to_path.items()))
+  split_paths = tuple(
+      (s, _resolved(fileio.as_path(path)))
+      for s, pattern in sorted(split_to_path.items())
+      for path in fileio.expand_patterns(pattern, f"{s} questions"))
   digests = tuple(_file_sha256(p) for _, p in split_paths)
   key = "\n".join([f"questions-format={_QUESTIONS_FORMAT}", f"format={format}",
                    *(f"{s}:{d}" for (s, _), d in zip(split_paths, digests))])
   return OpenQAConfig(
       name="q" + hashlib.sha256(key.encode()).hexdigest()[:20],
-      description=f"{format}: " + ", ".join(f"{s}={pathlib.Path(p).name}" for s, p in split_paths),
+      description=f"{format}: " + ", ".join(f"{s}={fileio.basename(p)}" for s, p in split_paths),
       split_paths=split_paths, split_sha256=digests, question_format=format)
 
 
@@ -314,15 +147,20 @@ class OpenQABuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
     del dl_manager
     config: OpenQAConfig = self.builder_config
-    return {split: self._generate_examples(path, digest)
-            for (split, path), digest in zip(config.split_paths, config.split_sha256)}
+    files: dict[str, list[tuple[str, str]]] = {}
+    for (split, path), digest in zip(config.split_paths, config.split_sha256):
+      files.setdefault(split, []).append((path, digest))
+    return {split: self._generate_examples(paths) for split, paths in files.items()}
 
-  def _generate_examples(self, path: str, digest: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    if _file_sha256(path) != digest:
-      raise RuntimeError(f"{path} changed after the question config was made")
-    for i, q in enumerate(questions_lib.read_questions(path, self.builder_config.question_format)):
-      yield i, {"qid": q.qid, "question": q.question, "answers": list(q.answers),
-                "answers_are_regex": q.answers_are_regex, "gold_doc_ids": list(q.gold_doc_ids)}
+  def _generate_examples(self, paths: list[tuple[str, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    i = 0
+    for path, digest in paths:
+      if _file_sha256(path) != digest:
+        raise RuntimeError(f"{path} changed after the question config was made")
+      for q in questions_lib.read_questions(path, self.builder_config.question_format):
+        yield i, {"qid": q.qid, "question": q.question, "answers": list(q.answers),
+                  "answers_are_regex": q.answers_are_regex, "gold_doc_ids": list(q.gold_doc_ids)}
+        i += 1
 
 
 def build_questions(split_to_path: Mapping[str, str | os.PathLike],
@@ -334,7 +172,9 @@ def build_questions(split_to_path: Mapping[str, str | os.PathLike],
   Args:
     split_to_path: e.g. `{"train": ".../train.json.gz", "dev": ".../dev.json.gz"}`.
     format: "squad_open", "nq_open", "webquestions" or "curatedtrec".
-    data_dir: TFDS data directory.
+    data_dir: TFDS data directory. For a URL (`gs://…`) the prepared questions are kept in a local
+      cache instead (`$REALM_JAX_CACHE` or `~/.cache/realm_jax`, under `tfds/`): array_record files
+      are read through local file handles, and a question set is small enough to prepare per host.
     show_progress: show a bar while reading back.
 
   Returns:
@@ -344,6 +184,8 @@ def build_questions(split_to_path: Mapping[str, str | os.PathLike],
     ValueError: for an unknown format.
     FileNotFoundError, corpus.DataFormatError: from the readers.
   """
+  if fileio.is_url(data_dir):
+    data_dir = corpus_store.default_cache_dir() / "tfds"
   builder = OpenQABuilder(config=questions_config(split_to_path, format), data_dir=data_dir)
   builder.download_and_prepare()
   out = {}

@@ -551,6 +551,7 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   import os
   from realm_jax import tokenization
   from realm_jax.data import corpus as corpus_lib
+  from realm_jax.data import corpus_store
   from realm_jax.data import tfds_builders
 
   tok_path = data.tokenizer_path
@@ -562,8 +563,10 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   if not (data.corpus_sources and data.train_questions and data.eval_questions):
     embedded = corpus_lib.embedded_squad_paths()
   sources = list(data.corpus_sources) or [str(embedded["dev"]), str(embedded["train"])]
-  data_dir = data.data_dir or os.path.join(workdir, "tfds")
-  corpus = tfds_builders.build_corpus(sources, tokenizer, data_dir, data.max_block_length)
+  data_dir = data.data_dir or fileio.join(workdir, "tfds")
+  corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, data.max_block_length,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
   splits = {"train": data.train_questions or str(embedded["train"]),
             "eval": data.eval_questions or str(embedded["dev"])}
   questions = tfds_builders.build_questions(splits, data.questions_format, data_dir)

@@ -556,7 +556,7 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
   """
   from realm_jax import index_builder
   from realm_jax import tokenization
-  from realm_jax.data import tfds_builders
+  from realm_jax.data import corpus_store
 
   tok_path = data.tokenizer_path
   if not tok_path:
@@ -567,10 +567,12 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
     raise FileNotFoundError(f"{tok_path}: tokenizer file not found (PretrainDataConfig."
                             "tokenizer_path, or the init checkpoint's vocab.txt)")
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
-  data_dir = data.data_dir or os.path.join(workdir, "tfds")
+  data_dir = data.data_dir or fileio.join(workdir, "tfds")
   # One resolution of the sources for the trainer and the index-builder job: same corpus fingerprint.
   sources = index_builder.corpus_sources(index_builder.as_corpus_config(data), data_dir)
-  corpus = tfds_builders.build_corpus(sources, tokenizer, data_dir, data.max_block_length)
+  corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, data.max_block_length,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
   logging.info("corpus: %d blocks from %d files (%s)", len(corpus), len(sources),
                corpus.fingerprint[:12])
   return tokenizer, corpus
@@ -590,17 +592,19 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
   from realm_jax.data import pretraining as pretraining_data
 
   tokenizer, corpus = load_corpus(data, model, workdir)
-  data_dir = data.data_dir or os.path.join(workdir, "tfds")
+  data_dir = data.data_dir or fileio.join(workdir, "tfds")
   text_corpus = corpus
   if data.pretraining_sources:
-    from realm_jax.data import tfds_builders
-    text_corpus = tfds_builders.build_corpus(list(data.pretraining_sources), tokenizer, data_dir,
-                                             data.max_block_length)
+    from realm_jax.data import corpus_store
+    text_corpus = corpus_store.build_corpus(list(data.pretraining_sources), tokenizer, data_dir,
+                                            data.max_block_length,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
     logging.info("pre-training text: %d blocks from %d files (%s), separate from the knowledge "
                  "corpus", len(text_corpus), len(data.pretraining_sources),
                  text_corpus.fingerprint[:12])
   examples_dir = pretraining_data.build_pretraining_dataset(
-      list(text_corpus), tokenizer, data_dir, masking=data.masking,
+      text_corpus, tokenizer, data_dir, masking=data.masking,
       query_length=task.query_length, max_masks=task.max_masks, seed=data.masking_seed,
       corpus_fingerprint=text_corpus.fingerprint, n_process=data.spacy_n_process)
   examples = pretraining_data.load_pretraining_examples(examples_dir)

@@ -262,32 +262,3 @@ def test_bucketed_and_padded_length():
   assert corpus.padded_length(200, 288, 32) == 224
   assert corpus.padded_length(280, 288, 32) == 288
   assert corpus.padded_length(5, 288, None) == 288
-
-
-def test_corpus_class(tok):
-  docs = corpus.read_squad_documents(SQUAD_TINY)
-  blocks = corpus.split_into_blocks(docs, tok, 64, show_progress=False)
-  c = corpus.Corpus(blocks[::-1], tok, 64)  # any order in; sorted by id
-  assert len(c) == len(blocks) and c.block_ids.tolist() == list(range(len(blocks)))
-  for b, again in zip(blocks, c):
-    assert (again.block_id, again.doc_id, again.title, again.text) == (
-        b.block_id, b.doc_id, b.title, b.text)
-    for field in ("title_ids", "body_ids", "body_offsets", "sentence_starts"):
-      assert np.array_equal(getattr(again, field), getattr(b, field))
-  assert c.lengths.tolist() == [b.num_tokens for b in blocks]
-  assert c.fingerprint == corpus.corpus_fingerprint(blocks, 64)
-  assert c[-1].block_id == blocks[-1].block_id
-  with pytest.raises(IndexError):
-    c[len(blocks)]  # pylint: disable=pointless-statement
-  assert c.positions([3, 0]).tolist() == [3, 0]
-  with pytest.raises(KeyError, match="999"):
-    c.positions([999])
-  warsaw = c.positions_of_doc("Warsaw#0")
-  assert [c.doc_ids[i] for i in warsaw] == ["Warsaw#0"] * len(warsaw) and len(warsaw) >= 1
-  assert len(c.positions_of_doc("nope")) == 0
-  subset = [4, 1]
-  expected = corpus.retrieval_inputs([blocks[i] for i in subset], tok, 64, pad_to_multiple_of=32)
-  got = c.retrieval_inputs(subset, pad_to_multiple_of=32)
-  assert all(np.array_equal(got[k], expected[k]) for k in expected)
-  with pytest.raises(ValueError, match="duplicate block_id 0"):
-    corpus.Corpus([blocks[0], blocks[0]], tok)

@@ -9,6 +9,7 @@ import numpy as np
 
 from realm_jax import tokenization
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_store
 from realm_jax.data import pretraining as pretraining_data
 from realm_jax.models import bert
 from realm_jax.models import realm
@@ -67,9 +68,9 @@ def tiny_model(share_embedders: bool = True, hidden: int = 16) -> realm.ModelCon
                            hidden_dropout=0.0, attention_dropout=0.0))
 
 
-def corpus(tok, max_block_length: int = 64) -> corpus_lib.Corpus:
+def corpus(tok, max_block_length: int = 64) -> corpus_store.Corpus:
   blocks = corpus_lib.split_into_blocks(documents(), tok, max_block_length, show_progress=False)
-  return corpus_lib.Corpus(blocks, tok, max_block_length)
+  return corpus_store.Corpus(blocks, tok, max_block_length)
 
 
 def masked_examples(corp, tok, query_length: int, max_masks: int, n: int,

@@ -9,6 +9,7 @@ import pytest
 
 from realm_jax import tokenization
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_store
 from realm_jax.data import featurize
 from realm_jax.data.questions import Question
 from realm_jax.models import bert
@@ -48,7 +49,7 @@ def setup():
   tok = tokenization.WordPieceTokenizer.from_vocab_file(
       tokenization.minilm_model_dir() / "vocab.txt")
   blocks = corpus_lib.split_into_blocks(DOCS, tok, 64, show_progress=False)
-  corpus = corpus_lib.Corpus(blocks, tok, 64)
+  corpus = corpus_store.Corpus(blocks, tok, 64)
   rng = np.random.default_rng(0)
   embeddings = rng.normal(size=(len(corpus), MODEL.retriever_config().embedding_dim)).astype(
       np.float32)
