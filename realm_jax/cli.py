@@ -198,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     run(argv)
   except known_errors as e:
-    print(f"realm-jax: error: {e}", file=sys.stderr)
+    # gin appends "\n  In call to configurable '…'" to errors raised inside a configurable.
+    message = str(e).split("\n  In call to configurable")[0]
+    print(f"realm-jax: error: {message}", file=sys.stderr)
     return 2
   return 0
 

@@ -81,8 +81,11 @@ _WAIT_POLL_S = 2.0
 log = logging.getLogger(__name__)
 
 
-class CorpusStoreError(ValueError):
-  """A prepared corpus is missing, incomplete, truncated or inconsistent; the message names the path."""
+class CorpusStoreError(corpus_lib.DataFormatError):
+  """A prepared corpus is missing, incomplete, truncated or inconsistent, or a source cannot be read.
+
+  The message names the path (and the field); the CLI prints it as one line (a `DataFormatError`).
+  """
 
 
 def doc_id_hash(doc_id: str | bytes) -> int:
@@ -834,7 +837,15 @@ def corpus_spec(sources: str | os.PathLike | Sequence[str | os.PathLike],
   """
   paths = [fileio.as_path(p) for p in fileio.expand_patterns(sources, "corpus source")]
   resolved = tuple(os.fspath(p.resolve()) if isinstance(p, pathlib.Path) else p for p in paths)
-  digests = tuple(fileio.sha256(p) for p in resolved)
+  digests = []
+  for p in resolved:
+    try:
+      digests.append(fileio.sha256(p))
+    except FileNotFoundError:
+      raise
+    except OSError as e:  # Permission denied, an object store's 403, a read error.
+      raise CorpusStoreError(f"{p}: cannot read the corpus source ({type(e).__name__}: {e})") from e
+  digests = tuple(digests)
   return CorpusSpec(resolved, digests, tokenizer.fingerprint(), int(max_block_length),
                     bool(drop_excluded_titles))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import subprocess
@@ -249,3 +250,51 @@ def test_object_store_build_and_cached_open(tmp_path, tok):
 
 def fileio_name(c) -> str:
   return str(c.directory).rstrip("/").rsplit("/", 1)[-1]
+
+
+def test_unreadable_source_is_one_clear_error(tmp_path, tok, monkeypatch):
+  """An object the job may not read (a 403 on gs://, EACCES locally) names the source."""
+  src = _jsonl_sources(tmp_path / "src", 2)
+  real_sha256 = corpus_store.fileio.sha256
+
+  def forbidden(path):
+    if str(path).endswith("wiki-01.jsonl"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_sha256(path)
+
+  monkeypatch.setattr(corpus_store.fileio, "sha256", forbidden)
+  with pytest.raises(corpus_store.CorpusStoreError,
+                     match=r"wiki-01\.jsonl: cannot read the corpus source \(PermissionError"):
+    corpus_store.build_corpus(src, tok, tmp_path / "data", 64, show_progress=False)
+  assert not (tmp_path / "data").exists()
+
+
+def test_cli_reports_a_truncated_corpus_in_one_line(tmp_path, tok, capsys):
+  """The CLI prints a corpus-store error as one line and exits 2 (no traceback)."""
+  from realm_jax import cli
+  built = corpus_store.build_corpus([SQUAD_TINY], tok, tmp_path / "data", 64, show_progress=False)
+  text = pathlib.Path(built.directory) / "part-00000" / "text.bin"
+  with open(text, "r+b") as f:
+    f.truncate(1)
+  gin = tmp_path / "ft.gin"
+  gin.write_text(f"""
+from __gin__ import dynamic_registration
+from realm_jax.training import finetune
+include '{REPO}/experiments/models/tiny.gin'
+include '{REPO}/experiments/runs/finetune.gin'
+TRAIN_STEPS = 1
+BATCH_SIZE = 8
+LEARNING_RATE = 1e-4
+DATA = @finetune.OpenQADataConfig()
+TASK = @finetune.OpenQAConfig()
+finetune.OpenQADataConfig:
+  corpus_sources = ['{SQUAD_TINY}']
+  train_questions = '{SQUAD_TINY}'
+  eval_questions = '{SQUAD_TINY}'
+  data_dir = '{tmp_path / "data"}'
+  max_block_length = 64
+""")
+  code = cli.main(["finetune", "--gin_file", str(gin), "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and re.search(r"part-00000/text\.bin: 1 bytes, but part\.json records", err[0])
