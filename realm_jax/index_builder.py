@@ -189,7 +189,7 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
 
   Args:
     root: the snapshots directory (`WORKDIR/snapshots`; local path or URL).
-    corpus: a `data.corpus.Corpus` (`block_ids`, `fingerprint`, `retrieval_inputs(indices)`).
+    corpus: a `data.corpus_store.Corpus` (`block_ids`, `fingerprint`, `retrieval_inputs(indices)`).
     retriever_cfg / retriever_params: the document embedder (params replicated on `mesh`, or host).
     params_step: the train step of `retriever_params` (the snapshot's name).
     mesh: devices to embed on (default: this process's local devices, data-parallel).

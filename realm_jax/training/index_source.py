@@ -127,7 +127,7 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
 
   Args:
     snapshots_root: `WORKDIR/snapshots` (local path or URL, e.g. `gs://bucket/work/snapshots`).
-    corpus: the knowledge corpus (`data.corpus.Corpus`).
+    corpus: the knowledge corpus (`data.corpus_store.Corpus`).
     retriever_cfg / retriever_params: the document embedder used when a snapshot must be built.
     params_step: the train step of `retriever_params` (the new snapshot's name).
     batch_size: blocks per embedding forward pass.
@@ -200,7 +200,7 @@ class InlineRefreshIndexSource:
 
   Args:
     snapshots_root: `WORKDIR/snapshots`.
-    corpus: the knowledge corpus (`data.corpus.Corpus`).
+    corpus: the knowledge corpus (`data.corpus_store.Corpus`).
     retriever_cfg: the retriever configuration (document tower).
     params_fn: returns the current retriever params (a pytree; host numpy or device arrays).
     make_searcher: snapshot -> searcher.

@@ -180,7 +180,7 @@ class PretrainFeaturizer:
 
   Args:
     tokenizer: supplies the [CLS] / [SEP] / [PAD] ids.
-    corpus: the knowledge corpus (`data.corpus.Corpus`); candidates are its blocks.
+    corpus: the knowledge corpus (`data.corpus_store.Corpus`); candidates are its blocks.
     config: the example shapes.
   """
 
