@@ -285,9 +285,16 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
     if isinstance(directory, pathlib.Path):
       (stage / PART_FILE).write_text(manifest, encoding="utf-8")
       directory.parent.mkdir(parents=True, exist_ok=True)
+      if _same_part_committed(directory, description):
+        return description  # Another process (same sources) committed it first: keep theirs.
       if directory.exists():
         shutil.rmtree(directory)
-      os.replace(stage, directory)
+      try:
+        os.replace(stage, directory)
+      except OSError:
+        if _same_part_committed(directory, description):  # Lost a rename race to an equal part.
+          return description
+        raise
       fileio.fsync_dir(directory.parent)
     else:
       fileio.remove(fileio.join(directory, PART_FILE))
@@ -297,6 +304,15 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
     return description
   finally:
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _same_part_committed(directory: pathlib.Path, description: dict[str, Any]) -> bool:
+  """True if `directory` holds a committed part with the same columns (sizes and sha256)."""
+  try:
+    theirs = json.loads((directory / PART_FILE).read_text(encoding="utf-8"))
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+    return False
+  return theirs.get("files") == description["files"]
 
 
 def _upload(local: pathlib.Path, url: fileio.Path) -> None:

@@ -298,3 +298,15 @@ finetune.OpenQADataConfig:
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2
   assert len(err) == 1 and re.search(r"part-00000/text\.bin: 1 bytes, but part\.json records", err[0])
+
+
+def test_processes_sharing_a_local_directory_keep_the_first_committed_part(tmp_path, tok):
+  """Without a split, every process builds every part; an equal committed part is never replaced."""
+  directory = tmp_path / "part-00000"
+  blocks = corpus.split_into_blocks(corpus.read_documents(SQUAD_TINY), tok, 64, show_progress=False)
+  first = corpus_store.write_part(directory, blocks, tok)
+  inode = (directory / "tokens.bin").stat().st_ino
+  again = corpus_store.write_part(directory, blocks, tok)
+  assert again["files"] == first["files"]
+  assert (directory / "tokens.bin").stat().st_ino == inode  # a reader's files were left alone
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
