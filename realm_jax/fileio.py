@@ -652,11 +652,11 @@ def rename(src: PathLike, dst: PathLike) -> None:
 # Staging to the local disk (for libraries that need a local path)
 # ----------------------------------------------------------------------------------------------------
 
-CACHE_DIR_ENV = "REALM_JAX_CACHE_DIR"
+CACHE_DIR_ENV = "REALM_JAX_CACHE"
 
 
 def default_cache_dir() -> pathlib.Path:
-  """Where `local_copy` stages remote files: `$REALM_JAX_CACHE_DIR`, else `~/.cache/realm_jax`."""
+  """Where `local_copy` stages remote files: `$REALM_JAX_CACHE`, else `~/.cache/realm_jax`."""
   value = os.environ.get(CACHE_DIR_ENV)
   return pathlib.Path(value) if value else pathlib.Path.home() / ".cache" / "realm_jax"
 
