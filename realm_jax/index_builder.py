@@ -367,7 +367,7 @@ def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
   sources = list(config.sources)
   if not sources and config.embedded_dev_articles:
     sources = [str(corpus_lib.embedded_dev_subset(config.embedded_dev_articles,
-                                                  os.path.join(data_dir, "squad_subsets")))]
+                                                  fileio.join(data_dir, "squad_subsets")))]
   elif not sources:
     embedded = corpus_lib.embedded_squad_paths()
     sources = [str(embedded["dev"]), str(embedded["train"])]
