@@ -72,6 +72,7 @@ import logging
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -79,6 +80,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from realm_jax import fileio
 from realm_jax.models import checkpoint_import as ci
 from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
@@ -1046,9 +1048,11 @@ def convert_released_checkpoint(workdir: PathLike,
   looks for its index).
 
   Args:
-    workdir: output directory (created).
+    workdir: output directory (created), local or URL (`gs://…`: the files are written to a local
+      temporary directory, then uploaded; the snapshot is committed manifest-last in the bucket).
     checkpoint: a Hugging Face REALM checkpoint directory (`config.json` + `model.safetensors` or
-      `pytorch_model.bin`) or safetensors file.
+      `pytorch_model.bin`) or safetensors file; a URL is staged to the local cache first
+      (safetensors only).
     architecture: force the REALM class (default: detected, see `load_realm_checkpoint`).
     corpus_fingerprint: fingerprint of the corpus of the checkpoint's block records; without it a
       `block_emb` is not exported (a warning says so).
@@ -1069,7 +1073,16 @@ def convert_released_checkpoint(workdir: PathLike,
       to convert it elsewhere).
     snapshot.SnapshotError: if the snapshot cannot be written.
   """
-  workdir, checkpoint = pathlib.Path(workdir), pathlib.Path(checkpoint)
+  remote_workdir = fileio.is_url(workdir)
+  final_workdir = fileio.as_path(workdir)
+  tokenizer_sources = {}
+  if fileio.is_url(checkpoint):
+    remote_dir = checkpoint if not str(checkpoint).endswith(".safetensors") else fileio.dirname(checkpoint)
+    tokenizer_sources = {name: fileio.join(remote_dir, name) for name in _TOKENIZER_FILES}
+    checkpoint = ci.stage_checkpoint(checkpoint)
+  workdir = (pathlib.Path(tempfile.mkdtemp(prefix="realm-convert-")) if remote_workdir
+             else pathlib.Path(workdir))
+  checkpoint = pathlib.Path(checkpoint)
   workdir.mkdir(parents=True, exist_ok=True)
   tmp_dir = None
   source_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
@@ -1087,6 +1100,17 @@ def convert_released_checkpoint(workdir: PathLike,
   for name in _TOKENIZER_FILES:
     if (source_dir / name).is_file():
       shutil.copyfile(source_dir / name, workdir / name)
+    elif name in tokenizer_sources and fileio.isfile(tokenizer_sources[name]):
+      shutil.copyfile(fileio.local_copy(tokenizer_sources[name]), workdir / name)
+  if remote_workdir:  # Upload the converted files; the snapshot goes straight to the bucket.
+    try:
+      fileio.makedirs(final_workdir)
+      for local in sorted(workdir.iterdir()):
+        if local.is_file():
+          fileio.upload_file(local, fileio.join(final_workdir, local.name))
+    finally:
+      shutil.rmtree(workdir, ignore_errors=True)
+    config_file = fileio.join(final_workdir, config_file.name)
 
   snapshot_dir = digest = None
   if ckpt.block_emb is not None:
@@ -1098,13 +1122,15 @@ def convert_released_checkpoint(workdir: PathLike,
     else:
       if block_ids is not None and not isinstance(block_ids, np.ndarray):
         block_ids = np.load(block_ids, allow_pickle=False)
-      root = pathlib.Path(snapshot_root) if snapshot_root is not None else workdir / "snapshots"
+      root = (fileio.as_path(snapshot_root) if snapshot_root is not None
+              else fileio.join(final_workdir, "snapshots"))
       snapshot_dir = write_block_emb_snapshot(
           ckpt.block_emb, root, corpus_fingerprint, params_step=params_step, block_ids=block_ids,
           num_shards=num_shards, overwrite=overwrite,
           metadata={"source": ckpt.source, "architecture": ckpt.architecture,
                     "block_emb_sha256": digest})
-  logging.info("Converted %s (%s) into %s", ckpt.source, ckpt.architecture, workdir)
+  logging.info("Converted %s (%s) into %s", ckpt.source, ckpt.architecture, final_workdir)
   return ConversionResult(architecture=ckpt.architecture, parts=ckpt.parts,
-                          params_file=workdir / CONVERTED_PARAMS_NAME, config_file=config_file,
+                          params_file=fileio.join(final_workdir, CONVERTED_PARAMS_NAME),
+                          config_file=config_file,
                           snapshot_dir=snapshot_dir, block_emb_sha256=digest)

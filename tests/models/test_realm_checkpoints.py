@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import os
 import shutil
 
 import jax
@@ -504,6 +505,36 @@ def test_convert_openqa_writes_params_and_block_emb_snapshot(ref, tmp_path):
                          ref["openqa_query_ids"], ref["openqa_query_mask"])
   scores = np.asarray(query) @ snap.embeddings.T
   assert _max_diff(scores, ref["openqa_block_scores"]) <= TOL
+
+
+@needs_released_support
+def test_convert_from_and_into_an_object_store(tmp_path):
+  """`realm-jax convert` with the checkpoint and the work directory on an object store (memory://).
+
+  Nothing is written locally except the cache; params, config, vocab and the snapshot are in the
+  store, and the converted params read back equal a local conversion's.
+  """
+  fsspec = pytest.importorskip("fsspec")
+  fs = fsspec.filesystem("memory")
+  for f in ("config.json", "model.safetensors"):
+    fs.pipe(f"/rc-bucket/ckpt/{f}", (FIXTURES / "openqa" / f).read_bytes())
+  fs.pipe("/rc-bucket/ckpt/vocab.txt", b"[PAD]\n[CLS]\n")
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    result = rc.convert_released_checkpoint("memory://rc-bucket/work", "memory://rc-bucket/ckpt",
+                                            corpus_fingerprint="fp-blocks")
+  finally:
+    os.chdir(cwd)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/rc-bucket/work", detail=False))
+    snap = snapshot_lib.read_snapshot("memory://rc-bucket/work/snapshots/0")
+    vocab = fs.cat("/rc-bucket/work/vocab.txt")
+    fs.rm("/rc-bucket", recursive=True)
+  assert {"realm_params.safetensors", "realm_config.json", "vocab.txt", "snapshots"} <= set(names)
+  assert vocab == b"[PAD]\n[CLS]\n"
+  assert str(result.params_file) == "memory://rc-bucket/work/realm_params.safetensors"
+  np.testing.assert_array_equal(snap.embeddings, _load("openqa").block_emb)
+  assert not list(tmp_path.rglob("gs:*")) and not list(tmp_path.rglob("memory:*"))
 
 
 @needs_released_support
