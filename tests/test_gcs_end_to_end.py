@@ -1,41 +1,33 @@
-"""The paper's route on `gs://`, rehearsed against a local Cloud Storage emulator (gcp-storage-emulator).
+"""The paper's route on `gs://`, rehearsed against a local Cloud Storage server (fake-gcs-server).
 
 Work directories, the corpus (given as a glob over two shards), the question files (one a glob) and the
-model directory (`config.json`, `model.safetensors`, `vocab.txt` of the tiny BERT) all sit in an
-emulated bucket, reached through gcsfs (`realm_jax.fileio`) and, for orbax checkpoints, tensorstore's
-GCS driver (`TENSORSTORE_GCS_HTTP_URL`). Through the CLI functions, with `experiments/models/tiny.gin`:
+model directory (`config.json`, `model.safetensors`, `vocab.txt` of the tiny BERT) all sit in a bucket
+of `gcs_emulator.gcs_server`, reached through gcsfs (`realm_jax.fileio`) and, for orbax checkpoints,
+tensorstore's GCS driver (`TENSORSTORE_GCS_HTTP_URL`). Through the CLI functions, with
+`experiments/models/tiny.gin`:
 
   * `finetune` (2 steps) then `predict` (reading `config.gin` from the bucket);
   * `index-builder`: the first index from the bucket's model, then a refresh from a checkpoint;
-  * `pretrain` (3 steps, random-token masking, an inline refresh at step 2) — expected to fail for
-    now: the pre-training examples' TFDS builder writes array_record files to the bucket directly
-    (no fileio), and orbax's OCDBT manifest update of that run fails against the emulator.
+  * `pretrain` (3 steps, random-token masking, an inline refresh at step 2); its TFDS data directory is
+    in the bucket too, and the pre-training examples are prepared in the local cache instead.
 
 Every expected output must be in the bucket (checkpoints, snapshots, config.gin, summary.json,
 predictions, TensorBoard events, the builder's status and journal), and nothing may be written to a
-local folder named like a mangled URL (`gs:`): the tests run from an empty temporary cwd, checked at
-the end. Remote model files are staged into a temporary `REALM_JAX_CACHE` (the corpus and question caches use it too).
+local folder named like a mangled URL (`gs:`): the tests run from an empty temporary cwd, checked after
+each test and at the end. Remote model files, the corpus copy, the prepared questions and the
+pre-training examples go to a temporary `REALM_JAX_CACHE`, also checked for `gs:` folders.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import socket
 
 import numpy as np
 import pytest
 
-# gcsfs >= 2025 probes each bucket for hierarchical namespaces over gRPC, which the emulator does not
-# serve (one 60 s timeout per bucket); the plain JSON-API file system is what these tests exercise.
-os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-
-pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (pip install 'realm-jax[test]')")
-emulator = pytest.importorskip("gcp_storage_emulator.server",
-                               reason="needs gcp-storage-emulator (pip install 'realm-jax[test]')")
-
+import gcs_emulator  # pylint: disable=g-bad-import-order  (before gcsfs is imported)
 from realm_jax import cli  # pylint: disable=g-import-not-at-top
 from realm_jax import fileio  # pylint: disable=g-import-not-at-top
 
@@ -50,12 +42,6 @@ MODEL_DIR = f"{ROOT}/models/tiny"
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon").split()
-
-
-def _free_port() -> int:
-  with contextlib.closing(socket.socket()) as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _town(i: int) -> tuple[str, str]:
@@ -96,39 +82,31 @@ def _upload_inputs() -> None:
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
-  """A Cloud Storage emulator holding the inputs; the cwd an empty folder, checked for `gs:` at the end."""
-  port = _free_port()
-  server = emulator.create_server("localhost", port, in_memory=True, default_bucket=BUCKET)
-  server.start()
+  """A bucket holding the inputs; the cwd an empty folder and `REALM_JAX_CACHE` a temporary one."""
   cwd = tmp_path_factory.mktemp("cwd")
-  env = {"STORAGE_EMULATOR_HOST": f"http://localhost:{port}",
-         "TENSORSTORE_GCS_HTTP_URL": f"http://localhost:{port}",  # orbax checkpoints (tensorstore).
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-         fileio.CACHE_DIR_ENV: str(tmp_path_factory.mktemp("model_cache"))}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
+  cache = tmp_path_factory.mktemp("cache")
+  saved_cache = os.environ.get(fileio.CACHE_DIR_ENV)
   old_cwd = os.getcwd()
-  os.chdir(cwd)
-  import fsspec  # pylint: disable=g-import-not-at-top
-  fsspec.filesystem("gs").clear_instance_cache()  # An instance made before would talk to Google.
-  try:
-    _upload_inputs()
-    yield ROOT
-    leaked = [str(p) for p in pathlib.Path(cwd).rglob("*") if p.name.startswith("gs:")]
-    assert not leaked, f"written to a local gs: folder: {leaked}"
-  finally:
-    os.chdir(old_cwd)
-    server.stop()
-    fsspec.filesystem("gs").clear_instance_cache()
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
+  with gcs_emulator.gcs_server(BUCKET):
+    os.environ[fileio.CACHE_DIR_ENV] = str(cache)
+    os.chdir(cwd)
+    try:
+      _upload_inputs()
+      yield ROOT
+      _no_local_gs_folder(cwd, cache)
+    finally:
+      os.chdir(old_cwd)
+      if saved_cache is None:
+        os.environ.pop(fileio.CACHE_DIR_ENV, None)
       else:
-        os.environ[k] = v
+        os.environ[fileio.CACHE_DIR_ENV] = saved_cache
 
 
-def _no_local_gs_folder() -> None:
-  leaked = [str(p) for p in pathlib.Path.cwd().rglob("*") if p.name.startswith("gs:")]
+def _no_local_gs_folder(*roots: os.PathLike) -> None:
+  """No file or folder named `gs:…` under the cwd, the cache (or `roots`)."""
+  roots = roots or (pathlib.Path.cwd(), fileio.default_cache_dir())
+  leaked = [str(p) for root in roots for p in pathlib.Path(root).rglob("*")
+            if p.name.startswith("gs:")]
   assert not leaked, f"written to a local gs: folder: {leaked}"
 
 
@@ -136,6 +114,13 @@ def _files(prefix: str) -> list[str]:
   """Every object under `prefix`, as paths relative to it."""
   fs, p = fileio._fs(prefix)  # pylint: disable=protected-access
   return sorted(f[len(p) + 1:] for f in fs.find(p))
+
+
+def _assert_events(workdir: str, files: list[str]) -> None:
+  """A non-empty TensorBoard event file in `workdir/tensorboard`."""
+  events = [f for f in files if f.startswith("tensorboard/events.out.tfevents.")]
+  assert events, files
+  assert max(fileio.size(f"{workdir}/{f}") for f in events) > 0, events
 
 
 def _finetune_gin() -> str:
@@ -174,10 +159,6 @@ finetune.train_and_evaluate:
   return path
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky against the emulator (passed 2 of 4 runs here): orbax's OCDBT checkpoint write "
-    "sometimes fails with '… checkpoints/1/opt_state/ocdbt.process_0/manifest.ocdbt: Malformed "
-    "StorageGeneration' (tensorstore's GCS driver vs gcp-storage-emulator)"))
 def test_finetune_and_predict_on_gcs(bucket, capsys):
   workdir = f"{bucket}/runs/finetune"
   summary = cli.run(["finetune", "--gin_file", _finetune_gin(), "--workdir", workdir])
@@ -189,7 +170,7 @@ def test_finetune_and_predict_on_gcs(bucket, capsys):
                "predictions/eval-step2.jsonl"):
     assert name in files, (name, files)
   assert any(f.startswith("checkpoints/2/params/") for f in files), files
-  assert any(f.startswith("tensorboard/events.out.tfevents.") for f in files), files
+  _assert_events(workdir, files)
   assert json.loads(fileio.read_text(f"{workdir}/summary.json"))["steps"] == 2
   assert MODEL_DIR in fileio.read_text(f"{workdir}/config.gin")
   preds = [json.loads(line) for line in
@@ -301,13 +282,6 @@ pretrain.train:
   return path
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "two known blockers (see the module docstring): (1) with the TFDS data directory in the bucket, "
-    "data.pretraining.build_pretraining_dataset writes array_record files straight to gs:// and "
-    "fails ('open() failed: No such file or directory; opening gs://…/realm_salient_sentences-"
-    "train.array_record-00000-of-00001'); (2) with a local data directory, orbax's OCDBT "
-    "checkpoint of the pre-training state fails against the emulator ('… manifest.ocdbt: Malformed "
-    "StorageGeneration'), while the fine-tuning and index-builder checkpoints pass"))
 def test_pretrain_with_inline_refresh_on_gcs(bucket):
   workdir = f"{bucket}/runs/pretrain"
   summary = cli.run(["pretrain", "--gin_file", _pretrain_gin(), "--workdir", workdir])
@@ -319,5 +293,14 @@ def test_pretrain_with_inline_refresh_on_gcs(bucket):
     assert name in files, (name, files)
   for step in (2, 3):
     assert any(f.startswith(f"checkpoints/{step}/params/") for f in files), (step, files)
-  assert any(f.startswith("tensorboard/events.out.tfevents.") for f in files), files
+  _assert_events(workdir, files)
+  assert json.loads(fileio.read_text(f"{workdir}/summary.json"))["num_refreshes"] == 1
+  # The blocked corpus is shared in the bucket's TFDS data directory; the pre-training examples
+  # (array_record, read through local file handles) are prepared in the local cache instead.
+  assert any(f.startswith("tfds/realm_corpus/") and f.endswith("/metadata.json") for f in files), files
+  assert not any(f.startswith(("tfds/realm_salient_sentences", "tfds/realm_pretraining_examples"))
+                 for f in files), [f for f in files if f.startswith("tfds/")]
+  prepared = list((fileio.default_cache_dir() / "tfds" / "realm_pretraining_examples").rglob(
+      "dataset_info.json"))
+  assert len(prepared) == 1 and "random_token-q16-m3-" in str(prepared[0]), prepared
   _no_local_gs_folder()

@@ -792,8 +792,8 @@ def read_metadata(directory: fileio.PathLike) -> dict[str, Any]:
 
 
 def default_cache_dir() -> pathlib.Path:
-  """The local cache for copies of URL data: `$REALM_JAX_CACHE`, else `~/.cache/realm_jax`."""
-  return pathlib.Path(os.environ.get("REALM_JAX_CACHE", pathlib.Path.home() / ".cache" / "realm_jax"))
+  """The local cache for copies of URL data: `fileio.default_cache_dir()` (one definition)."""
+  return fileio.default_cache_dir()
 
 
 def _local_copy(directory: fileio.Path, metadata: dict[str, Any],

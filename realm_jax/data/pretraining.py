@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from realm_jax import fileio
 from realm_jax import tokenization
 from realm_jax.data import corpus
 from realm_jax.data import masking as masking_lib
@@ -626,8 +627,8 @@ def examples_config_name(sentences_config: str, masking: str, max_masks: int, se
 def _read_split(builder_dir: str, split: str = "train", progress: bool = True,
                 chunk: int = 4096) -> tuple[dict[str, list[Any]], Any]:
   """All examples of a prepared TFDS dataset, field by field (numpy decoding, no TensorFlow)."""
-  info_path = os.path.join(builder_dir, "dataset_info.json")
-  if not os.path.exists(info_path):
+  info_path = fileio.join(builder_dir, "dataset_info.json")
+  if not fileio.exists(info_path):
     raise FileNotFoundError(f"{info_path}: no prepared TFDS dataset here (build it with "
                             "build_pretraining_dataset)")
   builder = tfds.builder_from_directory(builder_dir)
@@ -724,7 +725,7 @@ def load_pretraining_examples(builder_dir: str, progress: bool = True) -> Pretra
 
 
 def build_pretraining_dataset(blocks: Sequence[corpus.Block], tokenizer: tokenization.Tokenizer,
-                              data_dir: str, *,
+                              data_dir: str | os.PathLike, *,
                               tagger: salient_spans.SalientSpanTagger | None = None,
                               masking: str = "salient", query_length: int = QUERY_LENGTH,
                               max_masks: int = MAX_MASKS, seed: int = 0,
@@ -738,10 +739,16 @@ def build_pretraining_dataset(blocks: Sequence[corpus.Block], tokenizer: tokeniz
   Both write atomically (TFDS prepares into a temporary directory and renames it) and are skipped
   when already prepared.
 
+  When `data_dir` is a URL (`gs://…`), both datasets are prepared in a local cache instead,
+  `fileio.default_cache_dir() / "tfds"` (`$REALM_JAX_CACHE`, else `~/.cache/realm_jax`), as
+  `tfds_builders.build_questions` does: array_record reads and writes through local file handles, and
+  the examples are derived data (a deterministic function of the corpus, tokenizer, tagger and
+  masking arguments), so each host prepares its own copy rather than sharing one in the bucket.
+
   Args:
     blocks: corpus blocks.
     tokenizer: the blocks' WordPiece tokenizer.
-    data_dir: TFDS data directory (created if missing).
+    data_dir: TFDS data directory (created if missing); a URL is replaced by the local cache.
     tagger: the salient span tagger; None loads `SalientSpanTagger()` (spaCy, ~1 s).
     masking: 'salient' | 'random_token' | 'random_span'.
     query_length: query length (96).
@@ -752,12 +759,14 @@ def build_pretraining_dataset(blocks: Sequence[corpus.Block], tokenizer: tokeniz
     progress: show progress bars.
 
   Returns:
-    The prepared examples' directory, for `load_pretraining_examples`.
+    The prepared examples' directory (local), for `load_pretraining_examples`.
 
   Raises:
     ValueError: on an unknown masking kind or an inconsistent block.
   """
   _check_masking(masking)
+  if fileio.is_url(data_dir):
+    data_dir = fileio.default_cache_dir() / "tfds"
   tagger = tagger or salient_spans.SalientSpanTagger()
   corpus_fp = corpus_fingerprint or corpus.corpus_fingerprint(blocks)
   s_name = sentences_config_name(corpus_fp, tokenizer.fingerprint(), tagger.fingerprint,
