@@ -243,7 +243,7 @@ def stage_embed(a: dict[str, Any]) -> dict[str, Any]:
       batch_size=256, blocks_per_shard=65536, overwrite=True, searcher={})
   seconds = time.perf_counter() - start
   return {"blocks": len(c), "seconds": seconds, "blocks_per_s": len(c) / seconds,
-          "embed_s": result.embed_s, "searcher_s": result.searcher_s, "commit_s": result.commit_s,
+          "devices": len(jax.local_devices()), "embed_s": result.embed_s, "searcher_s": result.searcher_s, "commit_s": result.commit_s,
           "dim": model.retriever_config().embedding_dim}
 
 
@@ -343,7 +343,7 @@ LEARNING_RATE = 1e-4
 WARMUP_STEPS = 1
 DATA = @pretrain.PretrainDataConfig()
 TASK = @pretrain.PretrainConfig()
-INDEX_REFRESH = 'inline'
+INDEX_REFRESH = '{refresh}'
 REFRESH_EVERY_STEPS = 2
 pretrain.PretrainDataConfig:
   corpus_sources = ['{glob}']
@@ -393,8 +393,11 @@ def stage_pretrain(a: dict[str, Any]) -> dict[str, Any]:
     os.symlink(pathlib.Path(a["snapshots"]) / "0", first_index)
   gin_file = src.parent / "pretrain_tiny.gin"
   gin_file.write_text(_PRETRAIN_GIN.format(glob=src / "wiki-*.jsonl", text=text,
-                                           data_dir=a["data_dir"]))
+                                           data_dir=a["data_dir"],
+                                           refresh="inline" if a.get("pretrain_refresh", True)
+                                           else "none"))
   out = _cli(["pretrain", "--gin_file", str(gin_file), "--workdir", str(workdir)])
+  out["refresh"] = "inline" if a.get("pretrain_refresh", True) else "none"
   summary = json.loads((workdir / "summary.json").read_text())
   timings = summary.get("timings", summary)
   out.update({k: float(v) for k, v in timings.items()
@@ -408,8 +411,14 @@ def stage_pretrain(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stage(name: str, args: dict[str, Any], log: pathlib.Path) -> dict[str, Any]:
-  """Runs one stage in a child process; adds its wall time and peak RSS (bytes)."""
+  """Runs one stage in a child process; adds its wall time and peak RSS (bytes).
+
+  The embedding stage sees one XLA CPU device per core (`args["devices"]`), so the index builder
+  embeds data-parallel on every core, as it does on every chip of a TPU slice.
+  """
   env = dict(os.environ, PYTHONPATH=str(REPO))
+  if name == "embed":
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args['devices']}"
   start = time.perf_counter()
   with open(log, "a") as f:
     proc = subprocess.Popen([sys.executable, __file__, "--_stage", name, "--_args", json.dumps(args)],
@@ -462,7 +471,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         notes = f"open {r['seconds']:.2f} s, RSS after open {_gib(r['rss_after_open'])} GiB"
       elif stage == "embed":
         thr = f"{r['blocks_per_s']:,.0f} blocks/s"
-        notes = f"ScaNN build + serialize {r['searcher_s']:.1f} s, dim {r['dim']}"
+        notes = (f"{r.get('devices', 1)} CPU device(s); ScaNN build + serialize "
+                 f"{r['searcher_s']:.1f} s; dim {r['dim']}")
       elif stage == "search":
         thr = f"{r['qps']:,.0f} q/s (exact numpy {r['exact_numpy_qps']:,.0f})"
         notes = (f"recall@10 {r['recall_at_10']:.3f}; snapshot load {r['snapshot_load_s']:.2f} s, "
@@ -470,7 +480,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
       elif stage == "swap":
         notes = f"found → live {r['seconds']:.2f} s; before_step after {r['before_step_s'] * 1e3:.2f} ms"
       elif stage in ("finetune", "pretrain"):
-        notes = ", ".join(f"{k} {v:.1f}" for k, v in r.items()
+        notes = ("no refresh; " if r.get("refresh") == "none" else "") + ", ".join(f"{k} {v:.1f}" for k, v in r.items()
                           if k.endswith("_s") and k not in ("wall_s",) and isinstance(v, float))
       rows.append(f"| {int(size):,} | {stage} | {r['wall_s']:.1f} | {thr} | {_gib(r['peak_rss'])} | "
                   f"{notes} |")
@@ -513,6 +523,11 @@ def main() -> None:
   parser.add_argument("--json", default=None)
   parser.add_argument("--plot", default=None)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--devices", type=int, default=os.cpu_count(),
+                      help="XLA CPU devices of the embedding stage (default: one per core)")
+  parser.add_argument("--pretrain_refresh_max_blocks", type=int, default=100_000,
+                      help="larger corpora run the pre-training steps without the inline refresh "
+                           "(a refresh re-embeds the corpus: the embed stage's cost again)")
   parser.add_argument("--replicate_from", type=int, default=None,
                       help="sizes above this one are made by the `replicate` stage from the corpus "
                            "built at this size (e.g. 1000000) instead of generate + build")
@@ -531,6 +546,8 @@ def main() -> None:
   for size in args.sizes:
     base = root / f"n{size}"
     stage_args = {"num_blocks": size, "seed": args.seed, "src": str(base / "src"),
+                  "devices": args.devices,
+                  "pretrain_refresh": size <= args.pretrain_refresh_max_blocks,
                   "data_dir": str(base / "data"), "snapshots": str(base / "trainer" / "snapshots"),
                   "trainer_workdir": str(base / "trainer"), "pretrain_workdir": str(base / "pretrain")}
     replicated = args.replicate_from is not None and size > args.replicate_from
