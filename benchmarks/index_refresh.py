@@ -40,6 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from realm_jax.data import corpus_config
+from realm_jax.retrieval import embedding
+from realm_jax.retrieval import trainer_done
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,9 +58,9 @@ def _builder_gin(path: pathlib.Path, sources, data_dir: str, args) -> pathlib.Pa
       "from realm_jax import index_builder",
       "include 'experiments/models/minilm.gin'",
       "index_builder.run.model = %MODEL",
-      "index_builder.run.data = @index_builder.CorpusConfig()",
-      f"index_builder.CorpusConfig.sources = {tuple(sources)!r}",
-      f"index_builder.CorpusConfig.data_dir = {data_dir!r}",
+      "index_builder.run.data = @corpus_config.CorpusConfig()",
+      f"corpus_config.CorpusConfig.sources = {tuple(sources)!r}",
+      f"corpus_config.CorpusConfig.data_dir = {data_dir!r}",
       f"index_builder.run.poll_interval_s = {args.poll_interval_s}",
       f"index_builder.run.batch_size = {args.index_batch_size}",
       "index_builder.run.blocks_per_shard = 4096",
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
   from realm_jax.training import finetune
   from realm_jax.training import optim
   from realm_jax.training import pretrain
-  from realm_jax.training import sharding
+  from realm_jax import sharding
 
   load_start = os.getloadavg()
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="index_refresh_"))
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     paths = corpus_lib.embedded_squad_paths()
     sources = [str(paths["dev"]), str(paths["train"])]
   model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", score_scale=20.0)
-  data = index_builder.CorpusConfig(sources=tuple(sources), data_dir=data_dir)
+  data = corpus_config.CorpusConfig(sources=tuple(sources), data_dir=data_dir)
   t0 = time.time()
   corpus = index_builder.load_corpus(data, model, str(workdir), show_progress=False)
   print(f"# corpus: {len(corpus)} blocks ({time.time() - t0:.1f} s to prepare/load)", flush=True)
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
     state = finetune.create_train_state(params, tx, mesh)
     del params
     train_fn, _ = pretrain.make_steps(model, tx, mesh)
-    query_embed_fn = index_builder.make_query_embed_fn(model.retriever_config(), mesh)
+    query_embed_fn = embedding.make_query_embed_fn(model.retriever_config(), mesh)
     featurizer = pretrain.PretrainFeaturizer(tokenizer, corpus, task)
     examples = _synthetic_examples(corpus, tokenizer, 512, task.query_length, task.max_masks, 0)
     ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(str(workdir)),
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
       })
       print(f"# refresh {r + 1}: step {save_step} live after {refreshes[-1]['written_to_live_s']:.1f} s "
             f"({len(during) + 1} steps later)", flush=True)
-    index_builder.mark_trainer_done(str(workdir), refreshes[-1]["params_step"])  # final checkpoint
+    trainer_done.mark_trainer_done(str(workdir), refreshes[-1]["params_step"])  # final checkpoint
     ckpt.close()
     watcher.close()
     builder.wait(timeout=120)

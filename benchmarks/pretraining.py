@@ -46,7 +46,6 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from realm_jax import index_builder  # noqa: E402
 from realm_jax.data import featurize  # noqa: E402
 from realm_jax.data import tfds_builders  # noqa: E402
 from realm_jax.models import realm  # noqa: E402
@@ -54,7 +53,8 @@ from realm_jax.training import checkpointing  # noqa: E402
 from realm_jax.training import ict  # noqa: E402
 from realm_jax.training import optim  # noqa: E402
 from realm_jax.training import pretrain  # noqa: E402
-from realm_jax.training import sharding  # noqa: E402
+from realm_jax import sharding  # noqa: E402
+from realm_jax.retrieval import embedding
 
 RECALL_KS = (1, 5, 20)
 
@@ -69,14 +69,14 @@ def gold_recall(retriever_params, model: realm.ModelConfig, tokenizer, corpus, q
   mesh = sharding.make_mesh()
   cfg = model.retriever_config()
   t0 = time.time()
-  docs = index_builder.run_batched(index_builder.make_document_embed_fn(cfg, mesh),
+  docs = embedding.run_batched(embedding.make_document_embed_fn(cfg, mesh),
                                    retriever_params, corpus.retrieval_inputs(), batch_size, mesh,
                                    desc="embedding corpus")
   embed_s = time.time() - t0
   queries = featurize.query_inputs([tokenizer.encode(q.question) for q in questions],
                                    query_length, tokenizer.cls_id, tokenizer.sep_id,
                                    tokenizer.pad_id)
-  q = index_builder.run_batched(index_builder.make_query_embed_fn(cfg, mesh), retriever_params,
+  q = embedding.run_batched(embedding.make_query_embed_fn(cfg, mesh), retriever_params,
                                 queries, batch_size, mesh, bucket=16)
   top = np.argsort(-(q @ docs.T), axis=1)[:, :max(RECALL_KS)]
   hits = np.array([[corpus.doc_ids[p] in set(question.gold_doc_ids) for p in row]

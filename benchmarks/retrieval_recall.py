@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+from realm_jax.retrieval import embedding
 
 KS = (1, 5, 20, 100)
 
@@ -49,13 +50,12 @@ def main(argv=None) -> int:
   import jax
   from realm_jax import cli
   from realm_jax import evaluation
-  from realm_jax import index_builder
   from realm_jax.models import realm
   from realm_jax.retrieval import searchers
   from realm_jax.retrieval import snapshot as snapshot_lib
   from realm_jax.training import checkpointing
   from realm_jax.training import finetune
-  from realm_jax.training import sharding
+  from realm_jax import sharding
 
   config = os.path.join(args.workdir, "config.gin")
   if not os.path.isfile(config):
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
   mesh = sharding.make_mesh()
   retriever_cfg = model_cfg.retriever_config()
-  embed = index_builder.make_query_embed_fn(retriever_cfg, mesh)
+  embed = embedding.make_query_embed_fn(retriever_cfg, mesh)
   search = searchers.searcher_from_snapshot(snapshot, kind="scann")
   init = realm.init_params(model_cfg, jax.random.key(0), parts=("retriever", "reader"))
   init = jax.device_put(init, sharding.replicated(mesh))
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   queries = featurizer.query_batch(questions)
   for name, params in variants:
     t = time.time()
-    q = index_builder.run_batched(embed, params["retriever"], queries, 128, mesh, bucket=16,
+    q = embedding.run_batched(embed, params["retriever"], queries, 128, mesh, bucket=16,
                                   desc=f"embedding questions ({name})")
     _, block_ids = search.search(q, kmax)
     rows = rows_of_snapshot[np.searchsorted(snapshot.block_ids, block_ids)]

@@ -42,7 +42,7 @@ def timing_table(steps: int = 3) -> str:
   from realm_jax.models import realm
   from realm_jax.training import finetune
   from realm_jax.training import optim
-  from realm_jax.training import sharding
+  from realm_jax import sharding
   model = realm.ModelConfig(
       init_checkpoint=None, pooling="cls_projection", projection_size=128,
       bert=bert.BertConfig(vocab_size=30522, hidden_size=256, num_layers=4, num_heads=4,

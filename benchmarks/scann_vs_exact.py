@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from realm_jax.retrieval import searchers  # noqa: E402
-from realm_jax.training import sharding  # noqa: E402
+from realm_jax import sharding  # noqa: E402
 
 
 def make_data(n: int, dim: int, kind: str, noise: float,

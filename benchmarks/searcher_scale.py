@@ -50,7 +50,7 @@ import psutil  # noqa: E402
 
 from realm_jax.retrieval import searchers  # noqa: E402
 from realm_jax.retrieval import snapshot as snap  # noqa: E402
-from realm_jax.training import sharding  # noqa: E402
+from realm_jax import sharding  # noqa: E402
 
 GIB = 1 << 30
 

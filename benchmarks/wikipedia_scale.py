@@ -230,7 +230,7 @@ def _tiny_model():
 def stage_embed(a: dict[str, Any]) -> dict[str, Any]:
   import jax
   from realm_jax import index_builder
-  from realm_jax.training import sharding
+  from realm_jax import sharding
   from realm_jax.data import corpus_store
   tok = _tokenizer()
   c = corpus_store.Corpus.open(_corpus_dir(a, tok), tok)
@@ -238,7 +238,7 @@ def stage_embed(a: dict[str, Any]) -> dict[str, Any]:
   mesh = sharding.make_mesh(devices=jax.local_devices())
   params = index_builder._initial_retriever_params(model, 0, mesh)  # pylint: disable=protected-access
   start = time.perf_counter()
-  result = index_builder.embed_snapshot(
+  result = embedding.embed_snapshot(
       a["snapshots"], c, model.retriever_config(), params, params_step=0, mesh=mesh,
       batch_size=256, blocks_per_shard=65536, overwrite=True, searcher={})
   seconds = time.perf_counter() - start
@@ -335,6 +335,7 @@ finetune.train_and_evaluate:
 _PRETRAIN_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.training import pretrain
+from realm_jax.retrieval import embedding
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/pretrain.gin'
 TRAIN_STEPS = 3

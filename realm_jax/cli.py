@@ -8,7 +8,7 @@ Commands and the top-level function each one calls (the only gin-configured func
   pretrain       training.pretrain.train                (REALM pre-training, §3.4)
   ict            training.ict.train                     (ICT warm start, ORQA §5)
   index-builder  index_builder.run                      (asynchronous index refresh, §3.4)
-  convert PATH   models.realm_checkpoints.convert_released_checkpoint
+  convert PATH   convert.convert_released_checkpoint
                  (a released Hugging Face REALM checkpoint → WORKDIR params + block-embedding snapshot)
 The resolved configuration is written to `WORKDIR/config.gin`.
 """
@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pretrain": ("realm_jax.training.pretrain", "train", ()),
     "ict": ("realm_jax.training.ict", "train", ()),
     "index-builder": ("realm_jax.index_builder", "run", ()),
-    "convert": ("realm_jax.models.realm_checkpoints", "convert_released_checkpoint", ()),
+    "convert": ("realm_jax.convert", "convert_released_checkpoint", ()),
 }
 
 

@@ -2,18 +2,10 @@
 
 REALM §3.4 ("asynchronous MIPS refreshes"): a separate job re-embeds the corpus Z with the newest
 document embedder Embed_doc and publishes a new MIPS index; the trainer keeps going on the old index and
-swaps when the new one is ready (`retrieval/watcher.py`). This module holds
-
-  * the embedding pass (`run_batched`, `make_document_embed_fn`) and the one-shot, resumable snapshot
-    build (`embed_snapshot` / `build_snapshot`), used by the trainer for a first index and by the job;
-  * the job itself, `run` (`realm-jax index-builder`): it watches `WORKDIR/checkpoints`, restores only
-    the retriever's parameters of the newest checkpoint, re-embeds the corpus, commits
-    `WORKDIR/snapshots/<step>` atomically, prunes old snapshots, and loops.
-
-The pass is a `jax.jit`-ed forward of the document tower over the mesh, batch split over `data`.
-Blocks are sorted by length and padded to a small set of bucket lengths, so that a corpus of short
-paragraphs does not pay for 288 tokens each; every process embeds its own contiguous range of blocks
-(multi-host index building) and writes its own snapshot shards.
+swaps when the new one is ready (`retrieval/watcher.py`). This module is the job, `run`
+(`realm-jax index-builder`): it watches `WORKDIR/checkpoints`, restores only the retriever's parameters
+of the newest checkpoint, re-embeds the corpus with `retrieval/embedding.py` (the pass the trainers use
+for their first index), commits `WORKDIR/snapshots/<step>` atomically, prunes old snapshots, and loops.
 
 The protocol between the trainer and this job (they share nothing but the work directory):
 
@@ -23,7 +15,7 @@ The protocol between the trainer and this job (they share nothing but the work d
     WORKDIR/snapshots/.tmp-<step>/      a snapshot being written (locally; on gs:// that is a <step>/
                                         without manifest.json); a restarted job resumes its shards
     WORKDIR/trainer_done.json           written by the trainer when it has saved its final checkpoint
-                                        (`mark_trainer_done`): the job embeds that checkpoint and exits
+                                        (`retrieval/trainer_done.py`): the job embeds it and exits
     WORKDIR/index_builder/status.json   this job's state (phase, newest snapshot, pid), for launchers
     WORKDIR/index_builder/refreshes.jsonl  one JSON line per committed snapshot, with timings
 
@@ -33,349 +25,33 @@ needs `pip install 'realm-jax[gcs]'`), as when the trainer and this job run on s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
-import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
-import tqdm
 
 from realm_jax import fileio
+from realm_jax import sharding
+from realm_jax.data import corpus_config
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
+from realm_jax.retrieval import embedding
 from realm_jax.retrieval import snapshot as snapshot_lib
-from realm_jax.training import sharding
-
-EmbedFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
-
-
-def make_document_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.sharding.Mesh
-                           ) -> EmbedFn:
-  """A jitted `(retriever_params, inputs) -> [batch, dim] float32` document-tower forward.
-
-  `inputs` holds `input_ids`, `input_mask`, `segment_ids`, each `[batch, seq_len]` int32 with
-  `batch` a multiple of the mesh's `data` size. Params are replicated, the batch split over `data`.
-  """
-  model = retriever_lib.Retriever(config)
-
-  def embed(params, inputs):
-    return model.apply({"params": params}, inputs["input_ids"], inputs["input_mask"],
-                       inputs["segment_ids"], method=retriever_lib.Retriever.embed_documents)
-
-  return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
-
-
-def make_query_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.sharding.Mesh) -> EmbedFn:
-  """A jitted `(retriever_params, inputs) -> [batch, dim] float32` query-tower forward (see above)."""
-  model = retriever_lib.Retriever(config)
-
-  def embed(params, inputs):
-    return model.apply({"params": params}, inputs["input_ids"], inputs["input_mask"],
-                       method=retriever_lib.Retriever.embed_queries)
-
-  return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
-
-
-def bucket_length(n_tokens: int, max_length: int, bucket: int = 64) -> int:
-  """Smallest multiple of `bucket` ≥ n_tokens, capped at max_length (few shapes → few compiles)."""
-  return min(max_length, -(-n_tokens // bucket) * bucket)
-
-
-def run_batched(embed_fn: EmbedFn, params: Any, inputs: dict[str, np.ndarray], batch_size: int,
-                mesh: jax.sharding.Mesh, bucket: int = 64, desc: str | None = None,
-                progress: bool = True) -> np.ndarray:
-  """Embeds `[num, seq_len]` inputs in padded, length-bucketed batches; returns `[num, dim]` float32.
-
-  Rows are processed longest-first in groups of `batch_size` (rounded up to a multiple of the mesh's
-  `data` size); each group is cut to its bucketed length. The output is in the input order.
-
-  Raises:
-    ValueError: if `inputs` is empty or its arrays disagree in shape.
-  """
-  ids, mask, seg = inputs["input_ids"], inputs["input_mask"], inputs["segment_ids"]
-  if ids.shape != mask.shape or ids.shape != seg.shape or ids.ndim != 2:
-    raise ValueError(f"inputs must be three [num, seq_len] arrays, got {ids.shape}, {mask.shape}, "
-                     f"{seg.shape}")
-  num, max_length = ids.shape
-  data_size = mesh.shape[sharding.DATA_AXIS]
-  batch_size = -(-batch_size // data_size) * data_size
-  lengths = mask.sum(axis=1)
-  order = np.argsort(-lengths, kind="stable")
-  out: np.ndarray | None = None
-  bar = tqdm.tqdm(total=num, desc=desc, unit="block", disable=not progress or desc is None)
-  for begin in range(0, num, batch_size):
-    rows = order[begin:begin + batch_size]
-    length = bucket_length(int(lengths[rows].max()), max_length, bucket)
-    pad = batch_size - len(rows)
-    take = lambda a: np.pad(a[rows, :length], ((0, pad), (0, 0)))  # noqa: E731
-    batch = {"input_ids": take(ids), "input_mask": take(mask), "segment_ids": take(seg)}
-    emb = np.asarray(jax.device_get(embed_fn(params, batch)))[:len(rows)]
-    if out is None:
-      out = np.zeros((num, emb.shape[-1]), np.float32)
-    out[rows] = emb
-    bar.update(len(rows))
-  bar.close()
-  if out is None:
-    raise ValueError("nothing to embed: the input is empty")
-  return out
-
-
-def process_range(num_blocks: int, process_index: int | None = None,
-                  process_count: int | None = None) -> tuple[int, int]:
-  """The contiguous `[begin, end)` range of blocks this process embeds (disjoint across processes)."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  per = -(-num_blocks // process_count)
-  return min(process_index * per, num_blocks), min((process_index + 1) * per, num_blocks)
-
-
-def shard_ranges(begin: int, end: int, num_shards: int) -> Sequence[tuple[int, int]]:
-  """Splits `[begin, end)` into `num_shards` near-equal contiguous ranges."""
-  edges = np.linspace(begin, end, num_shards + 1).round().astype(int)
-  return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildResult:
-  """What one `embed_snapshot` call did (REALM §3.4 index refresh).
-
-  Attributes:
-    path: the committed snapshot directory on process 0 (a URL string on object stores); None on other
-      processes.
-    params_step: the train step of the embedder parameters (the snapshot's name).
-    num_blocks: blocks in the corpus (rows of the snapshot).
-    num_shards: shards of the snapshot (all processes together).
-    written_shards: shards this process embedded and wrote.
-    skipped_shards: shards of this process found already written by an interrupted run (resume).
-    embed_s: wall seconds this process spent embedding and writing its shards.
-    commit_s: wall seconds of the commit (checksums, manifest, rename) on process 0; 0 elsewhere.
-    searcher_s: wall seconds building, serializing and uploading the ScaNN searcher (process 0).
-  """
-
-  path: fileio.Path | None
-  params_step: int
-  num_blocks: int
-  num_shards: int
-  written_shards: tuple[int, ...]
-  skipped_shards: tuple[int, ...]
-  embed_s: float
-  commit_s: float
-  searcher_s: float = 0.0
-
-
-def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
-                   retriever_params: Any, params_step: int, mesh: jax.sharding.Mesh | None = None,
-                   batch_size: int = 64, blocks_per_shard: int = 4096,
-                   metadata: dict[str, Any] | None = None, process_index: int | None = None,
-                   process_count: int | None = None, overwrite: bool = False,
-                   shard_pause_s: float = 0.0, embed_fn: EmbedFn | None = None,
-                   searcher: dict[str, Any] | None = None) -> BuildResult:
-  """Embeds every block with Embed_doc and commits the snapshot `<root>/<params_step>` (REALM §3.4).
-
-  Each process embeds a disjoint contiguous range of blocks on its own local devices and writes its own
-  shards into the shared staging directory (`snapshot.staging_dir`: `<root>/.tmp-<params_step>` locally,
-  `<root>/<params_step>` on object stores); shards already written by an earlier, interrupted run are
-  skipped (resume). Process 0 commits once every shard is present.
-
-  Args:
-    root: the snapshots directory (`WORKDIR/snapshots`; local path or URL).
-    corpus: a `data.corpus_store.Corpus` (`block_ids`, `fingerprint`, `retrieval_inputs(indices)`).
-    retriever_cfg / retriever_params: the document embedder (params replicated on `mesh`, or host).
-    params_step: the train step of `retriever_params` (the snapshot's name).
-    mesh: devices to embed on (default: this process's local devices, data-parallel).
-    batch_size: blocks per forward pass.
-    blocks_per_shard: shard granularity (also the unit of resume).
-    metadata: extra manifest fields (JSON).
-    process_index / process_count: default `jax.process_index()` / `jax.process_count()`.
-    overwrite: replace an already committed snapshot of this step.
-    shard_pause_s: seconds to sleep after each written shard, yielding the CPU to a trainer that shares
-      the host (the CPU demo); 0 on accelerators.
-    embed_fn: `make_document_embed_fn(retriever_cfg, mesh)`, made once by a caller that builds many
-      snapshots (its compiled bucket shapes are then reused); default: made here.
-    searcher: `ScannSearcher` settings: process 0 builds ScaNN over all shards and writes it into the
-      snapshot before the commit (`searchers.add_scann_searcher`), so trainers load it instead of
-      building it; None (default): embeddings only.
-
-  Returns:
-    A `BuildResult` (its `path` is None on processes other than 0).
-
-  Raises:
-    snapshot.SnapshotError: if an existing temporary directory belongs to another corpus or config,
-      or the step is already committed (and not `overwrite`).
-  """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  mesh = mesh or sharding.make_mesh(devices=jax.local_devices())
-  start = time.perf_counter()
-  num_blocks = len(corpus)
-  per_process = max(1, math.ceil(num_blocks / process_count / blocks_per_shard))
-  num_shards = per_process * process_count
-  writer = snapshot_lib.SnapshotWriter(
-      root, params_step, num_shards, corpus.fingerprint, retriever_cfg.embedding_dim,
-      metadata=dict(metadata or {}, pooling=retriever_cfg.pooling,
-                    embedding_dim=retriever_cfg.embedding_dim), overwrite=overwrite)
-  begin, end = process_range(num_blocks, process_index, process_count)
-  done = set(writer.completed_shards())
-  embed_fn = embed_fn or make_document_embed_fn(retriever_cfg, mesh)
-  my_shards = range(process_index * per_process, (process_index + 1) * per_process)
-  written, skipped = [], []
-  for shard, (lo, hi) in zip(my_shards, shard_ranges(begin, end, per_process)):
-    if shard in done:
-      logging.info("snapshot %s: shard %d already written, skipped", writer.tmp_dir, shard)
-      skipped.append(shard)
-      continue
-    rows = np.arange(lo, hi)
-    inputs = corpus.retrieval_inputs(rows)
-    emb = (run_batched(embed_fn, retriever_params, inputs, batch_size, mesh,
-                       desc=f"embedding shard {shard + 1}/{num_shards}") if len(rows)
-           else np.zeros((0, retriever_cfg.embedding_dim), np.float32))
-    writer.write_shard(shard, corpus.block_ids[rows], emb)
-    written.append(shard)
-    if shard_pause_s > 0:
-      time.sleep(shard_pause_s)
-  if process_count > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"snapshot-{params_step}-written")
-  embed_s = time.perf_counter() - start
-  path, commit_s, searcher_s = None, 0.0, 0.0
-  if process_index == 0:
-    if searcher is not None:
-      from realm_jax.retrieval import searchers as searchers_lib
-      t0 = time.perf_counter()
-      searchers_lib.add_scann_searcher(writer, **searcher)
-      searcher_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    path = writer.commit()
-    commit_s = time.perf_counter() - t0
-    logging.info("committed snapshot %s (%d blocks, dim %d; %d shard(s) written, %d resumed)", path,
-                 num_blocks, retriever_cfg.embedding_dim, len(written), len(skipped))
-  return BuildResult(path=path, params_step=int(params_step), num_blocks=num_blocks,
-                     num_shards=num_shards, written_shards=tuple(written),
-                     skipped_shards=tuple(skipped), embed_s=embed_s, commit_s=commit_s,
-                     searcher_s=searcher_s)
-
-
-def build_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
-                   retriever_params: Any, params_step: int, mesh: jax.sharding.Mesh | None = None,
-                   batch_size: int = 64, blocks_per_shard: int = 4096,
-                   metadata: dict[str, Any] | None = None, process_index: int | None = None,
-                   process_count: int | None = None, overwrite: bool = False
-                   ) -> fileio.Path | None:
-  """Embeds every block with Embed_doc and commits `<root>/<params_step>` (REALM §3.4).
-
-  `embed_snapshot` without the statistics; see it for the arguments.
-
-  Returns:
-    The committed path on process 0; None on other processes.
-
-  Raises:
-    snapshot.SnapshotError: if an existing temporary directory belongs to another corpus or config.
-  """
-  return embed_snapshot(root, corpus, retriever_cfg, retriever_params, params_step, mesh=mesh,
-                        batch_size=batch_size, blocks_per_shard=blocks_per_shard, metadata=metadata,
-                        process_index=process_index, process_count=process_count,
-                        overwrite=overwrite).path
-
+from realm_jax.retrieval import trainer_done
 
 # ----------------------------------------------------------------------------------------------------
 # The knowledge corpus of the job
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class CorpusConfig:
-  """The knowledge corpus Z the index builder embeds: it must be the trainer's (same fingerprint).
-
-  `run` also accepts the trainer's own data config (`pretrain.PretrainDataConfig`,
-  `finetune.OpenQADataConfig`, or any object with `corpus_sources` and optionally `extra_sources`,
-  `max_block_length`, `tokenizer`, `tokenizer_path`, `data_dir`), so that one gin macro configures both
-  jobs and they block the same corpus; see `as_corpus_config`.
-
-  Attributes:
-    sources: corpus files (SQuAD JSON, JSONL or text; `data.corpus`). Empty: the embedded SQuAD v1.1
-      files (dev + the first 30 train articles, 3,997 blocks of ≤ 288 wordpieces).
-    extra_sources: files appended after `sources` (as `pretrain.PretrainDataConfig.extra_sources`).
-    embedded_dev_articles: with empty `sources`, > 0 keeps only the first this many embedded SQuAD
-      dev articles (`data.corpus.embedded_dev_subset`, as `PretrainDataConfig.embedded_dev_articles`).
-    max_block_length: `3 + title + body` wordpieces per block (288 in the paper).
-    tokenizer: `"wordpiece"` or `"sentencepiece"`.
-    tokenizer_path: vocab / model file; empty: the model checkpoint's `vocab.txt`, or the MiniLM
-      package's when the model is randomly initialised.
-    data_dir: TFDS data directory; empty: `WORKDIR/tfds` (shared with the trainer).
-
-  Raises:
-    ValueError: in `__post_init__` if `max_block_length < 8`.
-  """
-
-  sources: tuple[str, ...] = ()
-  extra_sources: tuple[str, ...] = ()
-  embedded_dev_articles: int = 0
-  max_block_length: int = 288
-  tokenizer: str = "wordpiece"
-  tokenizer_path: str = ""
-  data_dir: str = ""
-
-  def __post_init__(self):
-    if self.max_block_length < 8:
-      raise ValueError(f"CorpusConfig.max_block_length={self.max_block_length} is too small")
-    object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
-    object.__setattr__(self, "extra_sources", tuple(str(s) for s in self.extra_sources))
-
-
-def as_corpus_config(data: Any) -> CorpusConfig:
-  """A `CorpusConfig` from itself or from a trainer's data config (duck-typed, see `CorpusConfig`).
-
-  Raises:
-    TypeError: if `data` has neither `sources` nor `corpus_sources`.
-  """
-  if isinstance(data, CorpusConfig):
-    return data
-  sources = getattr(data, "corpus_sources", getattr(data, "sources", None))
-  if sources is None:
-    raise TypeError(f"index_builder: data must be a CorpusConfig or a data config with "
-                    f"corpus_sources, got {type(data).__name__}")
-  return CorpusConfig(sources=tuple(sources),
-                      extra_sources=tuple(getattr(data, "extra_sources", ())),
-                      embedded_dev_articles=getattr(data, "embedded_dev_articles", 0),
-                      max_block_length=getattr(data, "max_block_length", 288),
-                      tokenizer=getattr(data, "tokenizer", "wordpiece"),
-                      tokenizer_path=getattr(data, "tokenizer_path", ""),
-                      data_dir=getattr(data, "data_dir", ""))
-
-
-def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
-  """The corpus files of `config` in blocking order; the trainer resolves its corpus the same way.
-
-  Empty `sources` mean the embedded SQuAD v1.1 files (dev, then train), or with
-  `embedded_dev_articles` > 0 a file of the first dev articles written once under
-  `data_dir/squad_subsets`; `extra_sources` follow.
-
-  Raises:
-    ValueError: if `embedded_dev_articles` is negative.
-  """
-  from realm_jax.data import corpus as corpus_lib
-  sources = list(config.sources)
-  if not sources and config.embedded_dev_articles:
-    sources = [str(corpus_lib.embedded_dev_subset(config.embedded_dev_articles,
-                                                  fileio.join(data_dir, "squad_subsets")))]
-  elif not sources:
-    embedded = corpus_lib.embedded_squad_paths()
-    sources = [str(embedded["dev"]), str(embedded["train"])]
-  return sources + list(config.extra_sources)
-
-
 def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress: bool = True):
-  """Prepares (once) and opens the blocked knowledge corpus of `data` (see `CorpusConfig`).
+  """Prepares (once) and opens the blocked knowledge corpus of `data` (see `data.corpus_config`).
 
   The corpus is streamed to `data_dir/realm_corpus/` and memory-mapped (`data.corpus_store`). On a
   pod with a `gs://` data directory every host builds its share of the source files. The trainer
@@ -391,7 +67,7 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
   from realm_jax import tokenization
   from realm_jax.data import corpus_store
 
-  config = as_corpus_config(data)
+  config = corpus_config.as_corpus_config(data)
   tok_path = config.tokenizer_path
   if not tok_path:
     ckpt = model.checkpoint_dir()
@@ -399,7 +75,7 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
         tokenization.minilm_model_dir() / "vocab.txt")
   tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
   data_dir = config.data_dir or fileio.join(workdir, "tfds")
-  sources = corpus_sources(config, data_dir)  # As `pretrain.load_corpus`: same fingerprint.
+  sources = corpus_config.corpus_sources(config, data_dir)  # As the trainers: same fingerprint.
   for attempt in range(3):
     try:
       return corpus_store.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
@@ -418,44 +94,6 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: which step, and the retriever's parameters only
 # ----------------------------------------------------------------------------------------------------
-
-
-TRAINER_DONE_NAME = "trainer_done.json"
-
-
-def mark_trainer_done(workdir: str, final_step: int) -> None:
-  """Called by the trainer after its final checkpoint: the index builder embeds it and exits.
-
-  Writes `WORKDIR/trainer_done.json` (`{"final_step": …, "time": …}`) atomically (temp + rename
-  locally, one object write on object stores).
-
-  Args:
-    workdir: the run's work directory (local path or URL).
-    final_step: the step of the trainer's final checkpoint.
-  """
-  fileio.makedirs(workdir)
-  fileio.write_atomic(fileio.join(workdir, TRAINER_DONE_NAME),
-                      json.dumps({"final_step": int(final_step), "time": time.time()}) + "\n")
-
-
-def clear_trainer_done(workdir: str) -> None:
-  """Called by the trainer when it starts (or resumes): removes a done marker of an earlier run."""
-  fileio.remove(fileio.join(workdir, TRAINER_DONE_NAME))
-
-
-def trainer_final_step(workdir: str) -> int | None:
-  """The `final_step` of `WORKDIR/trainer_done.json`, or None when the trainer has not finished.
-
-  A malformed marker is logged and treated as absent.
-  """
-  path = fileio.join(workdir, TRAINER_DONE_NAME)
-  try:
-    return int(json.loads(fileio.read_text(path))["final_step"])
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    logging.warning("ignoring malformed %s: %s", path, e)
-    return None
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -661,7 +299,7 @@ def read_refreshes(workdir: str) -> list[dict[str, Any]]:
 
 def run(workdir: str,
         model: realm.ModelConfig = realm.ModelConfig(),
-        data: Any = CorpusConfig(),
+        data: Any = corpus_config.CorpusConfig(),
         poll_interval_s: float = 10.0,
         keep_snapshots: int = 3,
         batch_size: int = 64,
@@ -751,7 +389,7 @@ def run(workdir: str,
     mesh = sharding.make_mesh(mesh_shape, devices=jax.local_devices())
     retriever_cfg = model.retriever_config()
     abstract = abstract_retriever_params(retriever_cfg, mesh)
-    embed_fn = make_document_embed_fn(retriever_cfg, mesh)  # Compiled once per bucket length.
+    embed_fn = embedding.make_document_embed_fn(retriever_cfg, mesh)  # Compiled once per bucket length.
     ckpt_dir = checkpointing.checkpoint_dir(workdir)
     snapshots_root = fileio.join(workdir, "snapshots")
     logging.info("index builder: %d blocks (corpus %s), %d local device(s) x %d process(es); "
@@ -778,7 +416,7 @@ def run(workdir: str,
         ckpts = checkpoint_steps(ckpt_dir)
         committed = committed_steps()
         newest = max(committed) if committed else None
-        final_step = trainer_final_step(workdir) if exit_when_trainer_done else None
+        final_step = trainer_done.trainer_final_step(workdir) if exit_when_trainer_done else None
         if exit_when_trainer_done and num_train_steps is not None and any(
             s >= num_train_steps for s in ckpts):
           final_step = max(s for s in ckpts if s >= num_train_steps)
@@ -832,7 +470,7 @@ def run(workdir: str,
                    source, step)
       journal.set(phase="embedding", params_step=step)
       try:
-        result = embed_snapshot(
+        result = embedding.embed_snapshot(
             snapshots_root, corpus, retriever_cfg, params, step, mesh=mesh, batch_size=batch_size,
             blocks_per_shard=blocks_per_shard, shard_pause_s=shard_pause_s, embed_fn=embed_fn,
             metadata={"source": source, "checkpoint_mtime": checkpoint_mtime,

@@ -37,6 +37,7 @@ import time
 from typing import IO, Sequence
 
 from realm_jax import cli
+from realm_jax.retrieval import trainer_done
 
 DEFAULT_EXPERIMENT = "experiments/cpu/pretrain_async_minilm.gin"
 TRAINER, BUILDER = "trainer", "index-builder"
@@ -283,8 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    from realm_jax import index_builder
-    index_builder.clear_trainer_done(workdir)  # A new trainer run: an old "done" marker is void.
+    trainer_done.clear_trainer_done(workdir)  # A new trainer run: an old "done" marker is void.
     builder = start_child(BUILDER, "index-builder", gin_files,
                           [*args.gin_param, *args.index_gin_param], workdir,
                           logs / f"{BUILDER}.log", args.index_devices or None, builder_cpus)

@@ -16,7 +16,8 @@ import jax
 from realm_jax.data.questions import Question
 from realm_jax.models import realm
 from realm_jax.training import finetune
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.retrieval import embedding
 
 
 def predict(workdir: str, questions: Sequence[str],
@@ -41,7 +42,6 @@ def predict(workdir: str, questions: Sequence[str],
     FileNotFoundError: if the work directory has no snapshot.
   """
   from realm_jax import fileio
-  from realm_jax import index_builder
   from realm_jax.retrieval import searchers as searchers_lib
   from realm_jax.retrieval import snapshot as snapshot_lib
   from realm_jax.training import checkpointing
@@ -73,7 +73,7 @@ def predict(workdir: str, questions: Sequence[str],
   featurizer = finetune.OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids,
                                          snapshot.embeddings, task, model.max_span_width)
   evaluator = finetune.OpenQAEvaluator(featurizer, search,
-                                       index_builder.make_query_embed_fn(model.retriever_config(),
+                                       embedding.make_query_embed_fn(model.retriever_config(),
                                                                          mesh),
                                        eval_fn, mesh, recall_ks=(task.num_read,))
   qs = [Question(qid=str(i), question=q, answers=[]) for i, q in enumerate(questions)]

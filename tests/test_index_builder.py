@@ -26,7 +26,10 @@ from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.training import checkpointing
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.data import corpus_config
+from realm_jax.retrieval import embedding
+from realm_jax.retrieval import trainer_done
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = realm.ModelConfig(
@@ -48,7 +51,7 @@ def tiny_corpus(tmp_path_factory):
       text = (f"{WORDS[i % 20].capitalize()} {i} is a town on the {WORDS[(i * 7) % 20]} river. It "
               f"was founded in {1800 + i} by {WORDS[(i * 3) % 20]} settlers.")
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
-  data = index_builder.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
+  data = corpus_config.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
                                     data_dir=str(root / "tfds"))
   corpus = index_builder.load_corpus(data, MODEL, str(root), show_progress=False)
   assert len(corpus) == 40
@@ -82,8 +85,8 @@ def _save_checkpoint(workdir, base, step):
 
 def _embed_all(corpus, params):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  fn = index_builder.make_document_embed_fn(MODEL.retriever_config(), mesh)
-  return index_builder.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
+  fn = embedding.make_document_embed_fn(MODEL.retriever_config(), mesh)
+  return embedding.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
                                    mesh, progress=False)
 
 
@@ -92,14 +95,15 @@ def _builder_gin(path, data, **bindings):
   lines = [
       "from __gin__ import dynamic_registration",
       "from realm_jax import index_builder",
+      "from realm_jax.data import corpus_config",
       "from realm_jax.models import bert",
       "from realm_jax.models import realm",
       "index_builder.run.model = @realm.ModelConfig()",
-      "index_builder.run.data = @index_builder.CorpusConfig()",
+      "index_builder.run.data = @corpus_config.CorpusConfig()",
       *(f"index_builder.run.{k} = {v!r}" for k, v in bindings.items()),
-      f"index_builder.CorpusConfig.sources = {tuple(data.sources)!r}",
-      f"index_builder.CorpusConfig.max_block_length = {data.max_block_length}",
-      f"index_builder.CorpusConfig.data_dir = {data.data_dir!r}",
+      f"corpus_config.CorpusConfig.sources = {tuple(data.sources)!r}",
+      f"corpus_config.CorpusConfig.max_block_length = {data.max_block_length}",
+      f"corpus_config.CorpusConfig.data_dir = {data.data_dir!r}",
       "realm.ModelConfig.init_checkpoint = None",
       "realm.ModelConfig.bert = @bert.BertConfig()",
       "realm.ModelConfig.pooling = 'cls_projection'",
@@ -148,24 +152,24 @@ def test_next_params_step_policy():
 
 
 def test_done_marker_round_trip(tmp_path):
-  assert index_builder.trainer_final_step(str(tmp_path)) is None
-  index_builder.mark_trainer_done(str(tmp_path), 1234)
-  assert index_builder.trainer_final_step(str(tmp_path)) == 1234
-  index_builder.clear_trainer_done(str(tmp_path))
-  assert index_builder.trainer_final_step(str(tmp_path)) is None
-  (tmp_path / index_builder.TRAINER_DONE_NAME).write_text("{not json")
-  assert index_builder.trainer_final_step(str(tmp_path)) is None
+  assert trainer_done.trainer_final_step(str(tmp_path)) is None
+  trainer_done.mark_trainer_done(str(tmp_path), 1234)
+  assert trainer_done.trainer_final_step(str(tmp_path)) == 1234
+  trainer_done.clear_trainer_done(str(tmp_path))
+  assert trainer_done.trainer_final_step(str(tmp_path)) is None
+  (tmp_path / trainer_done.TRAINER_DONE_NAME).write_text("{not json")
+  assert trainer_done.trainer_final_step(str(tmp_path)) is None
 
 
 def test_as_corpus_config_accepts_a_trainer_data_config():
   from realm_jax.training import finetune
   data = finetune.OpenQADataConfig(corpus_sources=("a.jsonl",), max_block_length=128,
                                    data_dir="/d")
-  config = index_builder.as_corpus_config(data)
-  assert config == index_builder.CorpusConfig(sources=("a.jsonl",), max_block_length=128,
+  config = corpus_config.as_corpus_config(data)
+  assert config == corpus_config.CorpusConfig(sources=("a.jsonl",), max_block_length=128,
                                               data_dir="/d")
   with pytest.raises(TypeError, match="corpus_sources"):
-    index_builder.as_corpus_config(object())
+    corpus_config.as_corpus_config(object())
 
 
 def test_builder_and_trainer_block_the_same_embedded_subset(tmp_path):
@@ -173,9 +177,9 @@ def test_builder_and_trainer_block_the_same_embedded_subset(tmp_path):
   from realm_jax.training import pretrain
   data = pretrain.PretrainDataConfig(embedded_dev_articles=1, max_block_length=128,
                                      data_dir=str(tmp_path / "tfds"))
-  config = index_builder.as_corpus_config(data)
+  config = corpus_config.as_corpus_config(data)
   assert config.embedded_dev_articles == 1
-  sources = index_builder.corpus_sources(config, data.data_dir)
+  sources = corpus_config.corpus_sources(config, data.data_dir)
   assert len(sources) == 1 and sources[0].endswith("squad-dev-first1.json")
   builder_corpus = index_builder.load_corpus(data, MODEL, str(tmp_path), show_progress=False)
   _, trainer_corpus = pretrain.load_corpus(data, MODEL, str(tmp_path))

@@ -68,6 +68,59 @@ def span_candidates(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.n
   return np.asarray(starts, np.int32), np.asarray(ends, np.int32)
 
 
+def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
+               ends: np.ndarray) -> np.ndarray:
+  """Positions in `span_candidates(seq_len, max_span_width)` of the given (start, end) spans.
+
+  Maps another enumeration onto ours, e.g. Hugging Face's `RealmReaderProjection`, which lists
+  spans width-major (every width-1 span, then width 2, …) where `span_candidates` is start-major:
+  `our_logits[..., span_index(…, hf_starts, hf_ends)]` is in Hugging Face's order.
+
+  Args:
+    seq_len, max_span_width: as in `span_candidates`.
+    starts, ends: `[n]` int inclusive token positions of the spans.
+
+  Returns:
+    `[n]` int64 indices into the `span_candidates` order.
+
+  Raises:
+    ValueError: for a span `span_candidates` does not enumerate (too wide, or past `seq_len`),
+      or `starts` and `ends` of different shapes.
+  """
+  starts, ends = np.asarray(starts), np.asarray(ends)
+  if starts.shape != ends.shape:
+    raise ValueError(f"span_index: starts {starts.shape} and ends {ends.shape} differ in shape")
+  our_starts, our_ends = span_candidates(seq_len, max_span_width)
+  # Start-major, then width: span (s, e) sits at offset(s) + (e - s).
+  offsets = np.searchsorted(our_starts, np.arange(seq_len))
+  bad = (starts < 0) | (ends < starts) | (ends >= seq_len) | (ends - starts >= max_span_width)
+  if np.any(bad):
+    k = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"span_index: span ({int(starts[k])}, {int(ends[k])}) is not among the spans "
+                     f"of width < {max_span_width} in {seq_len} tokens")
+  index = offsets[starts] + (ends - starts)
+  return index.astype(np.int64)
+
+
+def gold_span_mask(seq_len: int, max_span_width: int, gold_starts: np.ndarray,
+                   gold_ends: np.ndarray) -> np.ndarray:
+  """Which candidate spans are a gold answer span (ORQA §4.2 / REALM §3.2 reader targets).
+
+  Args:
+    seq_len, max_span_width: as in `span_candidates`.
+    gold_starts, gold_ends: `[..., num_gold]` int inclusive token positions of the gold spans;
+      entries < 0 are padding and match nothing.
+
+  Returns:
+    `[..., num_spans]` bool: span i equals one of the gold spans (exact start and end).
+  """
+  starts, ends = span_candidates(seq_len, max_span_width)
+  gold_starts, gold_ends = np.asarray(gold_starts), np.asarray(gold_ends)
+  hit = ((starts == gold_starts[..., :, None]) & (ends == gold_ends[..., :, None])
+         & (gold_starts[..., :, None] >= 0))
+  return hit.any(axis=-2)
+
+
 def span_mask(body_mask: Array, max_span_width: int) -> Array:
   """Which candidate spans lie inside the block body.
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from realm_jax.retrieval import snapshot as snapshot_lib
-from realm_jax.training import sharding
+from realm_jax import sharding
 
 Array = jax.Array
 ArrayLike = np.ndarray | jax.Array

@@ -34,7 +34,8 @@ from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import losses
 from realm_jax.training import optim
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.retrieval import embedding
 
 Array = jax.Array
 
@@ -364,9 +365,8 @@ class OpenQAEvaluator:
   def retrieve(self, retriever_params: Any, questions: Sequence[Question], k: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Embeds the questions and returns MIPS `(scores [n, k] float32, block_ids [n, k] int64)`."""
-    from realm_jax import index_builder  # local: index_builder imports this package's models
     queries = self.featurizer.query_batch(questions)
-    q = index_builder.run_batched(self.query_embed_fn, retriever_params, queries,
+    q = embedding.run_batched(self.query_embed_fn, retriever_params, queries,
                                   max(self.batch_size, 64), self.mesh, bucket=16, progress=False)
     return self.searcher.search(q, k)
 
@@ -548,7 +548,6 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   Raises:
     FileNotFoundError / data.corpus.DataFormatError: naming the bad file, line and field.
   """
-  import os
   from realm_jax import tokenization
   from realm_jax.data import corpus as corpus_lib
   from realm_jax.data import corpus_store
@@ -675,7 +674,6 @@ def train_and_evaluate(workdir: str,
   """
   import os
   import time
-  from realm_jax import index_builder
   from realm_jax.retrieval import searchers as searchers_lib
   from realm_jax.retrieval import snapshot as snapshot_lib
   from realm_jax.training import checkpointing
@@ -706,7 +704,7 @@ def train_and_evaluate(workdir: str,
   if path is not None and snapshot_lib.read_manifest(path)["corpus_fingerprint"] != corpus.fingerprint:
     raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
   if path is None:
-    path = index_builder.build_snapshot(snapshots_root, corpus, retriever_cfg,
+    path = embedding.build_snapshot(snapshots_root, corpus, retriever_cfg,
                                         params["retriever"], params_step=0,
                                         batch_size=index_batch_size)
   snapshot = snapshot_lib.read_snapshot(path)
@@ -731,7 +729,7 @@ def train_and_evaluate(workdir: str,
     logging.info("resumed from step %d", latest)
 
   train_fn, eval_fn = make_steps(model, task, tx, mesh)
-  query_embed_fn = index_builder.make_query_embed_fn(retriever_cfg, mesh)
+  query_embed_fn = embedding.make_query_embed_fn(retriever_cfg, mesh)
   featurizer = OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids, snapshot.embeddings, task,
                                 model.max_span_width)
   evaluator = OpenQAEvaluator(featurizer, search, query_embed_fn, eval_fn, mesh, eval_batch_size)

@@ -39,7 +39,7 @@ from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import finetune
 from realm_jax.training import pretrain
-from realm_jax.training import sharding
+from realm_jax import sharding
 
 Array = jax.Array
 _NEG = -1e9
@@ -204,7 +204,7 @@ def ict_outputs(params: Mapping[str, Any], batch: Mapping[str, Array], rng: Arra
 def train_step(state: finetune.TrainState, batch: Mapping[str, Array], rng: Array, *,
                tx: optax.GradientTransformation, retriever_cfg: retriever_lib.RetrieverConfig,
                mesh: jax.sharding.Mesh) -> tuple[finetune.TrainState, dict[str, Array]]:
-  """One ICT update; metrics `train/ict_loss`, `train/ict_accuracy`, `train/grad_norm`.
+  """One ICT update; metrics `train/loss`, `train/accuracy`, `train/grad_norm`.
 
   Args:
     state: params `{"retriever"}` (replicated).
@@ -221,7 +221,7 @@ def train_step(state: finetune.TrainState, batch: Mapping[str, Array], rng: Arra
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"train/ict_loss": loss, "train/ict_accuracy": accuracy,
+  metrics = {"train/loss": loss, "train/accuracy": accuracy,
              "train/grad_norm": optax.global_norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -377,11 +377,11 @@ def train(workdir: str,
     state, metrics = train_fn(state, batch, rng)
     if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(last["train/ict_loss"]):
-        raise FloatingPointError(f"ICT step {step + 1}: loss is {last['train/ict_loss']}")
+      if not np.isfinite(last["train/loss"]):
+        raise FloatingPointError(f"ICT step {step + 1}: loss is {last['train/loss']}")
       history.append(dict(last, step=step + 1))
-      bar.set_postfix(loss=f"{last['train/ict_loss']:.3f}",
-                      acc=f"{last['train/ict_accuracy']:.3f}")
+      bar.set_postfix(loss=f"{last['train/loss']:.3f}",
+                      acc=f"{last['train/accuracy']:.3f}")
       logging.info("ICT step %d: %s", step + 1, last)
       writer.write(step + 1, last)
     if ckpt.should_save(step + 1) or step + 1 == num_train_steps:

@@ -34,10 +34,10 @@ from typing import Any, Callable, Protocol
 import jax
 
 from realm_jax import fileio
-from realm_jax import index_builder
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import searchers as searchers_lib
 from realm_jax.retrieval import snapshot as snapshot_lib
+from realm_jax.retrieval import embedding
 
 SEARCHER_KINDS = ("scann", "exact")
 
@@ -150,7 +150,7 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
     return path
   logging.info("no snapshot under %s: embedding %d blocks with the step-%d document embedder",
                root, len(corpus), params_step)
-  index_builder.build_snapshot(root, corpus, retriever_cfg, retriever_params,
+  embedding.build_snapshot(root, corpus, retriever_cfg, retriever_params,
                                params_step=params_step, mesh=mesh, batch_size=batch_size)
   _sync(f"first-snapshot-{params_step}")
   return fileio.join(root, str(params_step))
@@ -248,7 +248,7 @@ class InlineRefreshIndexSource:
   def refresh(self, step: int) -> LoadedIndex:
     """Embeds the corpus with the current params, commits snapshot `step` and swaps it in."""
     start = time.perf_counter()
-    index_builder.build_snapshot(self.root, self.corpus, self.retriever_cfg, self.params_fn(),
+    embedding.build_snapshot(self.root, self.corpus, self.retriever_cfg, self.params_fn(),
                                  params_step=step, mesh=self.mesh, batch_size=self.batch_size,
                                  overwrite=True)
     _sync(f"inline-refresh-{step}")

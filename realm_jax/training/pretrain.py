@@ -58,7 +58,10 @@ from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import finetune
 from realm_jax.training import losses
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.data import corpus_config
+from realm_jax.retrieval import embedding
+from realm_jax.retrieval import trainer_done
 
 embedded_dev_subset = corpus_data.embedded_dev_subset  # Kept here for callers of the old location.
 
@@ -554,7 +557,6 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
     FileNotFoundError: for a missing tokenizer or source file.
     data.corpus.DataFormatError: for a malformed source (naming file, line and field).
   """
-  from realm_jax import index_builder
   from realm_jax import tokenization
   from realm_jax.data import corpus_store
 
@@ -569,7 +571,7 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
   tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
   data_dir = data.data_dir or fileio.join(workdir, "tfds")
   # One resolution of the sources for the trainer and the index-builder job: same corpus fingerprint.
-  sources = index_builder.corpus_sources(index_builder.as_corpus_config(data), data_dir)
+  sources = corpus_config.corpus_sources(corpus_config.as_corpus_config(data), data_dir)
   corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, data.max_block_length,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
@@ -820,7 +822,7 @@ def train(workdir: str,
     index_refresh: 'none', 'inline' (re-embed every `refresh_every_steps` here) or 'async'
       (`retrieval.watcher.IndexWatcher` over snapshots from the index-builder job, which reads the
       checkpoints written every `checkpoint_every_steps`, builds the first index itself and exits
-      after the final checkpoint, announced by `index_builder.mark_trainer_done`).
+      after the final checkpoint, announced by `trainer_done.mark_trainer_done`).
     max_index_staleness_steps / poll_interval_s: passed to the watcher ('async').
     index_batch_size: blocks per forward pass when embedding the corpus.
     init_from: a checkpoint (or work) directory whose `retriever` params start the run.
@@ -839,7 +841,6 @@ def train(workdir: str,
     FloatingPointError: if the loss becomes NaN or infinite.
   """
   import tqdm
-  from realm_jax import index_builder
   from realm_jax.training import checkpointing
   from realm_jax.training import index_source as index_source_lib
   from realm_jax.training import metric_writer
@@ -896,7 +897,7 @@ def train(workdir: str,
   if index_refresh == "async":
     # The index-builder job builds the first index too; the watcher waits for it.
     if is_main:
-      index_builder.clear_trainer_done(workdir)
+      trainer_done.clear_trainer_done(workdir)
   else:
     index_source_lib.ensure_first_snapshot(snapshots_root, corpus, retriever_cfg,
                                            host_retriever_params(), params_step=start_step,
@@ -910,7 +911,7 @@ def train(workdir: str,
   timings["first_index_s"] = time.time() - t1
 
   train_fn, eval_fn = make_steps(model, tx, mesh)
-  query_embed_fn = index_builder.make_query_embed_fn(retriever_cfg, mesh)
+  query_embed_fn = embedding.make_query_embed_fn(retriever_cfg, mesh)
   featurizer = PretrainFeaturizer(tokenizer, corpus, task)
   summary: dict[str, Any] = {
       "num_blocks": len(corpus), "num_examples": len(examples), "masking": examples.masking,
@@ -967,7 +968,7 @@ def train(workdir: str,
   bar.close()
   ckpt.close()
   if index_refresh == "async" and is_main:
-    index_builder.mark_trainer_done(workdir, max(num_train_steps, start_step))
+    trainer_done.mark_trainer_done(workdir, max(num_train_steps, start_step))
   timings["train_s"] = time.time() - t3
   timings["index_retrieval_featurize_s"] = retrieval_s  # incl. inline refreshes
   timings["device_step_s"] = step_s

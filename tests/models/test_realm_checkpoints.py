@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
+from realm_jax import convert
 from realm_jax.models import realm_checkpoints as rc
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.models.bert import BertConfig
@@ -105,19 +106,6 @@ def _read_spans(cfg: encoder_lib.ReaderConfig, params, ref) -> np.ndarray:
                        ref["reader_mask"][None], body[None])[0])
 
 
-def _hf_span_to_ours(seq_len: int, max_width: int, starts: np.ndarray,
-                     ends: np.ndarray) -> np.ndarray:
-  """Index into `span_candidates(seq_len, max_width)` of each of transformers' (start, end) spans.
-
-  `RealmReaderProjection` enumerates spans width-major (all width-1 spans, then width 2, ...);
-  `span_candidates` is start-major. Both enumerate the same set.
-  """
-  our_starts, our_ends = encoder_lib.span_candidates(seq_len, max_width)
-  index = {(int(s), int(e)): i for i, (s, e) in enumerate(zip(our_starts, our_ends))}
-  assert len(index) == len(starts), "both enumerations cover the same spans"
-  return np.array([index[(int(s), int(e))] for s, e in zip(starts, ends)])
-
-
 # ------------------------------------------------------------------------------------- parity
 
 
@@ -198,7 +186,7 @@ def test_reader_matches_transformers(ref):
   seq_len = body.shape[-1]
   ours = _read_spans(cfg, ckpt.params["reader"], ref)  # [3 blocks, num_spans]
   hf_starts, hf_ends = ref["reader_span_starts"], ref["reader_span_ends"]
-  perm = _hf_span_to_ours(seq_len, cfg.max_span_width, hf_starts, hf_ends)
+  perm = encoder_lib.span_index(seq_len, cfg.max_span_width, hf_starts, hf_ends)
   ours_in_hf_order = np.asarray(ours)[:, perm]  # [3, 57]
   valid = body[:, hf_starts].astype(bool) & body[:, hf_ends].astype(bool)
   assert valid.sum() > 20 and (~valid).sum() > 20
@@ -215,10 +203,8 @@ def test_reader_matches_transformers(ref):
                                               int(ref["reader_end_pos"][0]))
 
   # The losses (ORQA/REALM fine-tuning) with realm_jax's loss functions.
-  starts, ends = encoder_lib.span_candidates(seq_len, cfg.max_span_width)
-  gold_s, gold_e = ref["reader_gold_starts"], ref["reader_gold_ends"]
-  is_answer = ((starts[None, None, :] == gold_s[:, :, None])
-               & (ends[None, None, :] == gold_e[:, :, None])).any(axis=1)  # [3, num_spans]
+  is_answer = encoder_lib.gold_span_mask(seq_len, cfg.max_span_width, ref["reader_gold_starts"],
+                                         ref["reader_gold_ends"])  # [3, num_spans]
   span_valid = np.asarray(encoder_lib.span_mask(jnp.asarray(body), cfg.max_span_width))
   reader_loss, _ = losses.reader_loss(jnp.asarray(ours)[None], jnp.asarray(relevance)[None],
                                       jnp.asarray(is_answer)[None], jnp.asarray(span_valid)[None])
@@ -245,14 +231,14 @@ def test_openqa_matches_transformers(ref):
 
   body = ref["reader_block_mask"].astype(np.int32)
   ours = _read_spans(ckpt.reader_config(), ckpt.params["reader"], ref)
-  perm = _hf_span_to_ours(body.shape[-1], 3, ref["reader_span_starts"], ref["reader_span_ends"])
+  perm = encoder_lib.span_index(body.shape[-1], 3, ref["reader_span_starts"], ref["reader_span_ends"])
   valid = body[:, ref["reader_span_starts"]].astype(bool) & body[:, ref["reader_span_ends"]].astype(
       bool)
   assert _max_diff(np.asarray(ours)[:, perm][valid], ref["openqa_reader_span_logits"][valid]) <= TOL
 
 
 def test_span_orders_cover_the_same_spans(ref):
-  perm = _hf_span_to_ours(20, 3, ref["reader_span_starts"], ref["reader_span_ends"])
+  perm = encoder_lib.span_index(20, 3, ref["reader_span_starts"], ref["reader_span_ends"])
   assert sorted(perm) == list(range(57))
   # transformers is width-major: the first 20 spans are the single tokens.
   np.testing.assert_array_equal(ref["reader_span_starts"][:20], ref["reader_span_ends"][:20])
@@ -420,7 +406,7 @@ def test_pytorch_bin_to_safetensors(tmp_path):
     bin_dir.mkdir()
     for name in ("pytorch_model.bin", "config.json"):
       shutil.copy(FIXTURES / "scorer" / name, bin_dir / name)
-    result = rc.convert_released_checkpoint(tmp_path / "work", bin_dir)
+    result = convert.convert_released_checkpoint(tmp_path / "work", bin_dir)
     assert result.architecture == "RealmScorer" and not (tmp_path / "work" / ".hf-safetensors.tmp"
                                                          ).exists()
     jax.tree.map(np.testing.assert_array_equal, rc.load_converted(tmp_path / "work").params,
@@ -438,7 +424,7 @@ def test_bin_conversion_without_torch_names_the_fix(tmp_path, monkeypatch):
 
   monkeypatch.setattr(builtins, "__import__", no_torch)
   with pytest.raises(ModuleNotFoundError, match=r"needs PyTorch .*one-liner"):
-    rc.convert_released_checkpoint(tmp_path / "work", FIXTURES / "scorer" / "pytorch_model.bin")
+    convert.convert_released_checkpoint(tmp_path / "work", FIXTURES / "scorer" / "pytorch_model.bin")
 
 
 @needs_released_support
@@ -486,7 +472,7 @@ def test_convert_openqa_writes_params_and_block_emb_snapshot(ref, tmp_path):
     shutil.copy(FIXTURES / "openqa" / f, tmp_path / "ckpt" / f)
   (tmp_path / "ckpt" / "vocab.txt").write_text("[PAD]\n[CLS]\n")
   work = tmp_path / "work"
-  result = rc.convert_released_checkpoint(work, tmp_path / "ckpt", corpus_fingerprint="fp-blocks",
+  result = convert.convert_released_checkpoint(work, tmp_path / "ckpt", corpus_fingerprint="fp-blocks",
                                           num_shards=2)
   assert result.architecture == "RealmForOpenQA" and result.parts == ("retriever", "reader")
   assert result.snapshot_dir == work / "snapshots" / "0"
@@ -522,7 +508,7 @@ def test_convert_from_and_into_an_object_store(tmp_path):
   cwd = os.getcwd()
   os.chdir(tmp_path)
   try:
-    result = rc.convert_released_checkpoint("memory://rc-bucket/work", "memory://rc-bucket/ckpt",
+    result = convert.convert_released_checkpoint("memory://rc-bucket/work", "memory://rc-bucket/ckpt",
                                             corpus_fingerprint="fp-blocks")
   finally:
     os.chdir(cwd)
@@ -539,7 +525,7 @@ def test_convert_from_and_into_an_object_store(tmp_path):
 
 @needs_released_support
 def test_convert_without_fingerprint_skips_the_snapshot(tmp_path, caplog):
-  result = rc.convert_released_checkpoint(tmp_path, FIXTURES / "openqa")
+  result = convert.convert_released_checkpoint(tmp_path, FIXTURES / "openqa")
   assert result.snapshot_dir is None and result.block_emb_sha256 is not None
   assert not (tmp_path / "snapshots").exists()
   assert "block_emb [7, 16] not exported: pass corpus_fingerprint" in caplog.text
@@ -548,7 +534,7 @@ def test_convert_without_fingerprint_skips_the_snapshot(tmp_path, caplog):
 def test_write_block_emb_snapshot_ids_and_errors(tmp_path):
   emb = np.arange(12, dtype=np.float32).reshape(4, 3)
   ids = np.array([40, 10, 30, 20])
-  path = rc.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=5, block_ids=ids,
+  path = convert.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=5, block_ids=ids,
                                      metadata={"source": "x"})
   snap = snapshot_lib.read_snapshot(path)
   assert path == tmp_path / "5" and snap.params_step == 5
@@ -556,8 +542,8 @@ def test_write_block_emb_snapshot_ids_and_errors(tmp_path):
   np.testing.assert_array_equal(snap.embeddings, emb)
   assert snap.metadata == {"embedder": "released block_emb", "source": "x"}
   with pytest.raises(ValueError, match=r"block_ids must be \[4\], got shape \(3,\)"):
-    rc.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=6, block_ids=ids[:3])
+    convert.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=6, block_ids=ids[:3])
   with pytest.raises(ValueError, match=r"block_emb must be \[num_blocks, dim\]"):
-    rc.write_block_emb_snapshot(emb[0], tmp_path, "fp", params_step=7)
+    convert.write_block_emb_snapshot(emb[0], tmp_path, "fp", params_step=7)
   with pytest.raises(snapshot_lib.SnapshotError):
-    rc.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=8, block_ids=[1, 1, 2, 3])
+    convert.write_block_emb_snapshot(emb, tmp_path, "fp", params_step=8, block_ids=[1, 1, 2, 3])

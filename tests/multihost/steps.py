@@ -11,7 +11,7 @@ TINY = realm.ModelConfig(
     bert=bert.BertConfig(vocab_size=128, hidden_size=16, num_layers=1, num_heads=2,
                          intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
                          attention_dropout=0.0))
-LOSS_KEY = {"finetune": "train/loss", "ict": "train/ict_loss", "pretrain": "train/loss"}
+LOSS_KEY = {"finetune": "train/loss", "ict": "train/loss", "pretrain": "train/loss"}
 
 
 def finetune(global_batch, mesh):

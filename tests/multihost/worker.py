@@ -23,7 +23,7 @@ if NPROC > 1:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from realm_jax.training import sharding  # noqa: E402
+from realm_jax import sharding  # noqa: E402
 
 sharding.initialize_distributed()
 sys.path.insert(0, os.path.dirname(__file__))

@@ -15,7 +15,7 @@ import pytest
 
 from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
-from realm_jax.training import sharding
+from realm_jax import sharding
 
 
 def _index(n, dim, seed=0):

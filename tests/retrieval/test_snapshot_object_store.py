@@ -23,9 +23,9 @@ import pytest
 import object_store_checks
 
 from realm_jax import fileio
-from realm_jax import index_builder
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
+from realm_jax.retrieval import embedding
 
 FP = "corpus-fp-object-store"
 
@@ -284,7 +284,7 @@ def test_index_watcher_picks_up_a_snapshot_committed_on_memory(root):
 
 
 class _TinyCorpus:
-  """What `index_builder.embed_snapshot` reads of a corpus: ids, fingerprint, tokenised blocks."""
+  """What `embedding.embed_snapshot` reads of a corpus: ids, fingerprint, tokenised blocks."""
 
   fingerprint = "fp-tiny-object-store"
 
@@ -313,11 +313,11 @@ def test_index_builder_resumes_the_shards_of_a_killed_run_on_memory(root):
 
   crash_after = 2  # Killed while embedding the third of five shards.
   with pytest.raises(KeyboardInterrupt):
-    index_builder.embed_snapshot(root, corpus, cfg, None, params_step=5, blocks_per_shard=4,
+    embedding.embed_snapshot(root, corpus, cfg, None, params_step=5, blocks_per_shard=4,
                                  embed_fn=embed_fn)
   assert snap.list_snapshots(root) == [] and snap.staging_dirs(root) == [(5, f"{root}/5")]
   crash_after, calls[:] = None, []
-  result = index_builder.embed_snapshot(root, corpus, cfg, None, params_step=5, blocks_per_shard=4,
+  result = embedding.embed_snapshot(root, corpus, cfg, None, params_step=5, blocks_per_shard=4,
                                         embed_fn=embed_fn)
   assert result.skipped_shards == (0, 1) and result.written_shards == (2, 3, 4) and len(calls) == 3
   assert result.path == f"{root}/5" and snap.list_snapshots(root) == [(5, result.path)]

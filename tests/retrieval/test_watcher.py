@@ -27,7 +27,10 @@ from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.training import checkpointing
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.data import corpus_config
+from realm_jax.retrieval import embedding
+from realm_jax.retrieval import trainer_done
 
 FP = "corpus-fp-watcher"
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -181,7 +184,7 @@ def tiny_corpus(tmp_path_factory):
       text = (f"{WORDS[i % 20].capitalize()} {i} is a town on the {WORDS[(i * 7) % 20]} river. It "
               f"was founded in {1800 + i} by {WORDS[(i * 3) % 20]} settlers.")
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
-  data = index_builder.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
+  data = corpus_config.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
                                     data_dir=str(root / "tfds"))
   corpus = index_builder.load_corpus(data, MODEL, str(root), show_progress=False)
   return data, corpus
@@ -192,14 +195,15 @@ def _builder_gin(path, data, **bindings):
   lines = [
       "from __gin__ import dynamic_registration",
       "from realm_jax import index_builder",
+      "from realm_jax.data import corpus_config",
       "from realm_jax.models import bert",
       "from realm_jax.models import realm",
       "index_builder.run.model = @realm.ModelConfig()",
-      "index_builder.run.data = @index_builder.CorpusConfig()",
+      "index_builder.run.data = @corpus_config.CorpusConfig()",
       *(f"index_builder.run.{k} = {v!r}" for k, v in bindings.items()),
-      f"index_builder.CorpusConfig.sources = {tuple(data.sources)!r}",
-      f"index_builder.CorpusConfig.max_block_length = {data.max_block_length}",
-      f"index_builder.CorpusConfig.data_dir = {data.data_dir!r}",
+      f"corpus_config.CorpusConfig.sources = {tuple(data.sources)!r}",
+      f"corpus_config.CorpusConfig.max_block_length = {data.max_block_length}",
+      f"corpus_config.CorpusConfig.data_dir = {data.data_dir!r}",
       "realm.ModelConfig.init_checkpoint = None",
       "realm.ModelConfig.bert = @bert.BertConfig()",
       "realm.ModelConfig.pooling = 'cls_projection'",
@@ -246,8 +250,8 @@ def _save_checkpoint(manager, base, step):
 
 def _embed_all(corpus, params):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  fn = index_builder.make_document_embed_fn(MODEL.retriever_config(), mesh)
-  return index_builder.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
+  fn = embedding.make_document_embed_fn(MODEL.retriever_config(), mesh)
+  return embedding.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
                                    mesh, progress=False)
 
 
@@ -294,7 +298,7 @@ def test_swap_to_snapshots_of_a_separate_builder_process(tiny_corpus, base_param
     assert index.params_step == 1500 and waited > 0.5, waited
     assert w.metrics(2400)["index/wait_s"] >= waited - 0.01
     # The trainer is done: the builder has embedded the final checkpoint and exits by itself.
-    index_builder.mark_trainer_done(str(workdir), 1500)
+    trainer_done.mark_trainer_done(str(workdir), 1500)
     assert builder.wait(timeout=60) == 0
     status = json.loads((workdir / "index_builder" / "status.json").read_text())
     assert status["phase"] == "stopped" and "trainer is done" in status["stopped_because"]

@@ -16,7 +16,7 @@ from realm_jax.models import bert
 from realm_jax.models import realm
 from realm_jax.training import finetune
 from realm_jax.training import optim
-from realm_jax.training import sharding
+from realm_jax import sharding
 
 DOCS = [
     corpus_lib.Document("paris#0", "Paris", "Paris is the capital of France. The Eiffel Tower was "

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import realm_fixtures as fx
-from realm_jax import index_builder
 from realm_jax.data import salient_spans
 from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
@@ -23,7 +22,9 @@ from realm_jax.training import finetune
 from realm_jax.training import index_source
 from realm_jax.training import optim
 from realm_jax.training import pretrain
-from realm_jax.training import sharding
+from realm_jax import sharding
+from realm_jax.retrieval import embedding
+from realm_jax.retrieval import trainer_done
 
 TASK = pretrain.PretrainConfig(num_candidates=4, query_length=16, candidate_length=32, max_masks=3)
 MODEL = fx.tiny_model()
@@ -260,7 +261,7 @@ def test_index_sources(tmp_path, setup):
   current["params"] = jax.tree_util.tree_map(lambda x: x * 1.5, params)
   index = inline.before_step(2)
   assert index.snapshot.params_step == 2 and inline.num_refreshes == 1
-  expected = index_builder.run_batched(index_builder.make_document_embed_fn(
+  expected = embedding.run_batched(embedding.make_document_embed_fn(
       retriever_cfg, sharding.make_mesh()), current["params"], corp.retrieval_inputs(), 8,
       sharding.make_mesh())
   np.testing.assert_allclose(index.snapshot.embeddings, expected, rtol=1e-5, atol=1e-5)
@@ -323,7 +324,7 @@ def test_train_loop_async_refresh_uses_the_watcher(tmp_path):
   assert [h["retrieval/index_staleness_steps"] for h in summary["history"]] == [0, 1]
   assert summary["history"][-1]["index/staleness_steps"] == 1
   assert summary["final_snapshot_params_step"] == 0
-  assert index_builder.trainer_final_step(str(workdir)) == 2  # the builder job may exit now
+  assert trainer_done.trainer_final_step(str(workdir)) == 2  # the builder job may exit now
 
 
 @pytest.mark.slow

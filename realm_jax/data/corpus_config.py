@@ -1,0 +1,95 @@
+"""Which knowledge corpus a job uses: sources, block length, tokenizer (REALM §3.4).
+
+The trainer and the index-builder job must embed the same corpus (same fingerprint), so both resolve
+their sources here: `as_corpus_config` turns any job's data config into a `CorpusConfig`, and
+`corpus_sources` lists the files in blocking order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from realm_jax import fileio
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """The knowledge corpus Z the index builder embeds: it must be the trainer's (same fingerprint).
+
+  `run` also accepts the trainer's own data config (`pretrain.PretrainDataConfig`,
+  `finetune.OpenQADataConfig`, or any object with `corpus_sources` and optionally `extra_sources`,
+  `max_block_length`, `tokenizer`, `tokenizer_path`, `data_dir`), so that one gin macro configures both
+  jobs and they block the same corpus; see `as_corpus_config`.
+
+  Attributes:
+    sources: corpus files (SQuAD JSON, JSONL or text; `data.corpus`). Empty: the embedded SQuAD v1.1
+      files (dev + the first 30 train articles, 3,997 blocks of ≤ 288 wordpieces).
+    extra_sources: files appended after `sources` (as `pretrain.PretrainDataConfig.extra_sources`).
+    embedded_dev_articles: with empty `sources`, > 0 keeps only the first this many embedded SQuAD
+      dev articles (`data.corpus.embedded_dev_subset`, as `PretrainDataConfig.embedded_dev_articles`).
+    max_block_length: `3 + title + body` wordpieces per block (288 in the paper).
+    tokenizer: `"wordpiece"` or `"sentencepiece"`.
+    tokenizer_path: vocab / model file; empty: the model checkpoint's `vocab.txt`, or the MiniLM
+      package's when the model is randomly initialised.
+    data_dir: TFDS data directory; empty: `WORKDIR/tfds` (shared with the trainer).
+
+  Raises:
+    ValueError: in `__post_init__` if `max_block_length < 8`.
+  """
+
+  sources: tuple[str, ...] = ()
+  extra_sources: tuple[str, ...] = ()
+  embedded_dev_articles: int = 0
+  max_block_length: int = 288
+  tokenizer: str = "wordpiece"
+  tokenizer_path: str = ""
+  data_dir: str = ""
+
+  def __post_init__(self):
+    if self.max_block_length < 8:
+      raise ValueError(f"CorpusConfig.max_block_length={self.max_block_length} is too small")
+    object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
+    object.__setattr__(self, "extra_sources", tuple(str(s) for s in self.extra_sources))
+
+
+def as_corpus_config(data: Any) -> CorpusConfig:
+  """A `CorpusConfig` from itself or from a trainer's data config (duck-typed, see `CorpusConfig`).
+
+  Raises:
+    TypeError: if `data` has neither `sources` nor `corpus_sources`.
+  """
+  if isinstance(data, CorpusConfig):
+    return data
+  sources = getattr(data, "corpus_sources", getattr(data, "sources", None))
+  if sources is None:
+    raise TypeError(f"index_builder: data must be a CorpusConfig or a data config with "
+                    f"corpus_sources, got {type(data).__name__}")
+  return CorpusConfig(sources=tuple(sources),
+                      extra_sources=tuple(getattr(data, "extra_sources", ())),
+                      embedded_dev_articles=getattr(data, "embedded_dev_articles", 0),
+                      max_block_length=getattr(data, "max_block_length", 288),
+                      tokenizer=getattr(data, "tokenizer", "wordpiece"),
+                      tokenizer_path=getattr(data, "tokenizer_path", ""),
+                      data_dir=getattr(data, "data_dir", ""))
+
+
+def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
+  """The corpus files of `config` in blocking order; the trainer resolves its corpus the same way.
+
+  Empty `sources` mean the embedded SQuAD v1.1 files (dev, then train), or with
+  `embedded_dev_articles` > 0 a file of the first dev articles written once under
+  `data_dir/squad_subsets`; `extra_sources` follow.
+
+  Raises:
+    ValueError: if `embedded_dev_articles` is negative.
+  """
+  from realm_jax.data import corpus as corpus_lib
+  sources = list(config.sources)
+  if not sources and config.embedded_dev_articles:
+    sources = [str(corpus_lib.embedded_dev_subset(config.embedded_dev_articles,
+                                                  fileio.join(data_dir, "squad_subsets")))]
+  elif not sources:
+    embedded = corpus_lib.embedded_squad_paths()
+    sources = [str(embedded["dev"]), str(embedded["train"])]
+  return sources + list(config.extra_sources)
