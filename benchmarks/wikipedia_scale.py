@@ -188,7 +188,7 @@ def stage_replicate(a: dict[str, Any]) -> dict[str, Any]:
   corpus_store._check_unique_doc_ids(c, out)  # pylint: disable=protected-access
   unique_s = time.perf_counter() - start
   start = time.perf_counter()
-  new["fingerprint"] = corpus_store.fingerprint_of(c)
+  new["fingerprint"] = corpus_store.fingerprint_of(c, parts=corpus_store.remapped_parts(out, new))
   fingerprint_s = time.perf_counter() - start
   (out / corpus_store.METADATA_FILE).write_text(json.dumps(new, indent=1, sort_keys=True))
   return {"blocks": total, "copies": copy, "link_s": link_s, "unique_check_s": unique_s,
@@ -221,7 +221,6 @@ def stage_open(a: dict[str, Any]) -> dict[str, Any]:
 def _tiny_model():
   """experiments/models/tiny.gin, as parsed by the CLI."""
   import gin
-  from realm_jax import cli  # noqa: F401 - registers the configurables gin files name.
   gin.clear_config()
   gin.parse_config_files_and_bindings([str(REPO / "experiments/models/tiny.gin")], [])
   return gin.query_parameter("%MODEL").scoped_configurable_fn()
@@ -232,6 +231,7 @@ def stage_embed(a: dict[str, Any]) -> dict[str, Any]:
   from realm_jax import index_builder
   from realm_jax import sharding
   from realm_jax.data import corpus_store
+  from realm_jax.retrieval import embedding
   tok = _tokenizer()
   c = corpus_store.Corpus.open(_corpus_dir(a, tok), tok)
   model = _tiny_model()
@@ -335,7 +335,6 @@ finetune.train_and_evaluate:
 _PRETRAIN_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.training import pretrain
-from realm_jax.retrieval import embedding
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/pretrain.gin'
 TRAIN_STEPS = 3
@@ -554,12 +553,10 @@ def main() -> None:
     replicated = args.replicate_from is not None and size > args.replicate_from
     if replicated:
       source = root / f"n{args.replicate_from}"
-      from realm_jax.data import corpus_store  # pylint: disable=g-import-not-at-top
       (name,) = [p.name for p in (source / "data" / "realm_corpus").iterdir() if p.name != "specs"]
       stage_args["source_corpus_dir"] = str(source / "data" / "realm_corpus" / name)
       stage_args["corpus_dir"] = str(base / "data" / "realm_corpus" / f"replica{size}")
       stage_args["target_blocks"] = size
-      del corpus_store
     for stage in args.stages:
       if size > args.max_embed_blocks and stage not in ("generate", "build", "replicate", "open"):
         continue

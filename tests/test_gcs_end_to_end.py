@@ -190,12 +190,13 @@ def _index_builder_gin() -> str:
 from __gin__ import dynamic_registration
 from realm_jax.models import realm
 from realm_jax import index_builder
+from realm_jax.data import corpus_config
 include '{PROJECT_ROOT}/experiments/models/tiny.gin'
 include '{PROJECT_ROOT}/experiments/runs/index_builder.gin'
 realm.ModelConfig.init_checkpoint = '{MODEL_DIR}'
 TRAIN_STEPS = 1
-DATA = @index_builder.CorpusConfig()
-index_builder.CorpusConfig:
+DATA = @corpus_config.CorpusConfig()
+corpus_config.CorpusConfig:
   sources = ('{CORPUS_GLOB}',)
   max_block_length = 64
 index_builder.run:

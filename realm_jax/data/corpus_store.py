@@ -1056,10 +1056,9 @@ def build_corpus(sources: str | os.PathLike | Sequence[str | os.PathLike],
   }
   corpus = _open_uncommitted(directory, metadata, tokenizer, cache_dir)
   _check_unique_doc_ids(corpus, directory)
-  local = pathlib.Path(corpus._parts_dir)  # pylint: disable=protected-access
-  fresh_parts = (Part.from_description(_read_json(local / e["name"] / PART_FILE),
-                                       directory=local / e["name"]) for e in metadata["parts"])
-  metadata["fingerprint"] = fingerprint_of(corpus, show_progress=show_progress, parts=fresh_parts)
+  metadata["fingerprint"] = fingerprint_of(
+      corpus, show_progress=show_progress,
+      parts=remapped_parts(corpus._parts_dir, metadata))  # pylint: disable=protected-access
   metadata["build_seconds"] = round(time.perf_counter() - start, 3)
   fileio.write_atomic(fileio.join(directory, METADATA_FILE),
                       json.dumps(metadata, indent=1, sort_keys=True))
@@ -1125,6 +1124,18 @@ def _agree_on_spec(data_dir: fileio.PathLike, spec: CorpusSpec, process_index: i
                              "sources are stable")
   raise CorpusStoreError(f"{path}: process 0 builds corpus {theirs.get('name')}, process "
                          f"{process_index} expected {spec.name}")
+
+
+def remapped_parts(local_dir: str | os.PathLike, metadata: dict[str, Any]) -> Iterator[Part]:
+  """The parts listed in `metadata`, each freshly memory-mapped from `local_dir` when it is reached.
+
+  For one pass over a whole corpus (the fingerprint): each part is unmapped once the pass moves on,
+  so the pages it read leave the process' RSS, which stays bounded by the largest part.
+  """
+  local = pathlib.Path(local_dir)
+  for entry in metadata["parts"]:
+    yield Part.from_description(_read_json(local / entry["name"] / PART_FILE),
+                                directory=local / entry["name"])
 
 
 def _wait_for(predicate: Any, what: str, timeout_s: float) -> None:

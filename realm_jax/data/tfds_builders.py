@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import pathlib
-import shutil
 import sys
 
-import numpy as np
 import pytest
 
 from realm_jax import tokenization
-from realm_jax.data import corpus
 from realm_jax.data import questions
 from realm_jax.data import tfds_builders
 
