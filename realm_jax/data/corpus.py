@@ -52,6 +52,10 @@ _WIKITEXT_SUBHEADING = re.compile(r"^\s*=\s=.*=\s=\s*$")
 _WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
+# What reading a broken text file raises: bad UTF-8, or a truncated / corrupt `.gz` stream.
+TEXT_ERRORS = (UnicodeDecodeError, gzip.BadGzipFile, EOFError)
+
+
 class DataFormatError(ValueError):
   """An input file does not have the expected format; the message names file, line and field."""
 
@@ -124,8 +128,11 @@ def squad_doc_id(article_title: str, paragraph_index: int) -> str:
   return f"{article_title}#{paragraph_index}"
 
 
-def _open_text(path: fileio.PathLike) -> io.TextIOBase:
+def open_text(path: fileio.PathLike) -> io.TextIOBase:
   """Opens a local or URL text file (`.gz` decompressed on the fly) as UTF-8 text, via `fileio`.
+
+  Corpus and question readers open their files here; decoding errors surface while reading (see
+  `TEXT_ERRORS`).
 
   Raises:
     FileNotFoundError: "data file not found: {path}".
@@ -180,13 +187,13 @@ def load_squad_json(path: str | os.PathLike) -> list[dict[str, Any]]:
       path, e.g. `data[3].paragraphs[2]: missing field 'context'`).
   """
   path = fileio.as_path(path)
-  with _open_text(path) as f:
+  with open_text(path) as f:
     try:
       root = json.load(f)
     except json.JSONDecodeError as e:
       raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-      raise DataFormatError(f"{path}: not UTF-8 text ({e})") from e
+    except TEXT_ERRORS as e:
+      raise DataFormatError(f"{path}: not UTF-8 text or a broken .gz file ({e})") from e
   articles = json_field(root, "data", list, f"{path}: top level")
   for i, article in enumerate(articles):
     json_field(article, "title", str, f"{path}: data[{i}]")
@@ -232,7 +239,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     DataFormatError: "{path}:{line}: invalid JSON (…)" or non-UTF-8 text.
   """
   path = fileio.as_path(path)
-  with _open_text(path) as f:
+  with open_text(path) as f:
     line_number = 0
     try:
       for line_number, line in enumerate(f, start=1):
@@ -242,8 +249,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
           yield line_number, json.loads(line)
         except json.JSONDecodeError as e:
           raise DataFormatError(f"{path}:{line_number}: invalid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-      raise DataFormatError(f"{path}:{line_number + 1}: not UTF-8 text ({e})") from e
+    except TEXT_ERRORS as e:
+      raise DataFormatError(f"{path}:{line_number + 1}: not UTF-8 text or a broken .gz file "
+                            f"({e})") from e
 
 
 def _unique_doc_id(title: str, seen: dict[str, int]) -> str:
@@ -302,10 +310,10 @@ def read_text_documents(path: str | os.PathLike,
     DataFormatError: for text that is not UTF-8 (naming the line).
   """
   path = fileio.as_path(path)
-  with _open_text(path) as f:
+  with open_text(path) as f:
     try:
       lines = f.read().split("\n")
-    except UnicodeDecodeError as e:
+    except TEXT_ERRORS as e:
       raise DataFormatError(f"{path}: not UTF-8 text ({e})") from e
   first = next((line for line in lines if line.strip()), "")
   pages: list[tuple[str, list[str]]] = []

@@ -11,17 +11,14 @@ Every format error names the file, the line (or JSON path) and the field.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gzip
-import io
-import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from realm_jax import fileio
+from realm_jax.data import corpus
 from realm_jax.data.corpus import DataFormatError
 from realm_jax.data.corpus import json_field
 from realm_jax.data.corpus import squad_doc_id
@@ -48,67 +45,6 @@ class Question:
   answers: list[str]
   answers_are_regex: bool = False
   gold_doc_ids: tuple[str, ...] = ()
-
-
-@contextlib.contextmanager
-def _open_text(path: fileio.Path) -> Iterator[io.TextIOBase]:
-  """Opens a question file as UTF-8 text through `fileio` (local or URL; `.gz` decompressed).
-
-  Raises:
-    FileNotFoundError: "question file not found: {path}".
-  """
-  if not fileio.isfile(path):
-    raise FileNotFoundError(f"question file not found: {path}")
-  with fileio.open_file(path, "rb") as raw:
-    stream = gzip.GzipFile(fileobj=raw, mode="rb") if str(path).endswith(".gz") else raw
-    with io.TextIOWrapper(stream, encoding="utf-8") as text:
-      yield text
-
-
-def _load_squad_json(path: fileio.Path) -> list[dict[str, Any]]:
-  """Loads and validates a SQuAD v1.1 file (`.json` or `.json.gz`, local or URL).
-
-  Raises:
-    FileNotFoundError: if `path` is missing.
-    DataFormatError: invalid JSON (with its line), not UTF-8, or a missing / mistyped field (with its
-      JSON path).
-  """
-  with _open_text(path) as f:
-    try:
-      root = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-      raise DataFormatError(f"{path}: not UTF-8 text or a broken .gz file ({e})") from e
-  articles = json_field(root, "data", list, f"{path}: top level")
-  for i, article in enumerate(articles):
-    json_field(article, "title", str, f"{path}: data[{i}]")
-    paragraphs = json_field(article, "paragraphs", list, f"{path}: data[{i}]")
-    for j, paragraph in enumerate(paragraphs):
-      json_field(paragraph, "context", str, f"{path}: data[{i}].paragraphs[{j}]")
-  return articles
-
-
-def _iter_jsonl(path: fileio.Path) -> Iterator[tuple[int, Any]]:
-  """Yields `(line_number, parsed_value)` for every non-blank line (from 1; local or URL, `.gz`).
-
-  Raises:
-    FileNotFoundError: if `path` is missing.
-    DataFormatError: "{path}:{line}: invalid JSON (…)" or non-UTF-8 text.
-  """
-  with _open_text(path) as f:
-    line_number = 0
-    try:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          yield line_number, json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataFormatError(f"{path}:{line_number}: invalid JSON ({e.msg})") from e
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-      raise DataFormatError(f"{path}:{line_number + 1}: not UTF-8 text or a broken .gz file "
-                            f"({e})") from e
 
 
 def _select_articles(articles: list[dict[str, Any]], selection: slice | Sequence[str] | None,
@@ -147,7 +83,7 @@ def read_squad_open(path: str | os.PathLike,
     KeyError: if a requested title is not in the file.
   """
   path = fileio.as_path(path)
-  all_articles = _load_squad_json(path)
+  all_articles = corpus.load_squad_json(path)
   indexed = {id(a): i for i, a in enumerate(all_articles)}
   questions: list[Question] = []
   seen: dict[str, str] = {}
@@ -179,7 +115,7 @@ def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool
   """Reads `{"question": str, "answer": [str, ...], "id"?: str}` lines (NQ-open / DrQA format)."""
   path = fileio.as_path(path)
   questions = []
-  for line_number, record in _iter_jsonl(path):
+  for line_number, record in corpus.iter_jsonl(path):
     where = f"{path}:{line_number}"
     text = json_field(record, "question", str, where)
     answers = json_field(record, "answer", list, where)
