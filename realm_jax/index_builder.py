@@ -68,12 +68,8 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
   from realm_jax.data import corpus_store
 
   config = corpus_config.as_corpus_config(data)
-  tok_path = config.tokenizer_path
-  if not tok_path:
-    ckpt = model.checkpoint_dir()
-    tok_path = str(fileio.join(ckpt, "vocab.txt")) if ckpt else str(
-        tokenization.minilm_model_dir() / "vocab.txt")
-  tokenizer = tokenization.load_tokenizer(config.tokenizer, tok_path)
+  tokenizer = tokenization.resolve_tokenizer(config.tokenizer, config.tokenizer_path,
+                                             model.checkpoint_dir())
   data_dir = config.data_dir or fileio.join(workdir, "tfds")
   sources = corpus_config.corpus_sources(config, data_dir)  # As the trainers: same fingerprint.
   for attempt in range(3):

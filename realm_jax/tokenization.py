@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib.util
+import json
 import io
 import os
 import pathlib
@@ -258,6 +259,11 @@ class WordPieceTokenizer(Tokenizer):
     """True for "##" wordpieces."""
     return bool(self._continuation[int(token_id)])
 
+  @property
+  def lowercase(self) -> bool:
+    """Whether text is lower-cased and accent-stripped before WordPiece (an uncased BERT)."""
+    return self._lowercase
+
   def fingerprint(self) -> str:
     """See `Tokenizer.fingerprint`: sha256 over the ordered vocabulary and the casing flag."""
     h = hashlib.sha256(f"wordpiece\nlowercase={self._lowercase}\n".encode())
@@ -449,6 +455,66 @@ def load_tokenizer(kind: str, path: str | os.PathLike, *, lowercase: bool = True
   if kind == "sentencepiece":
     return SentencePieceTokenizer.from_model_file(path)
   raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'wordpiece' or 'sentencepiece'")
+
+
+def checkpoint_lowercase(directory: fileio.PathLike) -> bool | None:
+  """Whether a checkpoint's WordPiece vocabulary is uncased, as its tokenizer files say.
+
+  Reads `tokenizer_config.json` (`do_lower_case`), else `tokenizer.json` (the `BertNormalizer`'s
+  `lowercase`), local or URL.
+
+  Returns:
+    True (uncased), False (cased), or None when neither file says.
+  """
+  config = fileio.join(directory, "tokenizer_config.json")
+  if fileio.isfile(config):
+    value = json.loads(fileio.read_text(config)).get("do_lower_case")
+    if isinstance(value, bool):
+      return value
+  full = fileio.join(directory, "tokenizer.json")
+  if fileio.isfile(full):
+    normalizer = json.loads(fileio.read_text(full)).get("normalizer") or {}
+    if isinstance(normalizer.get("lowercase"), bool):
+      return normalizer["lowercase"]
+  return None
+
+
+def resolve_tokenizer(kind: str, path: fileio.PathLike | None = None,
+                      checkpoint_dir: fileio.PathLike | None = None,
+                      lowercase: bool | None = None) -> Tokenizer:
+  """The one tokenizer resolution of every job (trainers, index builder, predict).
+
+  WordPiece: the vocabulary is `path`, else the checkpoint's `vocab.txt`, else MiniLM's (for
+  randomly initialised models); the casing is `lowercase`, else what the vocabulary's folder says
+  (`checkpoint_lowercase`: a cased BERT stays cased), else uncased. SentencePiece: `path` is the
+  `.model` file.
+
+  Args:
+    kind: "wordpiece" or "sentencepiece".
+    path: an explicit vocabulary / model file (the data config's `tokenizer_path`); "" or None for
+      the checkpoint's.
+    checkpoint_dir: the model's pretrained checkpoint folder (`ModelConfig.checkpoint_dir()`), or
+      None for a randomly initialised model.
+    lowercase: force the WordPiece casing.
+
+  Raises:
+    FileNotFoundError: naming the vocabulary that is not there and where it was looked for.
+    TokenizerError: for a malformed file. ValueError: for an unknown `kind`.
+  """
+  if kind == "sentencepiece" and not path:
+    raise FileNotFoundError("a SentencePiece tokenizer needs tokenizer_path (the .model file)")
+  if not path:
+    directory = checkpoint_dir if checkpoint_dir else minilm_model_dir()
+    path = fileio.join(directory, "vocab.txt")
+  if not fileio.exists(path):
+    raise FileNotFoundError(f"{path}: tokenizer file not found (the data config's tokenizer_path, "
+                            "or the pretrained checkpoint's vocab.txt)")
+  if kind != "wordpiece":
+    return load_tokenizer(kind, path)
+  if lowercase is None:
+    folder = path if fileio.isdir(path) else fileio.dirname(path)
+    lowercase = checkpoint_lowercase(folder)
+  return load_tokenizer(kind, path, lowercase=True if lowercase is None else lowercase)
 
 
 def minilm_model_dir() -> pathlib.Path:

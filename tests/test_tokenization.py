@@ -215,3 +215,29 @@ def test_sentencepiece_non_ascii_offsets_are_characters(sentencepiece):
 def test_sentencepiece_rejects_too_small_vocab(training_texts, tmp_path):
   with pytest.raises(ValueError, match="vocab_size must exceed 5"):
     tokenization.SentencePieceTokenizer.train(training_texts, tmp_path / "x", vocab_size=5)
+
+
+def test_resolve_tokenizer_takes_the_casing_from_the_checkpoint(tmp_path):
+  """One resolution for every job: the checkpoint's vocab and its casing; MiniLM's for random init."""
+  import json as json_lib
+  import shutil as shutil_lib
+  vocab = tokenization.minilm_model_dir() / "vocab.txt"
+  cased = tmp_path / "bert-cased"
+  cased.mkdir()
+  shutil_lib.copy(vocab, cased / "vocab.txt")
+  (cased / "tokenizer_config.json").write_text(json_lib.dumps({"do_lower_case": False}))
+  tok = tokenization.resolve_tokenizer("wordpiece", "", cased)
+  assert tok.lowercase is False
+  assert tok.encode("Paris") != tokenization.resolve_tokenizer("wordpiece", "", None).encode("Paris")
+  # No tokenizer files: uncased, as BERT's default; an explicit casing wins over the checkpoint's.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  shutil_lib.copy(vocab, bare / "vocab.txt")
+  assert tokenization.resolve_tokenizer("wordpiece", None, bare).lowercase is True
+  assert tokenization.resolve_tokenizer("wordpiece", "", cased, lowercase=True).lowercase is True
+  # Random init: MiniLM's uncased vocabulary (its tokenizer_config says so).
+  assert tokenization.resolve_tokenizer("wordpiece", "", None).lowercase is True
+  with pytest.raises(FileNotFoundError, match=r"nowhere/vocab\.txt: tokenizer file not found"):
+    tokenization.resolve_tokenizer("wordpiece", "", tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="needs tokenizer_path"):
+    tokenization.resolve_tokenizer("sentencepiece", "", cased)

@@ -553,11 +553,8 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   from realm_jax.data import corpus_store
   from realm_jax.data import tfds_builders
 
-  tok_path = data.tokenizer_path
-  if not tok_path:  # the checkpoint's vocabulary; MiniLM's uncased one for random-init models
-    ckpt_dir = model.checkpoint_dir() or str(tokenization.minilm_model_dir())
-    tok_path = fileio.join(ckpt_dir, "vocab.txt")
-  tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
+  tokenizer = tokenization.resolve_tokenizer(data.tokenizer, data.tokenizer_path,
+                                             model.checkpoint_dir())
   embedded = None
   if not (data.corpus_sources and data.train_questions and data.eval_questions):
     embedded = corpus_lib.embedded_squad_paths()

@@ -560,15 +560,8 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
   from realm_jax import tokenization
   from realm_jax.data import corpus_store
 
-  tok_path = data.tokenizer_path
-  if not tok_path:
-    ckpt = model.checkpoint_dir()
-    tok_path = (str(fileio.join(ckpt, "vocab.txt")) if ckpt
-                else str(tokenization.minilm_model_dir() / "vocab.txt"))
-  if not fileio.exists(tok_path):  # Local or gs://.
-    raise FileNotFoundError(f"{tok_path}: tokenizer file not found (PretrainDataConfig."
-                            "tokenizer_path, or the init checkpoint's vocab.txt)")
-  tokenizer = tokenization.load_tokenizer(data.tokenizer, tok_path)
+  tokenizer = tokenization.resolve_tokenizer(data.tokenizer, data.tokenizer_path,
+                                             model.checkpoint_dir())
   data_dir = data.data_dir or fileio.join(workdir, "tfds")
   # One resolution of the sources for the trainer and the index-builder job: same corpus fingerprint.
   sources = corpus_config.corpus_sources(corpus_config.as_corpus_config(data), data_dir)
