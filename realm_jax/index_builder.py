@@ -64,27 +64,11 @@ def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress
   Raises:
     FileNotFoundError / data.corpus.DataFormatError: naming the bad source file.
   """
-  from realm_jax import tokenization
-  from realm_jax.data import corpus_store
-
-  config = corpus_config.as_corpus_config(data)
-  tokenizer = tokenization.resolve_tokenizer(config.tokenizer, config.tokenizer_path,
-                                             model.checkpoint_dir())
-  data_dir = config.data_dir or fileio.join(workdir, "tfds")
-  sources = corpus_config.corpus_sources(config, data_dir)  # As the trainers: same fingerprint.
-  for attempt in range(3):
-    try:
-      return corpus_store.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
-                                       show_progress=show_progress,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-    except OSError as e:
-      if attempt == 2 or isinstance(e, FileNotFoundError):
-        raise
-      logging.warning("preparing the corpus under %s raced with another job (%s); loading theirs",
-                      data_dir, e)
-      time.sleep(1.0 + attempt)
-  raise AssertionError("unreachable")
+  _, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+                                        show_progress=show_progress,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  return corpus
 
 
 # ----------------------------------------------------------------------------------------------------

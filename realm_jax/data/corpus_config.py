@@ -93,3 +93,55 @@ def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:
     embedded = corpus_lib.embedded_squad_paths()
     sources = [str(embedded["dev"]), str(embedded["train"])]
   return sources + list(config.extra_sources)
+
+
+def load_corpus(data: Any, checkpoint_dir: fileio.PathLike | None, workdir: fileio.PathLike, *,
+                show_progress: bool = True, process_index: int = 0, process_count: int = 1):
+  """The tokenizer and the blocked knowledge corpus of a job: one resolution for every job.
+
+  The trainers (ICT, REALM pre-training) and the index-builder job call this, so they embed the
+  same corpus (same fingerprint, REALM §3.4). The corpus is streamed to `data_dir/realm_corpus/`
+  once and memory-mapped (`data.corpus_store`); with a `gs://` data directory every host builds its
+  share of the source files. Two jobs preparing the same corpus at the same moment commit identical
+  files atomically; an `OSError` from that race is retried twice.
+
+  Args:
+    data: a `CorpusConfig`, or any job's data config (`as_corpus_config`).
+    checkpoint_dir: the model's pretrained checkpoint folder (`ModelConfig.checkpoint_dir()`), whose
+      vocabulary and casing the tokenizer takes (`tokenization.resolve_tokenizer`); None for a
+      randomly initialised model.
+    workdir: the run's work directory; the data directory defaults to `WORKDIR/tfds`.
+    show_progress: progress bars while building.
+    process_index, process_count: `jax.process_index()`, `jax.process_count()`.
+
+  Returns:
+    `(tokenizer, corpus)`: a `tokenization.Tokenizer` and a `data.corpus_store.Corpus`.
+
+  Raises:
+    FileNotFoundError: for a missing tokenizer or source file (or a glob that matches nothing).
+    data.corpus.DataFormatError: for a malformed source (naming file, line and field).
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from realm_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import corpus_store  # pylint: disable=g-import-not-at-top
+
+  config = as_corpus_config(data)
+  tokenizer = tokenization.resolve_tokenizer(config.tokenizer, config.tokenizer_path, checkpoint_dir)
+  data_dir = config.data_dir or fileio.join(workdir, "tfds")
+  sources = corpus_sources(config, data_dir)
+  for attempt in range(3):
+    try:
+      corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, config.max_block_length,
+                                         show_progress=show_progress, process_index=process_index,
+                                         process_count=process_count)
+      break
+    except OSError as e:
+      if attempt == 2 or isinstance(e, FileNotFoundError):
+        raise
+      logging.warning("preparing the corpus under %s raced with another job (%s); loading theirs",
+                      data_dir, e)
+      time.sleep(1.0 + attempt)
+  logging.info("corpus: %d blocks from %d files (%s)", len(corpus), len(sources),
+               corpus.fingerprint[:12])
+  return tokenizer, corpus

@@ -35,10 +35,10 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import fileio
+from realm_jax.data import corpus_config
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.training import finetune
-from realm_jax.training import pretrain
 from realm_jax import sharding
 
 Array = jax.Array
@@ -296,7 +296,7 @@ def compiled_temp_bytes(model: realm.ModelConfig, task: IctConfig, batch_size: i
 
 def train(workdir: str,
           model: realm.ModelConfig = realm.ModelConfig(),
-          data: pretrain.PretrainDataConfig = pretrain.PretrainDataConfig(),
+          data: corpus_config.CorpusConfig = corpus_config.CorpusConfig(),
           task: IctConfig = IctConfig(),
           optimizer: Any = None,
           batch_size: int = 32,
@@ -307,13 +307,15 @@ def train(workdir: str,
           mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, Any]:
   """ICT warm start of the retriever (ORQA §5) over the blocks of the knowledge corpus.
 
-  Order of work: corpus (TFDS, once; `data`'s masking fields are unused) → retriever params
+  Order of work: corpus (built once, `data.corpus_config.load_corpus`) → retriever params
   (pretrained BERT) → resume from `WORKDIR/checkpoints` → `num_train_steps` steps → `summary.json`.
   Checkpoints hold params `{"retriever"}`; `pretrain.train(init_from=workdir)` loads them.
 
   Args:
     workdir: the run directory.
-    model / data / task: configuration dataclasses (gin builds them).
+    model / task: configuration dataclasses (gin builds them).
+    data: the knowledge corpus (`corpus_config.CorpusConfig`, ICT's data configuration: ICT needs
+      the blocks and nothing else); another job's data config is read for its corpus fields.
     optimizer: `optim.OptimizerConfig` (default: lr 1e-4, ORQA's ICT rate).
     batch_size: global examples per step (4096 in ORQA); the in-batch softmax has this many
       columns; a multiple of the mesh's `data` size.
@@ -342,7 +344,9 @@ def train(workdir: str,
   fileio.makedirs(workdir)  # Local or gs://.
   is_main = jax.process_index() == 0
   writer = metric_writer.MetricWriter(workdir)
-  tokenizer, corpus = pretrain.load_corpus(data, model, workdir)
+  tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
   batcher = IctBatcher(list(corpus), tokenizer, task, batch_size, seed, jax.process_index(),
                        jax.process_count())
   if batcher.num_examples < batch_size:

@@ -557,20 +557,9 @@ def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str
     FileNotFoundError: for a missing tokenizer or source file.
     data.corpus.DataFormatError: for a malformed source (naming file, line and field).
   """
-  from realm_jax import tokenization
-  from realm_jax.data import corpus_store
-
-  tokenizer = tokenization.resolve_tokenizer(data.tokenizer, data.tokenizer_path,
-                                             model.checkpoint_dir())
-  data_dir = data.data_dir or fileio.join(workdir, "tfds")
-  # One resolution of the sources for the trainer and the index-builder job: same corpus fingerprint.
-  sources = corpus_config.corpus_sources(corpus_config.as_corpus_config(data), data_dir)
-  corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, data.max_block_length,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-  logging.info("corpus: %d blocks from %d files (%s)", len(corpus), len(sources),
-               corpus.fingerprint[:12])
-  return tokenizer, corpus
+  return corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
 
 
 def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, task: PretrainConfig,
