@@ -264,8 +264,9 @@ def stage_search(a: dict[str, Any]) -> dict[str, Any]:
   start = time.perf_counter()
   _, got = searcher.search(queries, 10)
   qps = len(queries) / (time.perf_counter() - start)
-  start = time.perf_counter()
-  exact = np.argpartition(-(queries @ emb.T), 10, axis=1)[:, :10]
+  start = time.perf_counter()  # numpy reference, 100 queries at a time (scores stay ~0.4 GB at 1M)
+  exact = np.concatenate([np.argpartition(-(chunk @ emb.T), 10, axis=1)[:, :10]
+                          for chunk in np.split(queries, 10)])
   exact_qps = len(queries) / (time.perf_counter() - start)
   exact_ids = np.asarray(snap.block_ids)[exact]
   recall = np.mean([len(set(g.tolist()) & set(e.tolist())) / 10 for g, e in zip(got, exact_ids)])
