@@ -418,7 +418,7 @@ def fsync_dir(path: PathLike) -> None:
   try:
     os.fsync(fd)
   except OSError:
-    pass
+    pass  # Some file systems cannot fsync a directory; the rename itself is still atomic.
   finally:
     os.close(fd)
 
@@ -477,9 +477,10 @@ def write_if_absent(path: PathLike, data: bytes | str, encoding: str = "utf-8") 
   """Creates `path` with `data` unless it exists; True if this call created it.
 
   Locally the creation is race-free (`os.link` of a fsync-ed temporary file fails if `path` exists).
-  On object stores an exclusive create (`mode="xb"`: GCS `ifGenerationMatch=0`) is used where the
-  backend has it, else "check, then write": two concurrent callers may both write. Callers that need
-  agreement read the file back and compare.
+  On object stores a conditional create (`pipe_file(mode="create")`: GCS `ifGenerationMatch=0`) is
+  used where the backend has it — not `open(mode="xb")`, which gcsfs 2026.8 was seen to turn into a
+  plain overwrite — else "check, then write": two concurrent callers may both write. Callers that
+  need agreement read the file back and compare.
 
   Raises:
     OSError: from the file system (not for an existing `path`).
@@ -508,12 +509,12 @@ def write_if_absent(path: PathLike, data: bytes | str, encoding: str = "utf-8") 
   if fs.exists(p):
     return False
   try:
-    with fs.open(p, "xb") as f:
-      f.write(data)
+    fs.pipe_file(p, data, mode="create")
     return True
   except FileExistsError:
     return False
-  except (NotImplementedError, ValueError):  # No exclusive mode in this backend.
+  except (NotImplementedError, ValueError, TypeError):
+    # The backend has no conditional create: check-then-write (documented race, see above).
     fs.pipe_file(p, data)
     return True
 
@@ -630,7 +631,7 @@ def rmtree(path: PathLike, ignore_errors: bool = True) -> None:
   try:
     fs.rm(p, recursive=True)
   except FileNotFoundError:
-    pass
+    pass  # Already gone: the outcome the caller asked for.
   except OSError:
     if not ignore_errors:
       raise

@@ -92,7 +92,7 @@ class Child:
       try:
         os.killpg(self.process.pid, signum)
       except ProcessLookupError:
-        pass
+        pass  # Exited between poll() and killpg().
 
 
 def start_child(name: str, command: str, gin_files: Sequence[str], gin_params: Sequence[str],

@@ -214,7 +214,11 @@ class PartWriter:
 
 
 def _narrow_offsets(path: pathlib.Path, chunk_rows: int = 1 << 20) -> tuple[int, str]:
-  """Rewrites an int32 offsets file as uint16 in place (chunk by chunk); returns (bytes, sha256)."""
+  """Rewrites an int32 offsets file as uint16 in place (chunk by chunk); returns (bytes, sha256).
+
+  `path` is in `write_part`'s local staging directory (always local: parts are staged, then renamed
+  or uploaded through `fileio`).
+  """
   tmp = path.with_name(path.name + ".u2")
   sha = hashlib.sha256()
   nbytes = 0
@@ -282,7 +286,7 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
     description.update(extra or {})
     description["format"] = STORE_FORMAT
     manifest = json.dumps(description, indent=1, sort_keys=True)
-    if isinstance(directory, pathlib.Path):
+    if isinstance(directory, pathlib.Path):  # Local commit: a directory rename (os, not fileio).
       (stage / PART_FILE).write_text(manifest, encoding="utf-8")
       directory.parent.mkdir(parents=True, exist_ok=True)
       if _same_part_committed(directory, description):

@@ -39,7 +39,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from realm_jax import fileio
 from realm_jax.models.bert import BertConfig
@@ -560,6 +559,9 @@ def hf_config_dict(config: BertConfig, architecture: str = "BertModel") -> dict[
 
 
 def _atomic_write(target: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+  """Commits a local file written by a library that needs a file name (`safetensors.save_file`,
+  torch): `write(tmp)` beside `target`, then `os.replace`. Local paths only: the converters that
+  use it stage their output locally and upload it through `fileio` (see `convert.py`)."""
   fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
   os.close(fd)
   try:
@@ -636,15 +638,10 @@ def export_bert_checkpoint(params: Mapping[str, Any],
 
   architecture = "BertForMaskedLM" if with_head else "BertModel"
   config_text = json.dumps(hf_config_dict(config, architecture), indent=2, sort_keys=True) + "\n"
-  if fileio.is_url(path):  # Object stores: each file is one atomic object write, weights first.
-    from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
-    fileio.makedirs(path)
-    fileio.write_atomic(fileio.join(path, _WEIGHTS_NAME),
-                        save_bytes(tensors, metadata={"format": "pt"}))
-    fileio.write_atomic(fileio.join(path, _CONFIG_NAME), config_text)
-    return path
-  path.mkdir(parents=True, exist_ok=True)
-  _atomic_write(path / _WEIGHTS_NAME,
-                lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-  _atomic_write(path / _CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+  # Each file is committed atomically (temp + rename locally, one object write on object stores),
+  # weights first, so a reader never sees a config without its weights.
+  from safetensors.numpy import save as save_bytes  # pylint: disable=g-import-not-at-top
+  fileio.makedirs(path)
+  fileio.write_atomic(fileio.join(path, _WEIGHTS_NAME), save_bytes(tensors, metadata={"format": "pt"}))
+  fileio.write_atomic(fileio.join(path, _CONFIG_NAME), config_text)
   return path

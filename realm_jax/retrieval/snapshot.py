@@ -1502,6 +1502,7 @@ def fetch_searcher_files(path: PathLike, entry: Mapping[str, Any], local_dir: Pa
             size += len(chunk)
         os.symlink(src.resolve(), local_dir / f["name"])
       else:
+        # `local_dir` is a local temp dir by construction: ScaNN loads searchers from local files.
         with fileio.open_file(src, "rb") as fin, open(local_dir / f["name"], "wb") as out:
           while chunk := fin.read(_COPY_CHUNK_BYTES):
             digest.update(chunk)

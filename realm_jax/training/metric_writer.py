@@ -116,7 +116,7 @@ class MetricWriter:
       try:
         self.sync()
       finally:
-        shutil.rmtree(self._local_dir, ignore_errors=True)
+        shutil.rmtree(self._local_dir, ignore_errors=True)  # Our local staging dir (tempfile).
         self._local_dir = None
         logging.info("TensorBoard events uploaded to %s", self._remote)
 

@@ -14,10 +14,10 @@ slices):
   * a flipped byte in a shard object is rejected with the checksum error;
   * the builder's done marker and journal.
 
-Not covered: a race on `fileio.write_if_absent`'s exclusive create (GCS `ifGenerationMatch=0`). The
-server honours the precondition on gcsfs's `pipe_file(mode="create")`, but an `open(mode="xb")` over an
-existing object overwrote it in a check against this server; the writers read `writer.json` back
-instead of trusting it.
+`fileio.write_if_absent` is checked to be a conditional create on the server (GCS
+`ifGenerationMatch=0` through gcsfs's `pipe_file(mode="create")`): a second create finds the object
+and leaves it as it was. (An `open(mode="xb")` over an existing object overwrote it against this
+server, which is why `write_if_absent` does not use it.)
 """
 
 from __future__ import annotations
@@ -67,6 +67,23 @@ def _data(n, seed=0):
 def _bounds(n, num_shards):
   sizes = [n // num_shards + (i < n % num_shards) for i in range(num_shards)]
   return np.cumsum([0] + sizes)
+
+
+def test_write_if_absent_never_overwrites_on_gcs(root, monkeypatch):
+  """The second of two creates returns False and the first writer's bytes stay, even when the object
+  appears after the caller's existence check (the server's precondition decides, not the check)."""
+  path = f"{root}/writer.json"
+  assert fileio.write_if_absent(path, "first") is True
+  assert fileio.write_if_absent(path, "second") is False
+  assert fileio.read_text(path) == "first"
+  # Another writer's object (a plain upload), created after this caller's existence check.
+  theirs = f"{root}/theirs.json"
+  fs, p = fileio._fs(theirs)  # pylint: disable=protected-access
+  fs.pipe_file(p, b"theirs")
+  monkeypatch.setattr(type(fs), "exists", lambda self, *a, **k: False)  # The check came too early.
+  assert fileio.write_if_absent(theirs, "mine") is False
+  monkeypatch.undo()
+  assert fileio.read_text(theirs) == "theirs"
 
 
 def test_round_trip_over_gcsfs_verifies_every_checksum(root):
