@@ -188,7 +188,8 @@ def stage_replicate(a: dict[str, Any]) -> dict[str, Any]:
   corpus_store._check_unique_doc_ids(c, out)  # pylint: disable=protected-access
   unique_s = time.perf_counter() - start
   start = time.perf_counter()
-  new["fingerprint"] = corpus_store.fingerprint_of(c, parts=corpus_store.remapped_parts(out, new))
+  new["fingerprint"] = corpus_store.fingerprint_of(
+      c, parts=corpus_store.remapped_parts(corpus_store.local_part_dirs(out, new)))
   fingerprint_s = time.perf_counter() - start
   (out / corpus_store.METADATA_FILE).write_text(json.dumps(new, indent=1, sort_keys=True))
   return {"blocks": total, "copies": copy, "link_s": link_s, "unique_check_s": unique_s,

@@ -12,7 +12,8 @@ instead:
     sources, the tokenizer and the block length, never on the number of processes.
   * **Reading** memory-maps every column (`np.memmap`). Opening the corpus reads only the per-block
     index columns; a block's tokens, offsets and text are paged in when a step touches the block.
-    A `gs://` corpus is first copied to a local cache directory (memory maps need a local file).
+    A `gs://` corpus is first copied to the local cache (`fileio.local_copy`; memory maps need a
+    local file).
 
 Layout of a corpus directory `DATA_DIR/realm_corpus/<name>/` (`<name>` hashes the source contents,
 the tokenizer and the block length, so different corpora never collide and a rebuild is skipped):
@@ -44,7 +45,6 @@ import pathlib
 import shutil
 import tempfile
 import time
-import uuid
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -303,7 +303,7 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
     else:
       fileio.remove(fileio.join(directory, PART_FILE))
       for name in _COLUMNS:
-        _upload(stage / _file_name(name), fileio.join(directory, _file_name(name)))
+        fileio.upload_file(stage / _file_name(name), fileio.join(directory, _file_name(name)))
       fileio.write_atomic(fileio.join(directory, PART_FILE), manifest)
     return description
   finally:
@@ -317,11 +317,6 @@ def _same_part_committed(directory: pathlib.Path, description: dict[str, Any]) -
   except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
     return False
   return theirs.get("files") == description["files"]
-
-
-def _upload(local: pathlib.Path, url: fileio.Path) -> None:
-  with open(local, "rb") as src, fileio.open_file(url, "wb") as dst:
-    shutil.copyfileobj(src, dst, 1 << 22)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,8 +493,9 @@ class Corpus:
            cache_dir: str | os.PathLike | None = None, show_progress: bool = False) -> "Corpus":
     """Opens a committed corpus directory (see the module docstring) without reading its blocks.
 
-    A URL directory (`gs://…`) is copied to `cache_dir` first (default: `$REALM_JAX_CACHE` or
-    `~/.cache/realm_jax`, under `corpus/<name>`), unless a complete copy is already there.
+    A URL directory (`gs://…`) is copied to `cache_dir` first (default `fileio.default_cache_dir()`:
+    `$REALM_JAX_CACHE` or `~/.cache/realm_jax`) by `local_part_dirs`; files already there with the
+    right size are re-used.
 
     Args:
       directory: `…/realm_corpus/<name>`, local or URL.
@@ -516,17 +512,12 @@ class Corpus:
     if metadata["config"]["tokenizer_fingerprint"] != tokenizer.fingerprint():
       raise CorpusStoreError(f"{fileio.join(directory, METADATA_FILE)}: field "
                              "'config.tokenizer_fingerprint' does not match the given tokenizer")
-    local = directory
-    if not isinstance(directory, pathlib.Path):
-      local = _local_copy(directory, metadata, cache_dir, show_progress)
-    parts = []
-    for entry in metadata["parts"]:
-      part_dir = local / entry["name"]
-      description = _read_json(part_dir / PART_FILE)
-      parts.append(Part.from_description(description, directory=part_dir))
+    part_info = local_part_dirs(directory, metadata, cache_dir, show_progress)
     corpus = cls.__new__(cls)
-    corpus._init(parts, tokenizer, metadata["config"]["max_block_length"], block_ids=None,
+    corpus._init([Part.from_description(d, directory=local) for local, d in part_info], tokenizer,
+                 metadata["config"]["max_block_length"], block_ids=None,
                  fingerprint=metadata["fingerprint"], directory=directory)
+    corpus._part_info = part_info
     if len(corpus) != metadata["num_blocks"]:
       raise CorpusStoreError(f"{fileio.join(directory, METADATA_FILE)}: field 'num_blocks' = "
                              f"{metadata['num_blocks']} but the parts hold {len(corpus)} blocks")
@@ -795,44 +786,30 @@ def read_metadata(directory: fileio.PathLike) -> dict[str, Any]:
   return metadata
 
 
-def default_cache_dir() -> pathlib.Path:
-  """The local cache for copies of URL data: `fileio.default_cache_dir()` (one definition)."""
-  return fileio.default_cache_dir()
+def local_part_dirs(directory: fileio.PathLike, metadata: dict[str, Any],
+                    cache_dir: str | os.PathLike | None = None,
+                    show_progress: bool = False) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+  """`(local directory, part.json description)` of every part listed in `metadata`.
 
+  A local corpus is used in place. The columns of a URL corpus are copied once into the local cache
+  by `fileio.local_copy` (one cache folder per part, each file checked by size and re-used while
+  unchanged), because memory maps need local files.
 
-def _local_copy(directory: fileio.Path, metadata: dict[str, Any],
-                cache_dir: str | os.PathLike | None, show_progress: bool) -> pathlib.Path:
-  """Copies a URL corpus to `<cache_dir>/corpus/<name>` (once); returns the local directory.
-
-  The copy is checked against every part's recorded sizes; a complete copy is re-used.
+  Raises:
+    CorpusStoreError: for a missing or malformed `part.json`.
+    OSError: from the copy (a short download names the object).
   """
-  cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  local = cache / "corpus" / fileio.basename(directory)
-  marker = local / METADATA_FILE
-  if marker.is_file() and json.loads(marker.read_text()) == metadata:
-    return local
-  local.mkdir(parents=True, exist_ok=True)
-  with tqdm.tqdm(total=len(metadata["parts"]), desc=f"Copying corpus {fileio.basename(directory)}",
-                 unit="part", disable=not show_progress) as bar:
-    for entry in metadata["parts"]:
-      src = fileio.join(directory, entry["name"])
-      dst = local / entry["name"]
-      dst.mkdir(exist_ok=True)
-      description = _read_json(fileio.join(src, PART_FILE))
-      for name in _COLUMNS:
-        target = dst / _file_name(name)
-        if target.is_file() and target.stat().st_size == description["files"][name]["bytes"]:
-          continue
-        tmp = target.with_name(target.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        with fileio.open_file(fileio.join(src, _file_name(name)), "rb") as f, open(tmp, "wb") as g:
-          shutil.copyfileobj(f, g, 1 << 22)
-        os.replace(tmp, target)
-      (dst / PART_FILE).write_text(json.dumps(description, indent=1, sort_keys=True))
-      bar.update(1)
-  tmp = marker.with_name(METADATA_FILE + ".tmp")
-  tmp.write_text(json.dumps(metadata, indent=1, sort_keys=True))
-  os.replace(tmp, marker)
-  return local
+  out = []
+  for entry in tqdm.tqdm(metadata["parts"], desc=f"Corpus parts of {fileio.basename(directory)}",
+                         unit="part", disable=not show_progress or not fileio.is_url(directory)):
+    part = fileio.join(directory, entry["name"])
+    description = _read_json(fileio.join(part, PART_FILE))
+    if isinstance(part, pathlib.Path):
+      out.append((part, description))
+      continue
+    copies = [fileio.local_copy(fileio.join(part, _file_name(name)), cache_dir) for name in _COLUMNS]
+    out.append((copies[0].parent, description))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1062,7 +1039,7 @@ def build_corpus(sources: str | os.PathLike | Sequence[str | os.PathLike],
   _check_unique_doc_ids(corpus, directory)
   metadata["fingerprint"] = fingerprint_of(
       corpus, show_progress=show_progress,
-      parts=remapped_parts(corpus._parts_dir, metadata))  # pylint: disable=protected-access
+      parts=remapped_parts(corpus._part_info))  # pylint: disable=protected-access
   metadata["build_seconds"] = round(time.perf_counter() - start, 3)
   fileio.write_atomic(fileio.join(directory, METADATA_FILE),
                       json.dumps(metadata, indent=1, sort_keys=True))
@@ -1075,15 +1052,12 @@ def _open_uncommitted(directory: fileio.Path, metadata: dict[str, Any],
                       tokenizer: tokenization.Tokenizer,
                       cache_dir: str | os.PathLike | None) -> Corpus:
   """Opens the parts listed in a not-yet-written `metadata` (to check and fingerprint them)."""
-  local = directory
-  if not isinstance(directory, pathlib.Path):
-    local = _local_copy(directory, {**metadata, "uncommitted": True}, cache_dir, False)
-  parts = [Part.from_description(_read_json(local / e["name"] / PART_FILE), directory=local / e["name"])
-           for e in metadata["parts"]]
+  part_info = local_part_dirs(directory, metadata, cache_dir)
   corpus = Corpus.__new__(Corpus)
-  corpus._init(parts, tokenizer, metadata["config"]["max_block_length"], block_ids=None,  # pylint: disable=protected-access
-               fingerprint=None, directory=directory)
-  corpus._parts_dir = local  # pylint: disable=protected-access
+  corpus._init([Part.from_description(d, directory=local) for local, d in part_info], tokenizer,  # pylint: disable=protected-access
+               metadata["config"]["max_block_length"], block_ids=None, fingerprint=None,
+               directory=directory)
+  corpus._part_info = part_info  # pylint: disable=protected-access
   return corpus
 
 
@@ -1130,16 +1104,14 @@ def _agree_on_spec(data_dir: fileio.PathLike, spec: CorpusSpec, process_index: i
                          f"{process_index} expected {spec.name}")
 
 
-def remapped_parts(local_dir: str | os.PathLike, metadata: dict[str, Any]) -> Iterator[Part]:
-  """The parts listed in `metadata`, each freshly memory-mapped from `local_dir` when it is reached.
+def remapped_parts(part_info: Sequence[tuple[pathlib.Path, dict[str, Any]]]) -> Iterator[Part]:
+  """The parts of `local_part_dirs`, each freshly memory-mapped when it is reached.
 
   For one pass over a whole corpus (the fingerprint): each part is unmapped once the pass moves on,
   so the pages it read leave the process' RSS, which stays bounded by the largest part.
   """
-  local = pathlib.Path(local_dir)
-  for entry in metadata["parts"]:
-    yield Part.from_description(_read_json(local / entry["name"] / PART_FILE),
-                                directory=local / entry["name"])
+  for local, description in part_info:
+    yield Part.from_description(description, directory=local)
 
 
 def _wait_for(predicate: Any, what: str, timeout_s: float) -> None:

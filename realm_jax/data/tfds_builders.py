@@ -23,7 +23,6 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from realm_jax import fileio
-from realm_jax.data import corpus_store
 from realm_jax.data import questions as questions_lib
 
 # Bump when the blocking or the stored layout changes, so old prepared data is not re-used.
@@ -185,7 +184,7 @@ def build_questions(split_to_path: Mapping[str, str | os.PathLike],
     FileNotFoundError, corpus.DataFormatError: from the readers.
   """
   if fileio.is_url(data_dir):
-    data_dir = corpus_store.default_cache_dir() / "tfds"
+    data_dir = fileio.default_cache_dir() / "tfds"
   builder = OpenQABuilder(config=questions_config(split_to_path, format), data_dir=data_dir)
   builder.download_and_prepare()
   out = {}
