@@ -130,15 +130,12 @@ class PartWriter:
     """
     self.columns = {name: _Column(files[name]) for name in _COLUMNS}
     self.token_dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")
-    self._offsets: list[np.ndarray] = []  # int32 until close() knows whether uint16 suffices
-    self._offsets_file = files["offsets"]
     self._max_offset = 0
     self.num_blocks = self.num_docs = 0
     self._ends = dict(token_end=0, body_end=0, sentence_end=0, text_end=0)
     self._doc_ends = dict(id_end=0, title_end=0)
     self._last_doc: str | None = None
     self._seen_docs: set[int] = set()
-    self._pending_offsets = 0
 
   def add(self, block: corpus_lib.Block) -> None:
     """Appends one block; a block with a new `doc_id` starts a new document.
