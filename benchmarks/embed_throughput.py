@@ -88,7 +88,8 @@ def time_flax(model_dir: pathlib.Path, blocks: dict[str, np.ndarray], batch_size
   params = jax.device_put(ckpt.params)
 
   def embed_cls(p, ids, segs, mask):
-    return model.apply({"params": p}, ids, segs, mask, deterministic=True)[:, 0]
+    return model.apply({"params": p}, input_ids=ids, input_mask=mask, segment_ids=segs,
+                       deterministic=True)[:, 0]
 
   report = {"results": {}, "compile_s": {}}
   cls = {}

@@ -167,7 +167,8 @@ def test_bert_checkpoint_on_a_url(bucket, tmp_path):
   cfg = bert.BertConfig(vocab_size=64, hidden_size=8, num_layers=1, num_heads=2,
                         intermediate_size=16, max_position_embeddings=32)
   ids = np.ones((1, 4), np.int32)
-  params = bert.BertEncoder(cfg).init(jax.random.key(0), ids, ids * 0, ids)["params"]
+  params = bert.BertEncoder(cfg).init(jax.random.key(0), input_ids=ids, input_mask=ids,
+                                      segment_ids=ids * 0)["params"]
   checkpoint_import.export_bert_checkpoint(params, cfg, f"{bucket}/bert")
   assert sorted(fileio.listdir(f"{bucket}/bert")) == ["config.json", "model.safetensors"]
   assert checkpoint_import.config_from_json(f"{bucket}/bert/config.json").hidden_size == 8

@@ -74,7 +74,8 @@ def _upload_inputs() -> None:
   cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4,
                         intermediate_size=64, max_position_embeddings=512)
   ids = np.ones((1, 4), np.int32)
-  params = bert.BertEncoder(cfg).init(jax.random.key(0), ids, ids * 0, ids)["params"]
+  params = bert.BertEncoder(cfg).init(jax.random.key(0), input_ids=ids, input_mask=ids,
+                                      segment_ids=ids * 0)["params"]
   checkpoint_import.export_bert_checkpoint(jax.device_get(params), cfg, MODEL_DIR)
   fileio.write_atomic(f"{MODEL_DIR}/vocab.txt",
                       (tokenization.minilm_model_dir() / "vocab.txt").read_bytes())

@@ -217,12 +217,13 @@ class BertEmbeddings(nn.Module):
 class BertEncoder(nn.Module):
   """BERT encoder (Devlin et al., 2019): token ids -> contextual token representations.
 
-  Call signature: `apply(params, input_ids, segment_ids, input_mask, deterministic=True)`.
+  Call signature (keyword-only, the one argument order of the project):
+  `apply(params, input_ids=…, input_mask=…, segment_ids=…, deterministic=True)`.
 
   Args:
     input_ids: `[batch, seq_len]` int32 WordPiece ids.
-    segment_ids: `[batch, seq_len]` int32 segment ids (0 for the first segment, 1 for the second).
     input_mask: `[batch, seq_len]` int32/bool, 1 for real tokens and 0 for padding.
+    segment_ids: `[batch, seq_len]` int32 segment ids (0 for the first segment, 1 for the second).
     deterministic: disables dropout when True; dropout needs the `dropout` rng otherwise.
 
   Returns:
@@ -240,7 +241,7 @@ class BertEncoder(nn.Module):
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
 
-  def __call__(self, input_ids: Array, segment_ids: Array, input_mask: Array,
+  def __call__(self, *, input_ids: Array, input_mask: Array, segment_ids: Array,
                deterministic: bool = True) -> Array:
     x = self.embeddings(input_ids, segment_ids, deterministic)
     mask = input_mask.astype(bool)[:, None, None, :]

@@ -141,8 +141,9 @@ def span_mask(body_mask: Array, max_span_width: int) -> Array:
 class SpanReader(nn.Module):
   """Knowledge-augmented encoder with the Open-QA span head (REALM §3.2, Eq. 3; ORQA §4.2).
 
-  Call: `apply(params, input_ids, segment_ids, input_mask, body_mask, deterministic=True)` with every
-  input `[batch, num_blocks, seq_len]` int32 (`body_mask` marks z's body tokens).
+  Call (keyword-only): `apply(params, input_ids=…, input_mask=…, segment_ids=…, body_mask=…,
+  deterministic=True)` with every input `[batch, num_blocks, seq_len]` int32 (`body_mask` marks z's
+  body tokens).
 
   Returns:
     `[batch, num_blocks, num_spans]` float32 span logits, `-inf`-free: spans outside the body get a
@@ -153,13 +154,14 @@ class SpanReader(nn.Module):
   config: ReaderConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, segment_ids: Array, input_mask: Array, body_mask: Array,
-               deterministic: bool = True) -> Array:
+  def __call__(self, *, input_ids: Array, input_mask: Array, segment_ids: Array,
+               body_mask: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     lead, seq_len = input_ids.shape[:-1], input_ids.shape[-1]
     flat = lambda x: x.reshape((-1, seq_len))  # noqa: E731
     hidden = bert.BertEncoder(cfg.bert, name="bert")(
-        flat(input_ids), flat(segment_ids), flat(input_mask), deterministic)
+        input_ids=flat(input_ids), input_mask=flat(input_mask), segment_ids=flat(segment_ids),
+        deterministic=deterministic)
     hidden = hidden.astype(jnp.float32)
     endpoints = nn.Dense(2 * cfg.span_hidden_size, kernel_init=_init, name="span_endpoints")(hidden)
     start_half, end_half = jnp.split(endpoints, 2, axis=-1)  # [B, L, H] each
@@ -202,10 +204,11 @@ class MaskedLmHead(nn.Module):
 class KnowledgeAugmentedEncoder(nn.Module):
   """BERT over `[CLS] x [SEP] z_body [SEP]` with the masked-LM head (REALM §3.2, pre-training).
 
-  Call: `apply(params, input_ids, segment_ids, input_mask, mlm_positions, deterministic=True)`.
+  Call (keyword-only): `apply(params, input_ids=…, input_mask=…, segment_ids=…, mlm_positions=…,
+  deterministic=True)`.
 
   Args:
-    input_ids, segment_ids, input_mask: `[batch, num_candidates, seq_len]` int32 joined inputs.
+    input_ids, input_mask, segment_ids: `[batch, num_candidates, seq_len]` int32 joined inputs.
     mlm_positions: `[batch, max_masks]` int32 positions of x's masked tokens; x comes first in every
       join, so the positions are the same for all candidates.
 
@@ -219,11 +222,12 @@ class KnowledgeAugmentedEncoder(nn.Module):
     self.bert = bert.BertEncoder(self.config)
     self.mlm_head = MaskedLmHead(self.config)
 
-  def __call__(self, input_ids: Array, segment_ids: Array, input_mask: Array,
+  def __call__(self, *, input_ids: Array, input_mask: Array, segment_ids: Array,
                mlm_positions: Array, deterministic: bool = True) -> Array:
     batch, num_candidates, seq_len = input_ids.shape
     flat = lambda x: x.reshape((-1, seq_len))  # noqa: E731
-    hidden = self.bert(flat(input_ids), flat(segment_ids), flat(input_mask), deterministic)
+    hidden = self.bert(input_ids=flat(input_ids), input_mask=flat(input_mask),
+                       segment_ids=flat(segment_ids), deterministic=deterministic)
     hidden = hidden.reshape((batch, num_candidates, seq_len, -1))
     gathered = jnp.take_along_axis(hidden, mlm_positions[:, None, :, None], axis=2)
     return self.mlm_head(gathered, self.bert.attend)

@@ -96,21 +96,24 @@ def _dummy(shape):
 def init_retriever(config: retriever_lib.RetrieverConfig, rng: jax.Array) -> Any:
   """Random retriever params (shapes independent of the sequence length)."""
   model = retriever_lib.Retriever(config)
-  return model.init(rng, _dummy((1, 8)), _dummy((1, 8)), _dummy((1, 1, 8)), _dummy((1, 1, 8)),
-                    _dummy((1, 1, 8)))["params"]
+  return model.init(rng, query_input_ids=_dummy((1, 8)), query_input_mask=_dummy((1, 8)),
+                    document_input_ids=_dummy((1, 1, 8)), document_input_mask=_dummy((1, 1, 8)),
+                    document_segment_ids=_dummy((1, 1, 8)))["params"]
 
 
 def init_reader(config: encoder_lib.ReaderConfig, rng: jax.Array) -> Any:
   """Random span-reader params."""
   x = _dummy((1, 1, 8))
-  return encoder_lib.SpanReader(config).init(rng, x, x, x, x)["params"]
+  return encoder_lib.SpanReader(config).init(rng, input_ids=x, input_mask=x, segment_ids=x,
+                                             body_mask=x)["params"]
 
 
 def init_encoder(config: bert.BertConfig, rng: jax.Array) -> Any:
   """Random knowledge-augmented-encoder (masked-LM) params."""
   x = _dummy((1, 1, 8))
   return encoder_lib.KnowledgeAugmentedEncoder(config).init(
-      rng, x, x, x, jnp.zeros((1, 1), jnp.int32))["params"]
+      rng, input_ids=x, input_mask=x, segment_ids=x,
+      mlm_positions=jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def _graft(tree: dict, path: tuple[str, ...], value: Any) -> dict:

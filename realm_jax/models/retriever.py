@@ -73,18 +73,19 @@ class RetrieverConfig:
 class Embedder(nn.Module):
   """One tower: BERT → pooling head → `[batch, embedding_dim]` float32 embedding (REALM §3.1).
 
-  Call: `apply(params, input_ids, segment_ids, input_mask, deterministic=True)` with each input
-  `[batch, seq_len]` int32; returns `[batch, embedding_dim]` float32.
+  Call (keyword-only): `apply(params, input_ids=…, input_mask=…, segment_ids=…, deterministic=True)`
+  with each input `[batch, seq_len]` int32; returns `[batch, embedding_dim]` float32.
   """
 
   config: RetrieverConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, segment_ids: Array, input_mask: Array,
+  def __call__(self, *, input_ids: Array, input_mask: Array, segment_ids: Array,
                deterministic: bool = True) -> Array:
     cfg = self.config
-    hidden = bert.BertEncoder(cfg.bert, name="bert")(input_ids, segment_ids, input_mask,
-                                                      deterministic)
+    hidden = bert.BertEncoder(cfg.bert, name="bert")(
+        input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids,
+        deterministic=deterministic)
     hidden = hidden.astype(jnp.float32)
     if cfg.pooling == "mean":
       mask = input_mask.astype(jnp.float32)[..., None]
@@ -119,7 +120,7 @@ class Retriever(nn.Module):
     else:
       self.document_embedder = Embedder(self.config)
 
-  def embed_queries(self, input_ids: Array, input_mask: Array, segment_ids: Array | None = None,
+  def embed_queries(self, *, input_ids: Array, input_mask: Array, segment_ids: Array | None = None,
                     deterministic: bool = True) -> Array:
     """Embeds `[CLS] x [SEP]` queries.
 
@@ -132,28 +133,34 @@ class Retriever(nn.Module):
     Returns:
       `[..., embedding_dim]` float32 query embeddings.
     """
-    return _apply_flat(self.query_embedder, input_ids, input_mask, segment_ids, deterministic)
+    return _apply_flat(self.query_embedder, input_ids=input_ids, input_mask=input_mask,
+                       segment_ids=segment_ids, deterministic=deterministic)
 
-  def embed_documents(self, input_ids: Array, input_mask: Array, segment_ids: Array,
+  def embed_documents(self, *, input_ids: Array, input_mask: Array, segment_ids: Array,
                       deterministic: bool = True) -> Array:
     """Embeds `[CLS] title [SEP] body [SEP]` blocks: `[..., block_len]` int32 → `[..., dim]` float32."""
-    return _apply_flat(self.document_embedder, input_ids, input_mask, segment_ids, deterministic)
+    return _apply_flat(self.document_embedder, input_ids=input_ids, input_mask=input_mask,
+                       segment_ids=segment_ids, deterministic=deterministic)
 
-  def __call__(self, query_ids: Array, query_mask: Array, doc_ids: Array, doc_mask: Array,
-               doc_segment_ids: Array, deterministic: bool = True) -> tuple[Array, Array]:
+  def __call__(self, *, query_input_ids: Array, query_input_mask: Array,
+               document_input_ids: Array, document_input_mask: Array,
+               document_segment_ids: Array, deterministic: bool = True) -> tuple[Array, Array]:
     """Embeds both; returns `([batch, dim], [batch, num_candidates, dim])` float32."""
-    return (self.embed_queries(query_ids, query_mask, deterministic=deterministic),
-            self.embed_documents(doc_ids, doc_mask, doc_segment_ids, deterministic))
+    return (self.embed_queries(input_ids=query_input_ids, input_mask=query_input_mask,
+                               deterministic=deterministic),
+            self.embed_documents(input_ids=document_input_ids, input_mask=document_input_mask,
+                                 segment_ids=document_segment_ids, deterministic=deterministic))
 
 
-def _apply_flat(embedder: nn.Module, input_ids: Array, input_mask: Array,
+def _apply_flat(embedder: nn.Module, *, input_ids: Array, input_mask: Array,
                 segment_ids: Array | None, deterministic: bool) -> Array:
   lead = input_ids.shape[:-1]
   seq_len = input_ids.shape[-1]
   if segment_ids is None:
     segment_ids = jnp.zeros_like(input_ids)
   flat = lambda x: x.reshape((-1, seq_len))  # noqa: E731
-  out = embedder(flat(input_ids), flat(segment_ids), flat(input_mask), deterministic)
+  out = embedder(input_ids=flat(input_ids), input_mask=flat(input_mask),
+                 segment_ids=flat(segment_ids), deterministic=deterministic)
   return out.reshape(lead + out.shape[-1:])
 
 

@@ -41,8 +41,9 @@ def make_document_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.shar
   model = retriever_lib.Retriever(config)
 
   def embed(params, inputs):
-    return model.apply({"params": params}, inputs["input_ids"], inputs["input_mask"],
-                       inputs["segment_ids"], method=retriever_lib.Retriever.embed_documents)
+    return model.apply({"params": params}, input_ids=inputs["input_ids"],
+                       input_mask=inputs["input_mask"], segment_ids=inputs["segment_ids"],
+                       method=retriever_lib.Retriever.embed_documents)
 
   return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
@@ -53,7 +54,8 @@ def make_query_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.shardin
   model = retriever_lib.Retriever(config)
 
   def embed(params, inputs):
-    return model.apply({"params": params}, inputs["input_ids"], inputs["input_mask"],
+    return model.apply({"params": params}, input_ids=inputs["input_ids"],
+                       input_mask=inputs["input_mask"],
                        method=retriever_lib.Retriever.embed_queries)
 
   return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),

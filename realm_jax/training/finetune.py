@@ -218,15 +218,16 @@ def _forward(params, batch, retriever_cfg: retriever_lib.RetrieverConfig,
   rngs = None if deterministic else dict(zip(("dropout",), jax.random.split(rng, 1)))
   rngs_reader = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
   q = retriever_lib.Retriever(retriever_cfg).apply(
-      {"params": params["retriever"]}, batch["query_input_ids"], batch["query_input_mask"],
-      batch["query_segment_ids"], deterministic, method=retriever_lib.Retriever.embed_queries,
-      rngs=rngs)
+      {"params": params["retriever"]}, input_ids=batch["query_input_ids"],
+      input_mask=batch["query_input_mask"], segment_ids=batch["query_segment_ids"],
+      deterministic=deterministic, method=retriever_lib.Retriever.embed_queries, rngs=rngs)
   retriever_logits = retriever_lib.relevance_scores(q, batch["retrieved_embeddings"],
                                                     retriever_cfg.score_scale)
   retriever_logits = jnp.where(batch["retrieved_valid"], retriever_logits, -1e9)
   span_logits = encoder_lib.SpanReader(reader_cfg).apply(
-      {"params": params["reader"]}, batch["reader_input_ids"], batch["reader_segment_ids"],
-      batch["reader_input_mask"], batch["reader_body_mask"], deterministic, rngs=rngs_reader)
+      {"params": params["reader"]}, input_ids=batch["reader_input_ids"],
+      input_mask=batch["reader_input_mask"], segment_ids=batch["reader_segment_ids"],
+      body_mask=batch["reader_body_mask"], deterministic=deterministic, rngs=rngs_reader)
   return retriever_logits, span_logits
 
 

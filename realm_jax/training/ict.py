@@ -173,9 +173,11 @@ def ict_outputs(params: Mapping[str, Any], batch: Mapping[str, Array], rng: Arra
     if not deterministic:
       q_rng, d_rng = jax.random.split(jax.random.fold_in(rng, shard))
       rngs = {"q": {"dropout": q_rng}, "d": {"dropout": d_rng}}
-    q = model.apply({"params": params["retriever"]}, q_ids, q_mask, q_seg, deterministic,
+    q = model.apply({"params": params["retriever"]}, input_ids=q_ids, input_mask=q_mask,
+                    segment_ids=q_seg, deterministic=deterministic,
                     method=retriever_lib.Retriever.embed_queries, rngs=rngs.get("q"))
-    d = model.apply({"params": params["retriever"]}, b_ids, b_mask, b_seg, deterministic,
+    d = model.apply({"params": params["retriever"]}, input_ids=b_ids, input_mask=b_mask,
+                    segment_ids=b_seg, deterministic=deterministic,
                     method=retriever_lib.Retriever.embed_documents, rngs=rngs.get("d"))
     all_d = jax.lax.all_gather(d, axis, axis=0, tiled=True)          # [global, dim]
     all_ids = jax.lax.all_gather(block_id, axis, axis=0, tiled=True)  # [global]

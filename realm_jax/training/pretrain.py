@@ -387,17 +387,20 @@ def forward(params: Mapping[str, Any], batch: Mapping[str, Array], *,
   rngs = {} if deterministic else dict(zip(("query", "doc", "encoder"), jax.random.split(rng, 3)))
   drop = lambda name: None if deterministic else {"dropout": rngs[name]}  # noqa: E731
   model = retriever_lib.Retriever(retriever_cfg)
-  q = model.apply({"params": params["retriever"]}, batch["query_input_ids"],
-                  batch["query_input_mask"], batch["query_segment_ids"], deterministic,
-                  method=retriever_lib.Retriever.embed_queries, rngs=drop("query"))
-  d = model.apply({"params": params["retriever"]}, batch["candidate_input_ids"],
-                  batch["candidate_input_mask"], batch["candidate_segment_ids"], deterministic,
+  q = model.apply({"params": params["retriever"]}, input_ids=batch["query_input_ids"],
+                  input_mask=batch["query_input_mask"], segment_ids=batch["query_segment_ids"],
+                  deterministic=deterministic, method=retriever_lib.Retriever.embed_queries,
+                  rngs=drop("query"))
+  d = model.apply({"params": params["retriever"]}, input_ids=batch["candidate_input_ids"],
+                  input_mask=batch["candidate_input_mask"],
+                  segment_ids=batch["candidate_segment_ids"], deterministic=deterministic,
                   method=retriever_lib.Retriever.embed_documents, rngs=drop("doc"))
   logits = retriever_lib.relevance_scores(q, d, retriever_cfg.score_scale)
   logits = jnp.where(batch["candidate_valid"], logits, -1e9)
   mlm_logits = encoder_lib.KnowledgeAugmentedEncoder(encoder_cfg).apply(
-      {"params": params["encoder"]}, batch["joint_input_ids"], batch["joint_segment_ids"],
-      batch["joint_input_mask"], batch["mlm_positions"], deterministic, rngs=drop("encoder"))
+      {"params": params["encoder"]}, input_ids=batch["joint_input_ids"],
+      input_mask=batch["joint_input_mask"], segment_ids=batch["joint_segment_ids"],
+      mlm_positions=batch["mlm_positions"], deterministic=deterministic, rngs=drop("encoder"))
   return {"retriever_logits": logits, "mlm_logits": mlm_logits}
 
 

@@ -26,7 +26,8 @@ TOL = 1e-4
 
 
 def _encode(ckpt: ci.BertCheckpoint, ids, segs, mask) -> np.ndarray:
-  fn = jax.jit(lambda p, i, s, m: BertEncoder(ckpt.config).apply({"params": p}, i, s, m))
+  fn = jax.jit(lambda p, i, s, m: BertEncoder(ckpt.config).apply(
+      {"params": p}, input_ids=i, input_mask=m, segment_ids=s))
   return np.asarray(fn(ckpt.params, ids, segs, mask))
 
 
@@ -54,7 +55,9 @@ def _max_diff_on_tokens(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float
 
 def _assert_tree_matches_init(ckpt: ci.BertCheckpoint) -> None:
   ids = jnp.zeros((1, 4), jnp.int32)
-  abstract = jax.eval_shape(BertEncoder(ckpt.config).init, jax.random.key(0), ids, ids, ids)
+  abstract = jax.eval_shape(
+      lambda key: BertEncoder(ckpt.config).init(key, input_ids=ids, input_mask=ids,
+                                                segment_ids=ids), jax.random.key(0))
   expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract["params"])
   got = jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params)
   assert jax.tree.structure(got) == jax.tree.structure(expected)

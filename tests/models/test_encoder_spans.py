@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from realm_jax.models import bert
 from realm_jax.models import encoder
 
 
@@ -30,3 +33,30 @@ def test_gold_span_mask_marks_exactly_the_gold_spans():
   want = np.array([[(s, e) in {(1, 2), (4, 4)} for s, e in zip(starts, ends)],
                    [(s, e) == (0, 0) for s, e in zip(starts, ends)]])
   np.testing.assert_array_equal(mask, want)
+
+
+def test_model_inputs_are_keyword_only():
+  """Hugging Face's `(input_ids, attention_mask, token_type_ids)` order passed positionally is refused
+  by every model (it used to be accepted and give wrong numbers); by keyword, any order is the same."""
+  from realm_jax.models import realm
+  from realm_jax.models import retriever as retriever_lib
+  model = realm.ModelConfig(init_checkpoint=None, projection_size=8, span_hidden_size=8,
+                            bert=bert.BertConfig(vocab_size=64, hidden_size=16, num_layers=1,
+                                                 num_heads=2, intermediate_size=32,
+                                                 max_position_embeddings=32))
+  params = realm.init_retriever(model.retriever_config(), jax.random.key(0))
+  ids = jnp.array([[2, 9, 7, 3, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  seg = jnp.array([[0, 0, 1, 1, 0]], jnp.int32)
+  apply = retriever_lib.Retriever(model.retriever_config()).apply
+  with pytest.raises(TypeError):
+    apply({"params": params}, ids, mask, seg, method=retriever_lib.Retriever.embed_documents)
+  a = apply({"params": params}, input_ids=ids, input_mask=mask, segment_ids=seg,
+            method=retriever_lib.Retriever.embed_documents)
+  b = apply({"params": params}, segment_ids=seg, input_ids=ids, input_mask=mask,
+            method=retriever_lib.Retriever.embed_documents)
+  np.testing.assert_array_equal(a, b)
+  reader = encoder.SpanReader(model.reader_config())
+  reader_params = realm.init_reader(model.reader_config(), jax.random.key(1))
+  with pytest.raises(TypeError):
+    reader.apply({"params": reader_params}, ids[None], mask[None], seg[None], mask[None])

@@ -84,8 +84,9 @@ def _embed(cfg: retriever_lib.RetrieverConfig, params, ref) -> tuple[np.ndarray,
   @jax.jit
   def embed(p, q_ids, q_mask, c_ids, c_mask, c_segs):
     model, variables = retriever_lib.Retriever(cfg), {"params": p}
-    return (model.apply(variables, q_ids, q_mask, method=retriever_lib.Retriever.embed_queries),
-            model.apply(variables, c_ids, c_mask, c_segs,
+    return (model.apply(variables, input_ids=q_ids, input_mask=q_mask,
+                        method=retriever_lib.Retriever.embed_queries),
+            model.apply(variables, input_ids=c_ids, input_mask=c_mask, segment_ids=c_segs,
                         method=retriever_lib.Retriever.embed_documents))
 
   return embed(params, ref["scorer_query_ids"], ref["scorer_query_mask"], ref["scorer_cand_ids"],
@@ -94,7 +95,7 @@ def _embed(cfg: retriever_lib.RetrieverConfig, params, ref) -> tuple[np.ndarray,
 
 def _embed_queries(cfg: retriever_lib.RetrieverConfig, params, ids, mask) -> np.ndarray:
   fn = jax.jit(lambda p, i, m: retriever_lib.Retriever(cfg).apply(
-      {"params": p}, i, m, method=retriever_lib.Retriever.embed_queries))
+      {"params": p}, input_ids=i, input_mask=m, method=retriever_lib.Retriever.embed_queries))
   return np.asarray(fn(params, ids, mask))
 
 
@@ -102,8 +103,9 @@ def _read_spans(cfg: encoder_lib.ReaderConfig, params, ref) -> np.ndarray:
   """`SpanReader` on the 3 reader blocks: `[3, num_spans]` logits in `span_candidates` order."""
   body = ref["reader_block_mask"].astype(np.int32)
   fn = jax.jit(encoder_lib.SpanReader(cfg).apply)
-  return np.asarray(fn({"params": params}, ref["reader_ids"][None], ref["reader_segs"][None],
-                       ref["reader_mask"][None], body[None])[0])
+  return np.asarray(fn({"params": params}, input_ids=ref["reader_ids"][None],
+                       input_mask=ref["reader_mask"][None], segment_ids=ref["reader_segs"][None],
+                       body_mask=body[None])[0])
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -161,8 +163,8 @@ def test_knowledge_augmented_encoder_matches_transformers(ref):
   cfg = ckpt.encoder_config()
   _assert_tree_matches_init(ckpt.params["encoder"], realm.init_encoder, cfg)
   logits = jax.jit(encoder_lib.KnowledgeAugmentedEncoder(cfg).apply)(
-      {"params": ckpt.params["encoder"]}, ref["enc_ids"], ref["enc_segs"], ref["enc_mask"],
-      ref["enc_mlm_positions"])
+      {"params": ckpt.params["encoder"]}, input_ids=ref["enc_ids"], input_mask=ref["enc_mask"],
+      segment_ids=ref["enc_segs"], mlm_positions=ref["enc_mlm_positions"])
   assert logits.shape == ref["enc_mlm_logits"].shape == (2, 3, 2, 99)
   assert _max_diff(logits, ref["enc_mlm_logits"]) <= TOL
   # The marginal over candidates (REALM §2.3): realm_jax's loss function on our logits.

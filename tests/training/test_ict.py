@@ -43,11 +43,13 @@ def test_logits_span_the_global_batch_and_match_numpy(batcher):
   assert out["logits"].shape == (16, 16)
   # Reference: every query against every block of the batch, computed unsharded in numpy.
   model = retriever_lib.Retriever(MODEL.retriever_config())
-  q = np.asarray(model.apply({"params": params["retriever"]}, batch["query_input_ids"],
-                             batch["query_input_mask"], batch["query_segment_ids"],
+  q = np.asarray(model.apply({"params": params["retriever"]}, input_ids=batch["query_input_ids"],
+                             input_mask=batch["query_input_mask"],
+                             segment_ids=batch["query_segment_ids"],
                              method=retriever_lib.Retriever.embed_queries), np.float64)
-  d = np.asarray(model.apply({"params": params["retriever"]}, batch["block_input_ids"],
-                             batch["block_input_mask"], batch["block_segment_ids"],
+  d = np.asarray(model.apply({"params": params["retriever"]}, input_ids=batch["block_input_ids"],
+                             input_mask=batch["block_input_mask"],
+                             segment_ids=batch["block_segment_ids"],
                              method=retriever_lib.Retriever.embed_documents), np.float64)
   ref = MODEL.score_scale * q @ d.T
   ids = batch["block_id"]

@@ -118,19 +118,22 @@ def _naive_token_log_likelihood(params, batch, model):
   n, k = batch["candidate_valid"].shape
   token_ll, null_ll = [], []
   for i in range(n):
-    q = embed_q({"params": params["retriever"]}, batch["query_input_ids"][i:i + 1],
-                batch["query_input_mask"][i:i + 1], batch["query_segment_ids"][i:i + 1])
+    q = embed_q({"params": params["retriever"]}, input_ids=batch["query_input_ids"][i:i + 1],
+                input_mask=batch["query_input_mask"][i:i + 1],
+                segment_ids=batch["query_segment_ids"][i:i + 1])
     scores, token_lp = [], []
     for j in range(k):
-      d = embed_d({"params": params["retriever"]}, batch["candidate_input_ids"][i:i + 1, j],
-                  batch["candidate_input_mask"][i:i + 1, j],
-                  batch["candidate_segment_ids"][i:i + 1, j])
+      d = embed_d({"params": params["retriever"]},
+                  input_ids=batch["candidate_input_ids"][i:i + 1, j],
+                  input_mask=batch["candidate_input_mask"][i:i + 1, j],
+                  segment_ids=batch["candidate_segment_ids"][i:i + 1, j])
       scores.append(float(np.dot(np.asarray(q[0], np.float64), np.asarray(d[0], np.float64)))
                     * retriever_cfg.score_scale)
-      logits = encode({"params": params["encoder"]}, batch["joint_input_ids"][i:i + 1, j:j + 1],
-                      batch["joint_segment_ids"][i:i + 1, j:j + 1],
-                      batch["joint_input_mask"][i:i + 1, j:j + 1],
-                      batch["mlm_positions"][i:i + 1])[0, 0]
+      logits = encode({"params": params["encoder"]},
+                      input_ids=batch["joint_input_ids"][i:i + 1, j:j + 1],
+                      input_mask=batch["joint_input_mask"][i:i + 1, j:j + 1],
+                      segment_ids=batch["joint_segment_ids"][i:i + 1, j:j + 1],
+                      mlm_positions=batch["mlm_positions"][i:i + 1])[0, 0]
       logp = _log_softmax(np.asarray(logits, np.float64))
       token_lp.append(logp[np.arange(logits.shape[0]), batch["mlm_targets"][i]])
     log_p_z = _log_softmax(np.asarray(scores))
