@@ -41,6 +41,7 @@ import numpy as np
 from safetensors import safe_open
 
 from realm_jax import fileio
+from realm_jax.models import bert as bert_lib
 from realm_jax.models.bert import BertConfig
 
 PathLike = str | os.PathLike
@@ -57,6 +58,8 @@ _PREFIX = "bert."
 _IGNORED_SUFFIXES = ("position_ids",)
 _IGNORED_KEYS = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")
 _MAX_LISTED = 20
+# The Hugging Face activation names `BertConfig.from_hf_config` maps onto a GELU (exact or tanh).
+_HF_GELUS = tuple(bert_lib._HF_HIDDEN_ACTS)  # pylint: disable=protected-access
 
 
 class CheckpointMismatchError(ValueError):
@@ -287,7 +290,9 @@ def config_from_json(config_file: PathLike) -> BertConfig:
   Raises:
     ValueError: naming the file and field if the JSON is invalid, a required size is missing, or the
       architecture differs from what `BertEncoder` computes (not `model_type="bert"`, relative
-      position embeddings, or an activation other than the exact (erf) GELU).
+      position embeddings, or an activation other than a GELU: "gelu" / "gelu_python" are the
+      exact erf form, "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh approximation of
+      the original TF BERT, `BertConfig.hidden_act="gelu_new"`).
   """
   config_file = fileio.as_path(config_file)  # Local or gs://.
   try:
@@ -305,9 +310,9 @@ def config_from_json(config_file: PathLike) -> BertConfig:
     raise ValueError(f"{config_file}: position_embedding_type={pos!r} is not supported "
                      "(BertEncoder uses absolute position embeddings)")
   act = hf.get("hidden_act", "gelu")
-  if act not in ("gelu", "gelu_python"):
+  if act not in _HF_GELUS:
     raise ValueError(f"{config_file}: hidden_act={act!r} is not supported: BertEncoder computes "
-                     "the exact (erf) GELU of 'gelu'")
+                     f"the exact (erf) or the tanh-approximate GELU ({sorted(_HF_GELUS)})")
   for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size"):
     if field not in hf:

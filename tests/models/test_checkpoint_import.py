@@ -3,6 +3,7 @@ tests/fixtures/bert_parity/make_fixtures.py), mismatch errors and the export -> 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -238,7 +239,7 @@ def test_bad_paths_and_configs(tmp_path):
 
   hf = json.loads((TINY_DIR / "config.json").read_text())
   for override, pattern in [({"model_type": "roberta"}, "model_type='roberta'"),
-                            ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+                            ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
                             ({"position_embedding_type": "relative_key"}, "relative_key")]:
     bad = tmp_path / f"bad_{next(iter(override.values()))}"
     bad.mkdir()
@@ -246,6 +247,26 @@ def test_bad_paths_and_configs(tmp_path):
     (bad / "config.json").write_text(json.dumps({**hf, **override}))
     with pytest.raises(ValueError, match=rf"config\.json: .*{pattern}"):
       ci.load_bert_checkpoint(bad)
+
+
+@pytest.mark.parametrize("hf_act, computed", [
+    ("gelu", "gelu"), ("gelu_python", "gelu"), ("gelu_new", "gelu_new"),
+    ("gelu_pytorch_tanh", "gelu_new"), ("gelu_fast", "gelu_new")])
+def test_config_from_json_accepts_every_gelu_bert_config_computes(tmp_path, hf_act, computed):
+  """Regression (issue #14): `gelu_new`, the TF BERT / REALM tanh GELU, was refused."""
+  hf = json.loads((TINY_DIR / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_act": hf_act}))
+  assert ci.config_from_json(tmp_path / "config.json").hidden_act == computed
+
+
+def test_gelu_new_checkpoint_export_load_round_trip(tiny, tmp_path):
+  """A tanh-GELU encoder exports `hidden_act: gelu_new` and loads back with the same config."""
+  config = dataclasses.replace(tiny.config, hidden_act="gelu_new")
+  out = ci.export_bert_checkpoint({"params": tiny.params}, config, tmp_path / "export")
+  assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu_new"
+  back = ci.load_bert_checkpoint(out)
+  assert back.config == config and back.config.approximate_gelu
+  jax.tree.map(np.testing.assert_array_equal, back.params, tiny.params)
 
 
 def test_not_a_bert_checkpoint(tmp_path):
