@@ -177,9 +177,17 @@ def run(argv: Sequence[str]) -> Any:
     kwargs["checkpoint"] = args.questions[0]
   if args.command == "index-builder":  # shares WORKDIR with the trainer: its own file
     write_config(workdir, "config-index-builder.gin")
-  elif args.command != "predict":
+  elif args.command not in ("predict", "convert"):
     write_config(workdir)
-  result = fn(**kwargs)
+  if args.command == "convert":  # config.gin only once converted: a failure writes nothing
+    try:
+      result = fn(**kwargs)
+    except ValueError as e:  # CheckpointMismatchError, unsupported config.json, unreadable file
+      message = str(e).split("\n  In call to configurable")[0]
+      raise UsageError(message.replace(":\n  ", ": ", 1).replace("\n  ", "; ")) from e
+    write_config(workdir)
+  else:
+    result = fn(**kwargs)
   if args.command == "main":
     from realm_jax import reporting
     print(reporting.format_summary(result))

@@ -153,7 +153,9 @@ def convert_released_checkpoint(workdir: rc.PathLike,
     A `ConversionResult` with the written paths.
 
   Raises:
-    FileNotFoundError, ValueError, CheckpointMismatchError: as `rc.load_realm_checkpoint`.
+    FileNotFoundError, ValueError, CheckpointMismatchError: as `rc.load_realm_checkpoint`. The
+      checkpoint is read before anything is written: then a work directory that this call would
+      have created is not left behind.
     ModuleNotFoundError: for a `.bin` checkpoint when torch is not installed (the message says how
       to convert it elsewhere).
     snapshot.SnapshotError: if the snapshot cannot be written.
@@ -167,8 +169,8 @@ def convert_released_checkpoint(workdir: rc.PathLike,
     checkpoint = ci.stage_checkpoint(checkpoint)
   workdir = (pathlib.Path(tempfile.mkdtemp(prefix="realm-convert-")) if remote_workdir
              else pathlib.Path(workdir))
+  created = remote_workdir or not workdir.exists()
   checkpoint = pathlib.Path(checkpoint)
-  workdir.mkdir(parents=True, exist_ok=True)
   tmp_dir = None
   source_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
   try:
@@ -178,9 +180,14 @@ def convert_released_checkpoint(workdir: rc.PathLike,
       rc.pytorch_bin_to_safetensors(checkpoint, tmp_dir)
       checkpoint = tmp_dir
     ckpt = rc.load_realm_checkpoint(checkpoint, architecture=architecture, strict=strict)
+  except BaseException:
+    if created:  # A checkpoint that does not load leaves nothing behind.
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   finally:
     if tmp_dir is not None:
       shutil.rmtree(tmp_dir, ignore_errors=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   config_file = rc.save_converted(ckpt, workdir)
   for name in rc._TOKENIZER_FILES:
     if (source_dir / name).is_file():

@@ -90,3 +90,30 @@ def test_convert_released_checkpoint(tmp_path):
   assert (out / "realm_params.safetensors").exists() and (out / "realm_config.json").exists()
   r = _cli("convert", "--workdir", str(out))
   assert r.returncode == 2 and "checkpoint path" in r.stderr
+
+
+def test_convert_error_is_one_line_and_writes_nothing(tmp_path):
+  """Regression (issue #14): a checkpoint that does not load left a traceback and config.gin."""
+  from safetensors.numpy import load_file, save_file
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  hf = json.loads((ROOT / "tests/fixtures/hf_realm/encoder/config.json").read_text())
+  (ckpt / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": False}))
+  tensors = load_file(str(ROOT / "tests/fixtures/hf_realm/encoder/model.safetensors"))
+  tensors["cls.predictions.decoder.weight"] = tensors.pop("realm.embeddings.word_embeddings.weight")
+  save_file(tensors, str(ckpt / "model.safetensors"))  # untied: the word embeddings are missing
+  out = tmp_path / "converted"
+  r = _cli("convert", str(ckpt), "--workdir", str(out))
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  errors = [line for line in r.stderr.splitlines() if line.startswith("realm-jax: error:")]
+  assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1]
+  assert errors[0].startswith(f"realm-jax: error: REALM checkpoint {ckpt / 'model.safetensors'} "
+                              "does not match its config")
+  assert "missing parameter 'realm.embeddings.word_embeddings.weight'" in errors[0]
+  assert not out.exists()
+  # An existing work directory is left as it was.
+  out.mkdir()
+  (out / "keep.txt").write_text("x")
+  r = _cli("convert", str(ckpt), "--workdir", str(out))
+  assert r.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -115,6 +115,7 @@ _WEIGHTS_NAME = "model.safetensors"
 _WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _BIN_NAME = "pytorch_model.bin"
 _BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+_WORD_EMBEDDINGS = "realm.embeddings.word_embeddings.weight"
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")
 # Non-persistent buffers that older transformers versions still wrote into state dicts.
@@ -493,10 +494,21 @@ def _convert_encoder(pool: _TensorPool, hp: RealmHParams) -> Params:
     pool.original["cls.predictions.bias"] = pool.original["cls.predictions.decoder.bias"]
   decoder = pool.pop("cls.predictions.decoder.weight")
   decoder_bias = pool.pop("cls.predictions.decoder.bias")
+  decoder_as_word = (_WORD_EMBEDDINGS not in pool.tensors and decoder is not None
+                     and hp.tie_word_embeddings)
+  if decoder_as_word:
+    # A tied model saved without alias metadata: the decoder *is* the word-embedding matrix.
+    logging.info("%s: no %r; using the tied 'cls.predictions.decoder.weight' "
+                 "(tie_word_embeddings=true)", pool.source, _WORD_EMBEDDINGS)
+    pool.tensors[_WORD_EMBEDDINGS] = decoder
+    pool.original[_WORD_EMBEDDINGS] = pool.original["cls.predictions.decoder.weight"]
+  elif _WORD_EMBEDDINGS not in pool.tensors and decoder is not None:
+    pool.problems.append(f"'cls.predictions.decoder.weight' cannot stand in for the missing "
+                         f"{_WORD_EMBEDDINGS!r}: config.json has tie_word_embeddings=false")
   tree = pool.convert(_encoder_part_specs(hp))
   pool.drop_prefix("realm.pooler.")
   word = ci._get(tree, ("bert", "embeddings", "word_embeddings", "embedding"))
-  if decoder is not None:
+  if decoder is not None and not decoder_as_word:
     pool.ignored.append(pool.original["cls.predictions.decoder.weight"])
     if word is not None and decoder.shape != word.shape:
       pool.problems.append(f"parameter 'cls.predictions.decoder.weight': expected shape "
@@ -576,6 +588,42 @@ def _resolve_files(path: pathlib.Path) -> tuple[list[pathlib.Path], pathlib.Path
   return files, config_file
 
 
+def _file_aliases(files: Sequence[pathlib.Path], tensors: Mapping[str, Any]) -> dict[str, str]:
+  """The shared tensors the writers of `files` dropped: `{dropped name: kept name}`.
+
+  Two writers record them in the safetensors metadata: `pytorch_bin_to_safetensors` as JSON under
+  `ALIASES_METADATA_KEY`, and `safetensors.torch.save_model` as one plain entry per dropped name
+  (`metadata[dropped] = kept`; a tied `RealmKnowledgeAugEncoder` keeps
+  `cls.predictions.decoder.weight` and drops `realm.embeddings.word_embeddings.weight`). Only
+  entries whose dropped name is absent from `tensors` and whose kept name is present count, so
+  other metadata ("format": "pt") is never mistaken for an alias.
+
+  Raises:
+    ValueError: naming the file if it is unreadable or its `ALIASES_METADATA_KEY` is not JSON.
+  """
+  aliases: dict[str, str] = {}
+  for file in files:
+    try:
+      with safe_open(str(file), framework="numpy") as f:
+        metadata = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own SafetensorError.
+      raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    entries = dict(metadata)
+    if ALIASES_METADATA_KEY in entries:
+      try:
+        recorded = json.loads(entries.pop(ALIASES_METADATA_KEY))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: metadata {ALIASES_METADATA_KEY!r} is not JSON ({e})") from e
+      if not isinstance(recorded, dict):
+        raise ValueError(f"{file}: metadata {ALIASES_METADATA_KEY!r} must be a JSON object of "
+                         f"names, got {type(recorded).__name__}")
+      entries.update(recorded)
+    for dropped, kept in entries.items():
+      if isinstance(kept, str) and dropped not in tensors and kept in tensors:
+        aliases[dropped] = kept
+  return aliases
+
+
 def load_realm_checkpoint(path: PathLike,
                           *,
                           architecture: str | None = None,
@@ -583,7 +631,11 @@ def load_realm_checkpoint(path: PathLike,
                           strict: bool = True) -> RealmCheckpoint:
   """Converts a Hugging Face REALM checkpoint (safetensors) into realm_jax parameters.
 
-  Pure numpy: no PyTorch needed. See the module docstring for the tensor mapping.
+  Pure numpy: no PyTorch needed. See the module docstring for the tensor mapping. Shared tensors
+  that the writer stored once (`pytorch_bin_to_safetensors`, or `safetensors.torch.save_model`,
+  which keeps a tied encoder's matrix as `cls.predictions.decoder.weight` only) are restored from
+  the file's alias metadata; without metadata, a missing word-embedding matrix of a
+  `RealmKnowledgeAugEncoder` is taken from the decoder when `tie_word_embeddings` holds.
 
   Args:
     path: a directory with `config.json` and `model.safetensors` (or a sharded
@@ -612,6 +664,8 @@ def load_realm_checkpoint(path: PathLike,
   hp = realm_config_from_json(config_file, dtype=dtype)
   source = str(files[0]) if len(files) == 1 else f"{path} ({len(files)} shards)"
   raw = ci._read_safetensors(files)
+  for dropped, kept in _file_aliases(files, raw).items():
+    raw[dropped] = raw[kept]
   detected = detect_architecture(list(raw))
   if architecture is not None:
     if architecture not in ARCHITECTURES:

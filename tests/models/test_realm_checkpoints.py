@@ -331,6 +331,64 @@ def test_untied_decoder(tmp_path):
     rc.load_realm_checkpoint(ckpt_dir)
 
 
+def _save_model_layout(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                  dict[str, str]]:
+  """What `safetensors.torch.save_model` writes for a tied `RealmKnowledgeAugEncoder`.
+
+  save_model keeps the alphabetically first name of each group of shared tensors and records
+  `metadata[dropped] = kept`: the decoder matrix stays as `cls.predictions.decoder.weight`, the
+  word embeddings are dropped; `cls.predictions.bias` stays, its alias `...decoder.bias` is dropped.
+  """
+  out = dict(tensors)
+  out["cls.predictions.decoder.weight"] = out.pop("realm.embeddings.word_embeddings.weight")
+  metadata = {"realm.embeddings.word_embeddings.weight": "cls.predictions.decoder.weight",
+              "cls.predictions.decoder.bias": "cls.predictions.bias"}
+  return out, metadata
+
+
+@needs_released_support
+def test_tied_encoder_saved_by_safetensors_save_model(tmp_path):
+  """Regression (issue #14): the word embeddings live under the tied decoder name."""
+  reference = _load("encoder")
+  tensors, metadata = _save_model_layout(load_file(str(FIXTURES / "encoder" / "model.safetensors")))
+  assert "realm.embeddings.word_embeddings.weight" not in tensors
+  ckpt_dir = _copy_fixture("encoder", tmp_path)
+  save_file(tensors, str(ckpt_dir / "model.safetensors"), metadata=metadata)
+  ckpt = rc.load_realm_checkpoint(ckpt_dir)
+  jax.tree.map(np.testing.assert_array_equal, ckpt.params, reference.params)
+  assert "cls.predictions.decoder.weight" in ckpt.ignored_keys
+  # Without the metadata, tie_word_embeddings=true lets the decoder stand in for the embeddings.
+  save_file(tensors, str(ckpt_dir / "model.safetensors"), metadata={"format": "pt"})
+  ckpt = rc.load_realm_checkpoint(ckpt_dir)
+  jax.tree.map(np.testing.assert_array_equal, ckpt.params, reference.params)
+  # Untied, nothing can: the error names the missing matrix and why the decoder is not used.
+  _rewrite(ckpt_dir, tie_word_embeddings=False)
+  with pytest.raises(rc.CheckpointMismatchError) as err:
+    rc.load_realm_checkpoint(ckpt_dir)
+  assert err.value.problems == [
+      "'cls.predictions.decoder.weight' cannot stand in for the missing "
+      "'realm.embeddings.word_embeddings.weight': config.json has tie_word_embeddings=false",
+      "missing parameter 'realm.embeddings.word_embeddings.weight' (expected shape (99, 32))"]
+
+
+def test_alias_metadata_that_is_not_an_alias_is_ignored(tmp_path):
+  """Metadata entries whose names are not a dropped / kept pair leave the tensors alone."""
+  tensors = load_file(str(FIXTURES / "encoder" / "model.safetensors"))
+  ckpt_dir = _copy_fixture("encoder", tmp_path)
+  save_file(tensors, str(ckpt_dir / "model.safetensors"), metadata={
+      "format": "pt", "realm.embeddings.word_embeddings.weight": "cls.predictions.bias",
+      "realm.pooler.dense.weight": "no.such.tensor"})
+  ckpt = rc.load_realm_checkpoint(ckpt_dir)
+  np.testing.assert_array_equal(
+      ckpt.params["encoder"]["bert"]["embeddings"]["word_embeddings"]["embedding"],
+      tensors["realm.embeddings.word_embeddings.weight"])
+  save_file(tensors, str(ckpt_dir / "model.safetensors"),
+            metadata={rc.ALIASES_METADATA_KEY: "{not json"})
+  with pytest.raises(ValueError, match=r"model\.safetensors: metadata 'realm_jax_aliases' is not "
+                     r"JSON"):
+    rc.load_realm_checkpoint(ckpt_dir)
+
+
 @pytest.mark.parametrize("override, pattern", [
     ({"model_type": "bert"}, r"model_type='bert' is not 'realm'"),
     ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported"),
