@@ -30,6 +30,7 @@ import tqdm
 
 from realm_jax import fileio
 from realm_jax import tokenization
+from realm_jax.data import resources
 
 DEFAULT_MAX_BLOCK_LENGTH = 288
 # `[CLS] title [SEP] body [SEP]`: three special tokens per block.
@@ -382,23 +383,22 @@ def iter_documents(path: str | os.PathLike, drop_excluded_titles: bool = True) -
 
 
 def embedded_squad_paths() -> dict[str, pathlib.Path]:
-  """The SQuAD v1.1 files embedded in the repository under `data/squad/`.
+  """The SQuAD v1.1 files embedded under `data/squad/` (the checkout's, or the installed package's).
 
   Returns:
     `{"dev": .../dev-v1.1.json.gz, "train": .../train-v1.1.first30.json.gz}`: the full dev set and
     the first 30 train articles (see `data/ATTRIBUTION.md`).
 
   Raises:
-    FileNotFoundError: if the files are absent (e.g. the package was installed without the
-      repository; install it editable with `pip install -e .` from a checkout).
+    FileNotFoundError: if the files are absent (a checkout without `data/`, or a broken install).
   """
-  root = pathlib.Path(__file__).resolve().parents[2] / "data" / "squad"
+  root = resources.path("data/squad")
   paths = {"dev": root / "dev-v1.1.json.gz", "train": root / "train-v1.1.first30.json.gz"}
   missing = [str(p) for p in paths.values() if not p.is_file()]
   if missing:
     raise FileNotFoundError(
-        f"embedded SQuAD data missing: {missing}; it ships with the repository's data/ folder, "
-        "so install realm_jax from a checkout with `pip install -e .`")
+        f"embedded SQuAD data missing: {missing}; it ships with the repository's data/ folder and "
+        "inside the realm-jax wheel: reinstall realm-jax")
   return paths
 
 
