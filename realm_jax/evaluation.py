@@ -9,6 +9,15 @@ start, as ORQA's and DrQA's `regex_match_score` do). Retrieval recall@k (REALM T
 counts a question as covered when one of its top-k blocks contains an answer, with DrQA's
 `has_answer`: the uncased token sequence of an answer occurs in the block's token sequence (or a
 regex answer is found anywhere in the block).
+
+Training labels follow one rule, the `has_answer` token match, for blocks and spans alike: a block
+is answer-bearing when an answer's DrQA token sequence occurs in it, and a reader span is a positive
+when it covers exactly such an occurrence (`answer_token_spans`), so a block is a positive exactly
+when it holds a positive span that the reader can see. SQuAD normalisation is for scoring
+predictions only (`exact_match`), never for labels: "U.S." is not the answer "US" in training
+("u . s ." ≠ "us"), although evaluation would score the prediction "U.S." correct. Regex answers
+label a span when the pattern matches its whole text (`regex_fullmatch`); evaluation keeps the
+official `re.match`, which accepts any prediction that merely starts with a match.
 """
 
 from __future__ import annotations
@@ -123,6 +132,78 @@ def simple_tokenize(text: str) -> list[str]:
   return pattern.findall(text)
 
 
+def _tokens_with_offsets(text: str) -> tuple[list[str], list[int], list[int]]:
+  """`simple_tokenize(NFD(text))` with each token's `[start, end)` character range in `text`.
+
+  `text` is normalised character by character, so that offsets map back to the original string;
+  each token is then NFD-normalised again (which restores the canonical order of combining marks
+  across characters) and lower-cased: the tokens equal `simple_tokenize(NFD(text))`.
+  """
+  pieces = [unicodedata.normalize("NFD", ch) for ch in text] if not text.isascii() else list(text)
+  nfd = "".join(pieces)
+  origin = None
+  if len(nfd) != len(text):
+    origin = [i for i, piece in enumerate(pieces) for _ in piece]
+  bmp, full = _simple_tokenizer_patterns()
+  pattern = bmp if not nfd or max(nfd) <= "\uffff" else full
+  tokens, starts, ends = [], [], []
+  for m in pattern.finditer(nfd):
+    tokens.append(unicodedata.normalize("NFD", m.group()).lower())
+    if origin is None:
+      starts.append(m.start())
+      ends.append(m.end())
+    else:
+      starts.append(origin[m.start()])
+      ends.append(origin[m.end() - 1] + 1)
+  return tokens, starts, ends
+
+
+def answer_token_spans(text: str, answers: Sequence[str]) -> set[tuple[int, int]]:
+  """Where `has_answer` finds a string answer: the character ranges of every occurrence.
+
+  An occurrence is a contiguous run of `text`'s DrQA tokens (NFD, uncased, `simple_tokenize`)
+  equal to an answer's tokens; its range runs from the first token's first character to the last
+  token's last character. `has_answer(text, answers)` is True exactly when this set is not empty.
+  Reader span labels use it (`data.featurize.span_answer_labels`): a span is a positive when its
+  text covers exactly one of these ranges, so a span never cuts a token ("Paris" inside
+  "Parisian" is not the answer "Paris", as `has_answer` agrees).
+
+  Args:
+    text: the block text.
+    answers: reference answer strings (not regexes).
+
+  Returns:
+    `{(start, end)}` character offsets into `text`, `end` exclusive; empty when no answer occurs.
+  """
+  tokens, starts, ends = _tokens_with_offsets(text)
+  found: set[tuple[int, int]] = set()
+  for answer in answers:
+    needle = simple_tokenize(unicodedata.normalize("NFD", answer))
+    n = len(needle)
+    if n == 0:
+      continue
+    for i in range(len(tokens) - n + 1):
+      if tokens[i] == needle[0] and tokens[i:i + n] == needle:
+        found.add((starts[i], ends[i + n - 1]))
+  return found
+
+
+def regex_fullmatch(text: str, patterns: Sequence[str]) -> bool:
+  """Whether a regex answer matches the whole of `text` (the training label of a span).
+
+  Both sides are NFD-normalised and the pattern compiled with I | U | M, as in `has_answer`; unlike
+  evaluation's `regex_match` (`re.match`, official), the match must end where the text ends, so
+  the pattern "Paris" does not label the span "Paris, France is big." A pattern that does not
+  compile never matches.
+  """
+  text = unicodedata.normalize("NFD", text)
+  for pattern in patterns:
+    regex = _compile_answer_regex(unicodedata.normalize("NFD", pattern))
+    if regex is not None and regex.fullmatch(text) is not None:
+      return True
+  return False
+
+
 def _contains(haystack: Sequence[str], needle: Sequence[str]) -> bool:
   n = len(needle)
   if n == 0:
@@ -138,7 +219,8 @@ def has_answer(block_text: str, answers: Sequence[str], answers_are_regex: bool 
   """Whether a retrieved block contains an answer (DrQA / DPR `has_answer`, ORQA §9.3 recall).
 
   Strings: both texts are NFD-normalised and tokenised with `simple_tokenize` (uncased); the block
-  contains the answer if the answer's token sequence occurs contiguously in the block's.
+  contains the answer if the answer's token sequence occurs contiguously in the block's
+  (`answer_token_spans` lists where; training labels its spans by the same rule).
   Regexes: the NFD-normalised pattern is searched (`re.search`, I | U | M flags) anywhere in the
   NFD-normalised block; a pattern that does not compile never matches.
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from realm_jax import evaluation
 
@@ -108,3 +110,44 @@ def test_write_predictions_jsonl_round_trip_and_atomicity(tmp_path):
   path.write_text(json.dumps({"a": 1}) + "\n{broken\n", encoding="utf-8")
   with pytest.raises(ValueError, match=r"dev.jsonl:2: invalid JSON"):
     evaluation.read_predictions_jsonl(path)
+
+
+def test_answer_token_spans_locate_has_answer():
+  text = "The U.S. army and the US navy; Parisian Paris."
+  assert evaluation.answer_token_spans(text, ["US"]) == {(22, 24)}
+  assert evaluation.answer_token_spans(text, ["u.s.", "paris"]) == {(4, 8), (40, 45)}
+  assert evaluation.answer_token_spans(text, ["the us NAVY"]) == {(18, 29)}
+  assert evaluation.answer_token_spans(text, ["", "!!", "Pari"]) == set()
+  # Offsets index the original text, even where NFD adds combining characters.
+  text = "Café Beyoncé, cafe\u0301."
+  assert evaluation.answer_token_spans(text, ["cafe\u0301"]) == {(0, 4), (14, 19)}
+  assert evaluation.answer_token_spans(text, ["BEYONCÉ"]) == {(5, 12)}
+  assert evaluation.answer_token_spans("x 😀 \U0001d518y", ["😀", "\U0001d518Y"]) == {
+      (2, 3), (4, 6)}
+
+
+def test_regex_fullmatch_for_span_labels():
+  assert evaluation.regex_fullmatch("Paris", ["Paris"])
+  assert not evaluation.regex_fullmatch("Paris, France is big.", ["Paris"])
+  assert evaluation.regex_match("Paris, France is big.", "Paris")  # evaluation: official re.match
+  assert evaluation.regex_fullmatch("20,320 feet", [MCKINLEY])
+  assert not evaluation.regex_fullmatch("20,320 feet tall", [MCKINLEY])
+  assert evaluation.regex_fullmatch("beyoncé", ["Beyonce\u0301"])  # NFD on both sides, I flag
+  assert not evaluation.regex_fullmatch("radiation", ["radiation|Sievert \\(Sv\\)\\"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=60), answer=st.text(max_size=8), cut=st.integers(0, 60),
+       take=st.booleans())
+def test_property_answer_token_spans_agree_with_has_answer(text, answer, cut, take):
+  """Any unicode: `answer_token_spans` is non-empty exactly when `has_answer` holds, and each
+  range tokenises back to the answer; its tokens equal `simple_tokenize(NFD(text))`."""
+  if take:
+    answer = text[cut % (len(text) + 1):][:len(answer) + 1]
+  found = evaluation.answer_token_spans(text, [answer])
+  assert bool(found) == evaluation.has_answer(text, [answer])
+  needle = evaluation.simple_tokenize(unicodedata.normalize("NFD", answer))
+  for start, end in found:
+    assert evaluation.simple_tokenize(unicodedata.normalize("NFD", text[start:end])) == needle
+  tokens, _, _ = evaluation._tokens_with_offsets(text)  # pylint: disable=protected-access
+  assert tokens == evaluation.simple_tokenize(unicodedata.normalize("NFD", text))

@@ -3,18 +3,22 @@
 * `query_inputs`: `[CLS] x [SEP]` for the query embedder (REALM §3.1).
 * `join_inputs`: `[CLS] x [SEP] z_body [SEP]` for the knowledge-augmented encoder (§3.2; titles are
   dropped, as in the official code), with the mask of z's body tokens and their character offsets.
-* `span_answer_labels`: which reader spans match an answer after normalisation (ORQA §4.2).
+* `span_answer_labels`: which reader spans are answers, by the rule that marks blocks as
+  answer-bearing (`evaluation.has_answer`, see `evaluation`'s module docstring).
 
 Everything here is numpy on the host; it runs before a step, never inside it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Sequence
 
 import numpy as np
 
 from realm_jax import evaluation
+
+_INSIGNIFICANT = frozenset(("Mn", "Me", "Cc", "Cf"))
 
 
 def query_inputs(token_ids: Sequence[Sequence[int]], max_length: int, cls_id: int, sep_id: int,
@@ -86,48 +90,79 @@ def join_inputs(query_ids: Sequence[int], body_ids: Sequence[int], max_length: i
 def span_answer_labels(text: str, body_offsets: np.ndarray, body_start: int, body_len: int,
                        answers: Sequence[str], starts: np.ndarray, ends: np.ndarray,
                        answers_are_regex: bool = False) -> np.ndarray:
-  """Marks the reader spans whose text matches an answer (ORQA §4.2 / REALM §3.4 fine-tuning).
+  """Marks the reader spans that are answers (ORQA §4.2 / REALM §3.4 fine-tuning labels).
 
-  A span (s, e) of the joined input covers body wordpieces `s − body_start … e − body_start`; its text
-  is `text[offsets[s'][0]:offsets[e'][1]]`, compared with the answers after the SQuAD normalisation
-  (or matched in full by the regex answers of CuratedTrec).
+  A span (s, e) of the joined input covers the body wordpieces `s' = s − body_start` to
+  `e' = e − body_start`; its text is `text[offsets[s'][0]:offsets[e'][1]]`. Strings: the span is a
+  positive when its text is exactly an occurrence of an answer's DrQA token sequence in the block
+  (`evaluation.answer_token_spans`, the rule of `evaluation.has_answer` that marks the block as
+  answer-bearing), so "U.S." is not a positive for "US" and "Paris" inside "Parisian" is not one
+  for "Paris"; both ranges are compared without the characters WordPiece offsets leave out
+  (stripped accents, zero-width and other format characters). An occurrence is labelled only if
+  WordPiece splits the text where DrQA does (a word read as one [UNK], e.g. "Paris\u200b😀", has
+  no span for "😀"), it lies in the part of the block the reader sees, and it is at most
+  `max_span_width` wordpieces long. Regexes (CuratedTrec): the pattern must match the whole span
+  text (`evaluation.regex_fullmatch`), not just its beginning as evaluation's `re.match` does.
 
   Args:
     text: the block body text; `body_offsets` `[num_body_tokens, 2]` int32 char offsets into it.
     body_start / body_len: from `join_inputs`.
     answers: reference answers.
     starts / ends: `[num_spans]` int32 span endpoints (`encoder.span_candidates`).
+    answers_are_regex: the answers are regular expressions.
 
   Returns:
-    `[num_spans]` bool.
+    `[num_spans]` bool; all False when no answer occurs in the part of the block the reader sees.
   """
   labels = np.zeros(starts.shape, bool)
   if body_len == 0 or not answers:
     return labels
-  if answers_are_regex:
-    first_chars = None
-  else:
-    normalized = {evaluation.normalize_answer(a) for a in answers}
-    normalized.discard("")
-    if not normalized:
-      return labels
-    first_chars = {a[0] for a in normalized}
   rel_s = starts - body_start
   rel_e = ends - body_start
-  in_body = (rel_s >= 0) & (rel_e < body_len)
-  head_ok: dict[int, bool] = {}
-  for i in np.nonzero(in_body)[0]:
-    s, e = int(rel_s[i]), int(rel_e[i])
-    span = text[body_offsets[s][0]:body_offsets[e][1]]
-    if first_chars is None:
-      labels[i] = evaluation.exact_match(span, answers, answers_are_regex=True)
-      continue
-    if s not in head_ok:  # cheap filter: the normalised span must start like some answer
-      head = evaluation.normalize_answer(text[body_offsets[s][0]:body_offsets[s][0] + 40])
-      head_ok[s] = bool(head) and head[0] in first_chars
-    if head_ok[s]:
-      labels[i] = evaluation.normalize_answer(span) in normalized
+  in_body = np.nonzero((rel_s >= 0) & (rel_e < body_len) & (rel_s <= rel_e))[0]
+  if not len(in_body):
+    return labels
+  offsets = np.asarray(body_offsets, dtype=np.int64)
+  char_s = offsets[rel_s[in_body], 0]
+  char_e = offsets[rel_e[in_body], 1]
+  if answers_are_regex:
+    for i, cs, ce in zip(in_body, char_s, char_e):
+      labels[i] = evaluation.regex_fullmatch(text[cs:ce], answers)
+    return labels
+  found = evaluation.answer_token_spans(text, answers)
+  if not found:
+    return labels
+  # WordPiece offsets leave out what BERT's tokenizer drops (stripped accents, control and format
+  # characters) where DrQA tokens keep them: both ranges are compared without those characters.
+  first, end = _significant_bounds(text)
+  width = len(text) + 1
+  keys = np.asarray([first[a] * width + end[b] for a, b in found if first[a] < end[b]], np.int64)
+  labels[in_body] = np.isin(first[char_s] * width + end[char_e], keys)
   return labels
+
+
+def _significant_bounds(text: str) -> tuple[np.ndarray, np.ndarray]:
+  """`first[i]`: the first significant character at or after i; `end[j]`: 1 + the last before j.
+
+  Insignificant: whitespace, combining marks that do not take space (Unicode Mn / Me: the accents
+  an uncased WordPiece tokenizer strips), control and format characters (Cc / Cf: zero-width
+  spaces, direction marks) and U+FFFD. Both arrays have `len(text) + 1` entries.
+  """
+  n = len(text)
+  significant = np.fromiter(
+      (not (ch.isspace() or ch == "\ufffd" or unicodedata.category(ch) in _INSIGNIFICANT)
+       for ch in text), dtype=bool, count=n)
+  positions = np.flatnonzero(significant)
+  first = np.full(n + 1, n, np.int64)
+  end = np.zeros(n + 1, np.int64)
+  if len(positions):
+    idx = np.searchsorted(positions, np.arange(n + 1), side="left")
+    has_next = idx < len(positions)
+    first[has_next] = positions[idx[has_next]]
+    before = idx - 1
+    has_prev = before >= 0
+    end[has_prev] = positions[before[has_prev]] + 1
+  return first, end
 
 
 def span_text(text: str, body_offsets: np.ndarray, body_start: int, start: int, end: int) -> str:
