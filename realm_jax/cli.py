@@ -1,4 +1,4 @@
-"""`realm-jax <command> --gin_file … --gin_param … --workdir …`: parse, bind, call.
+"""`realm-jax COMMAND --gin_file … --gin_param … --workdir …`: parse, bind, call.
 
 Commands and the top-level function each one calls (the only gin-configured functions):
   main           the CPU demo on the embedded SQuAD data (experiments/cpu/squad_minilm.gin)
@@ -10,7 +10,9 @@ Commands and the top-level function each one calls (the only gin-configured func
   index-builder  index_builder.run                      (asynchronous index refresh, §3.4)
   convert PATH   convert.convert_released_checkpoint
                  (a released Hugging Face REALM checkpoint → WORKDIR params + block-embedding snapshot)
-The resolved configuration is written to `WORKDIR/config.gin`.
+The resolved configuration is written to `WORKDIR/config.gin`. `realm-jax COMMAND --help` describes
+one command; gin files are looked up in the current directory, then among the experiment files that
+ship with realm_jax (`experiments/` of the checkout, or the installed package's copy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import pathlib
 import sys
 from typing import Any, Callable, Sequence
 
+import realm_jax
+from realm_jax.data import resources
+
+# The checkout this module belongs to (for checkout-only tools); gin files and the embedded data are
+# found through `resources.root()`, which also serves an installed wheel.
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_EXPERIMENT = "experiments/cpu/squad_minilm.gin"
 
@@ -43,23 +50,94 @@ class UsageError(Exception):
   """A problem with the command line or an input file, reported without a traceback."""
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="realm-jax", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("command", choices=sorted(COMMANDS))
-  p.add_argument("questions", nargs="*",
-                 help="questions (predict) or the checkpoint path (convert)")
+# command → (one-line summary, what `realm-jax COMMAND --help` adds: details and an example)
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    "main": ("the CPU demo: SQuAD-open end to end on the embedded data",
+             f"= `realm-jax finetune --gin_file {DEFAULT_EXPERIMENT}`; further --gin_file and\n"
+             "--gin_param are applied after it.\n\n"
+             "example: realm-jax main --workdir workdirs/squad_minilm"),
+    "finetune": ("Open-QA fine-tuning (REALM §3.4): training.finetune.train_and_evaluate",
+                 "Resumes from WORKDIR's newest checkpoint.\n\n"
+                 "example: realm-jax finetune --gin_file experiments/cpu/squad_minilm.gin \\\n"
+                 "           --gin_param TRAIN_STEPS=100 --workdir workdirs/ft"),
+    "evaluate": ("evaluate WORKDIR's newest checkpoint (finetune with num_train_steps=0)",
+                 "example: realm-jax evaluate --gin_file experiments/cpu/squad_minilm.gin \\\n"
+                 "           --workdir workdirs/ft"),
+    "predict": ("answer questions with a trained WORKDIR: predict.predict",
+                "Reads WORKDIR/config.gin unless --gin_file is given.\n\n"
+                "example: realm-jax predict --workdir workdirs/squad_minilm \"Who wrote Hamlet?\""),
+    "pretrain": ("REALM pre-training (§3.4): training.pretrain.train",
+                 "example: realm-jax pretrain --gin_file experiments/cpu/pretrain_minilm.gin"),
+    "ict": ("ICT warm start of the retriever (ORQA §5): training.ict.train",
+            "example: realm-jax ict --gin_file experiments/cpu/ict_minilm.gin"),
+    "index-builder": ("the asynchronous index refresh job (§3.4): index_builder.run",
+                      "Runs beside `pretrain` with the same WORKDIR and gin files.\n\n"
+                      "example: realm-jax index-builder --gin_file "
+                      "experiments/cpu/pretrain_async_minilm.gin --workdir W"),
+    "convert": ("a released Hugging Face REALM checkpoint -> WORKDIR params + block-embedding "
+                "snapshot: convert.convert_released_checkpoint",
+                "CHECKPOINT is a local copy of a Hugging Face Hub REALM repository, e.g.\n"
+                "google/realm-orqa-nq-openqa (`huggingface-cli download\n"
+                "google/realm-orqa-nq-openqa --local-dir realm-orqa-nq`).\n\n"
+                "example: realm-jax convert realm-orqa-nq --workdir workdirs/orqa_nq"),
+}
+
+
+def _add_common_arguments(p: argparse.ArgumentParser) -> None:
+  """The options every command takes."""
   p.add_argument("--workdir", default=None,
                  help="run directory (local or gs://); default workdirs/<experiment name>")
-  p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin file (repeatable): a path, a URL, or a shipped experiments/ file")
   p.add_argument("--gin_param", action="append", default=[],
                  help="gin binding, e.g. 'train_and_evaluate.num_train_steps=10' (repeatable)")
-  p.add_argument("--log_level", default="INFO")
-  return p
+  p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+  """The `realm-jax` parser (`--help`, `--version`, the command list) and one parser per command."""
+  top = argparse.ArgumentParser(prog="realm-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+  top.add_argument("--version", action="version",
+                   version=f"%(prog)s {realm_jax.__version__} (Python {sys.version.split()[0]})")
+  sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           title="commands (`realm-jax COMMAND --help` for one)")
+  parsers = {}
+  for name in COMMANDS:
+    summary, details = COMMAND_HELP[name]
+    p = sub.add_parser(name, help=summary, description=f"realm-jax {name}: {summary}.",
+                       epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name == "predict":
+      p.add_argument("questions", nargs="*", metavar="QUESTION", help="the questions to answer")
+    elif name == "convert":
+      p.add_argument("questions", nargs="*", metavar="CHECKPOINT",
+                     help="the released checkpoint's directory (config.json + weights)")
+    else:
+      p.set_defaults(questions=[])
+    _add_common_arguments(p)
+    parsers[name] = p
+  return top, parsers
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """Parses `realm-jax COMMAND …` (the command first; its questions may come between the options).
+
+  `--help` and `--version` print and exit (SystemExit 0); a bad command line exits with status 2.
+  """
+  argv = list(argv)
+  top, parsers = _parsers()
+  if not argv or argv[0] not in parsers:
+    if any(a in parsers for a in argv) and not {"-h", "--help", "--version"} & set(argv):
+      top.error("the command comes first: realm-jax COMMAND [options]")
+    top.parse_args(argv)  # --help, --version, or an error naming the commands: all exit here
+    top.error("the command comes first: realm-jax COMMAND [options]")
+  args = parsers[argv[0]].parse_intermixed_args(argv[1:])
+  args.command = argv[0]
+  return args
 
 
 def _resolve_gin_file(name: str) -> str:
-  """The gin file `name`: a URL as is (it must exist), else found in the cwd or the project root.
+  """The gin file `name`: a URL as is (it must exist), else found in the cwd or `resources.root()`.
 
   Raises:
     UsageError: naming the file if it is not found.
@@ -69,12 +147,12 @@ def _resolve_gin_file(name: str) -> str:
     if not fileio.isfile(name):
       raise UsageError(f"gin file not found: {name}")
     return name
-  for base in (pathlib.Path.cwd(), PROJECT_ROOT):
+  for base in (pathlib.Path.cwd(), resources.root()):
     candidate = base / name
     if candidate.is_file():
       return str(candidate)
   raise UsageError(f"gin file not found: {name} (looked in {pathlib.Path.cwd()} and "
-                   f"{PROJECT_ROOT})")
+                   f"{resources.root()})")
 
 
 def _is_url_file(path: str) -> bool:
@@ -99,7 +177,7 @@ def _register_url_gin_reader() -> None:
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
-  """Parses gin files (includes resolve against the project root) and bindings.
+  """Parses gin files (includes resolve against the cwd, then `resources.root()`) and bindings.
 
   Raises:
     UsageError: naming the file and the offending line on a gin error.
@@ -107,7 +185,7 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
   import gin
   gin.clear_config()
   _register_url_gin_reader()
-  gin.add_config_file_search_path(str(PROJECT_ROOT))
+  gin.add_config_file_search_path(str(resources.root()))
   files = [_resolve_gin_file(f) for f in gin_files]
   try:
     gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
@@ -140,7 +218,7 @@ def write_config(workdir: str, name: str = "config.gin") -> None:
 
 def run(argv: Sequence[str]) -> Any:
   """Parses `argv` (without the program name) and runs the command; returns its result."""
-  args = _parser().parse_intermixed_args(argv)
+  args = parse_args(argv)
   logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):

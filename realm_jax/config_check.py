@@ -35,6 +35,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 from realm_jax import cli
+from realm_jax.data import resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +237,7 @@ def _display(path: str) -> str:
   if "://" in path:
     return path
   p = pathlib.Path(path).resolve()
-  for base in (pathlib.Path.cwd(), cli.PROJECT_ROOT):
+  for base in (pathlib.Path.cwd(), resources.root()):  # The CLI's gin lookup order.
     try:
       return str(p.relative_to(base))
     except ValueError:

@@ -117,3 +117,35 @@ def test_convert_error_is_one_line_and_writes_nothing(tmp_path):
   (out / "keep.txt").write_text("x")
   r = _cli("convert", str(ckpt), "--workdir", str(out))
   assert r.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_version_and_help_of_every_command(capsys):
+  import realm_jax
+  with pytest.raises(SystemExit) as e:
+    cli.run(["--version"])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.startswith(f"realm-jax {realm_jax.__version__} ")
+  with pytest.raises(SystemExit) as e:
+    cli.run(["--help"])
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and all(f"    {command}" in out for command in cli.COMMANDS)
+  for command in cli.COMMANDS:
+    with pytest.raises(SystemExit) as e:
+      cli.run([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: realm-jax {command} "), out
+    assert "--gin_file" in out and "example: realm-jax" in out
+  assert "QUESTION" in _cli("predict", "-h").stdout  # The console entry point too.
+
+
+def test_command_line_errors_exit_2(capsys):
+  for argv, message in ((["--workdir", "w", "main"], "the command comes first"),
+                        (["train"], "invalid choice: 'train'"),
+                        ([], "required: COMMAND"),
+                        (["main", "stray"], "unrecognized arguments: stray")):
+    with pytest.raises(SystemExit) as e:
+      cli.run(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err, argv
+  # Questions may stand before and after the options.
+  args = cli.parse_args(["predict", "Q1", "--workdir", "w", "Q2"])
+  assert args.command == "predict" and args.questions == ["Q1", "Q2"] and args.workdir == "w"
