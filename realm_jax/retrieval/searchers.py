@@ -723,6 +723,41 @@ class ShardedScannSearcher:
     return merge_top_k([s.search(queries, min(k, s.num_blocks)) for s in self.searchers], k)
 
 
+# Searcher kinds that need ScaNN (the `[scann]` extra); without it they fall back to "exact".
+SCANN_KINDS = ("scann", "sharded_scann")
+_scann_fallback_logged = False  # `resolve_kind` logs the fall-back once per process.
+
+
+def scann_available() -> bool:
+  """Whether ScaNN imports (`pip install 'realm-jax[scann]'`; wheels for Linux x86-64 only)."""
+  try:
+    import scann  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def resolve_kind(kind: str) -> str:
+  """The searcher kind to build for `kind`: "exact" in place of a ScaNN kind without ScaNN.
+
+  The fall-back is logged once per process, with the extra that installs ScaNN.
+
+  Args:
+    kind: a searcher kind ("scann", "sharded_scann", "exact", ...).
+
+  Returns:
+    `kind`, or "exact" when `kind` needs ScaNN and ScaNN is not installed.
+  """
+  global _scann_fallback_logged
+  if kind not in SCANN_KINDS or scann_available():
+    return kind
+  if not _scann_fallback_logged:
+    _scann_fallback_logged = True
+    logging.warning("ScaNN is not installed (pip install 'realm-jax[scann]', Linux x86-64): the %r "
+                    "searcher falls back to the exact one", kind)
+  return "exact"
+
+
 def searcher_from_snapshot(snapshot: snapshot_lib.Snapshot,
                            kind: str = "scann",
                            mesh: Mesh | None = None,
@@ -737,6 +772,8 @@ def searcher_from_snapshot(snapshot: snapshot_lib.Snapshot,
   embeddings: silently (an info log) when the snapshot has none, with exactly ONE warning when the
   serialized one does not fit (other config or row count, a missing or corrupt file, a malformed
   manifest entry, or a ScaNN load error) — never a crash and never a searcher over other rows.
+  Without ScaNN installed the ScaNN kinds give the exact searcher (`resolve_kind`; `kwargs`, ScaNN's
+  settings, are then unused).
 
   Args:
     snapshot: the embeddings and block ids (`snapshot.read_snapshot`, ideally `lazy=True`).
@@ -759,6 +796,8 @@ def searcher_from_snapshot(snapshot: snapshot_lib.Snapshot,
                      f"got {kind!r}")
   if mesh is not None:
     raise ValueError(f"searcher_from_snapshot: mesh is only used by kind='exact', not {kind!r}")
+  if resolve_kind(kind) == "exact":
+    return ExactSearcher(snapshot.embeddings, snapshot.block_ids)
   if kind == "scann":
     if use_serialized:
       loaded = load_scann_searcher(snapshot, **kwargs)
@@ -820,7 +859,8 @@ def load_scann_searcher(snapshot: snapshot_lib.Snapshot, **kwargs: Any) -> Scann
     return None
 
 
-def add_scann_searcher(writer: snapshot_lib.SnapshotWriter, **kwargs: Any) -> ScannSearcher:
+def add_scann_searcher(writer: snapshot_lib.SnapshotWriter,
+                       **kwargs: Any) -> ScannSearcher | None:
   """Builds ScaNN over every staged shard of `writer` and uploads it into the snapshot (REALM §3.4).
 
   The index builder calls it on the committing process after all shards are written and before
@@ -834,13 +874,16 @@ def add_scann_searcher(writer: snapshot_lib.SnapshotWriter, **kwargs: Any) -> Sc
     **kwargs: `ScannSearcher` settings (the trainer's must be the same for it to be used).
 
   Returns:
-    The built searcher.
+    The built searcher; None without ScaNN installed (nothing is added: readers fall back to the
+    exact searcher, `resolve_kind`).
 
   Raises:
     SnapshotError: if a shard is missing or corrupt.
     ValueError: on invalid settings or NaN/inf embeddings.
   """
-  import scann
+  if resolve_kind("scann") != "scann":
+    return None
+  import scann  # pylint: disable=g-import-not-at-top
 
   block_ids, embeddings = writer.staged_arrays()
   searcher = ScannSearcher(embeddings, block_ids, **kwargs)

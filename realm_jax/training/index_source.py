@@ -92,6 +92,8 @@ def make_searcher_factory(kind: str, mesh: jax.sharding.Mesh | None = None,
   """
   if kind not in SEARCHER_KINDS:
     raise ValueError(f"searcher must be one of {SEARCHER_KINDS}, got {kind!r}")
+  if searchers_lib.resolve_kind(kind) != kind:  # No ScaNN: exact on `mesh`, ScaNN settings unused.
+    kind, searcher_kwargs = "exact", {}
 
   def make(snapshot: snapshot_lib.Snapshot) -> searchers_lib.Searcher:
     return searchers_lib.searcher_from_snapshot(
