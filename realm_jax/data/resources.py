@@ -1,10 +1,10 @@
-"""Where the experiment gin files and the embedded data are: in the installed package or the checkout.
+"""Where the experiment gin files and the embedded data are: the installed package or the checkout.
 
 A checkout (and an editable install) has them at the top of the repository, `experiments/**/*.gin`
-and `data/` (the embedded SQuAD files, `data/squad/`). A wheel ships the same two folders as package
-data under `realm_jax/_resources/` (`[tool.setuptools]` in pyproject.toml). Both layouts are the same
-below `root()`, so gin's `include 'experiments/models/tiny.gin'` and the data paths resolve against it
-whichever way the package was installed.
+and `data/` (the embedded SQuAD files, `data/squad/`). A wheel ships the same two folders as
+package data under `realm_jax/_resources/` (`[tool.setuptools]` in pyproject.toml). Both layouts are
+the same below `root()`, so gin's `include 'experiments/models/tiny.gin'` and the data paths
+resolve against it whichever way the package was installed.
 """
 
 from __future__ import annotations
