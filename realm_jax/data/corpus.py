@@ -8,21 +8,29 @@ retriever embeds `[CLS] title [SEP] body [SEP]` with segment ids 0 for `[CLS] ti
 `body [SEP]` (§3.4 and the official `orqa` preprocessing); `retrieval_inputs` builds exactly that.
 
 Readers accept SQuAD v1.1 JSON (each paragraph is one document), JSON lines and plain text
-(including WikiText's `= Title =` headings). Every format error names the file, the line (or JSON
-path) and the field.
+(including WikiText's `= Title =` headings). Every format error is one `DataFormatError` naming
+the file, the line (or JSON path) and the field: invalid JSON or UTF-8, JSON nested too deeply, a
+missing or mistyped field (a boolean is not an integer id), a string holding a lone UTF-16 surrogate
+(`"\\ud800"` escapes, which no tokenizer can encode) and a repeated document id. A UTF-8 byte-order
+mark is accepted. Documents without any token are skipped by `iter_blocks` with one warning that
+counts them.
 """
 
 from __future__ import annotations
 
 import bisect
+import codecs
 import dataclasses
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
+import unicodedata
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -53,8 +61,14 @@ _WIKITEXT_SUBHEADING = re.compile(r"^\s*=\s=.*=\s=\s*$")
 _WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
+_LOG = logging.getLogger(__name__)
+
 # What reading a broken text file raises: bad UTF-8, or a truncated / corrupt `.gz` stream.
-TEXT_ERRORS = (UnicodeDecodeError, gzip.BadGzipFile, EOFError)
+TEXT_ERRORS = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
+# What parsing JSON raises besides JSONDecodeError: nesting deeper than the interpreter's stack.
+_JSON_ERRORS = (RecursionError,)
+# A lone UTF-16 surrogate (from a "\ud800" JSON escape): not Unicode text, no tokenizer encodes it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataFormatError(ValueError):
@@ -139,12 +153,36 @@ def open_text(path: fileio.PathLike) -> io.TextIOBase:
     FileNotFoundError: "data file not found: {path}".
   """
   path = fileio.as_path(path)
+  return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
+
+
+def _open_binary(path: fileio.Path) -> io.BufferedIOBase:
   if not fileio.isfile(path):
     raise FileNotFoundError(f"data file not found: {path}")
   raw = fileio.open_file(path, "rb")
   if os.fspath(path).endswith(".gz"):
     raw = gzip.open(raw, "rb")
-  return io.TextIOWrapper(raw, encoding="utf-8")
+  return raw
+
+
+def _text_error(path: fileio.Path, error: BaseException) -> DataFormatError:
+  """The `DataFormatError` for a file `open_text` could not read, naming the line at fault.
+
+  Text is decoded in chunks, so the failing line is found again by decoding the file line by line
+  (only on this error path).
+  """
+  line_number = 0
+  try:
+    with _open_binary(path) as f:
+      for line_number, line in enumerate(f, start=1):
+        try:
+          line.decode("utf-8")
+        except UnicodeDecodeError as e:
+          return DataFormatError(f"{path}:{line_number}: not UTF-8 text (byte {e.start + 1} of the "
+                                 f"line: {e.reason})")
+  except TEXT_ERRORS as e:
+    return DataFormatError(f"{path}:{line_number + 1}: broken .gz file ({e})")
+  return DataFormatError(f"{path}: not UTF-8 text or a broken .gz file ({error})")
 
 
 def json_field(record: Any, key: str, kind: type | tuple[type, ...], where: str,
@@ -169,10 +207,29 @@ def json_field(record: Any, key: str, kind: type | tuple[type, ...], where: str,
       raise DataFormatError(f"{where}: missing field {key!r}")
     return None
   value = record[key]
-  if not isinstance(value, kind):
-    names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+  kinds = (kind,) if isinstance(kind, type) else tuple(kind)
+  if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    names = "/".join(k.__name__ for k in kinds)
     raise DataFormatError(
         f"{where}: field {key!r} must be {names}, got {type(value).__name__} {value!r:.80}")
+  if isinstance(value, str):
+    check_text(value, where, repr(key))
+  return value
+
+
+def check_text(value: str, where: str, field: str) -> str:
+  """Returns `value` if it is Unicode text that UTF-8 can encode.
+
+  Raises:
+    DataFormatError: "{where}: field {field} holds a lone surrogate \\ud800 at character k (not
+      Unicode text)".
+  """
+  if not value.isascii():
+    bad = _SURROGATE.search(value)
+    if bad:
+      raise DataFormatError(f"{where}: field {field} holds a lone surrogate "
+                            f"{bad.group().encode('unicode_escape').decode()} at character "
+                            f"{bad.start()} (not Unicode text)")
   return value
 
 
@@ -184,8 +241,9 @@ def load_squad_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 
   Raises:
     FileNotFoundError: if `path` does not exist.
-    DataFormatError: invalid JSON (with its line) or a missing / mistyped field (with its JSON
-      path, e.g. `data[3].paragraphs[2]: missing field 'context'`).
+    DataFormatError: invalid JSON or UTF-8 (with its line), a missing / mistyped field (with its
+      JSON path, e.g. `data[3].paragraphs[2]: missing field 'context'`), or two articles with the
+      same title (their doc ids would repeat).
   """
   path = fileio.as_path(path)
   with open_text(path) as f:
@@ -193,11 +251,18 @@ def load_squad_json(path: str | os.PathLike) -> list[dict[str, Any]]:
       root = json.load(f)
     except json.JSONDecodeError as e:
       raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except _JSON_ERRORS as e:
+      raise DataFormatError(f"{path}: invalid JSON (nested too deeply)") from e
     except TEXT_ERRORS as e:
-      raise DataFormatError(f"{path}: not UTF-8 text or a broken .gz file ({e})") from e
+      raise _text_error(path, e) from e
   articles = json_field(root, "data", list, f"{path}: top level")
+  titles: dict[str, int] = {}
   for i, article in enumerate(articles):
-    json_field(article, "title", str, f"{path}: data[{i}]")
+    title = json_field(article, "title", str, f"{path}: data[{i}]")
+    if title in titles:  # its paragraphs' doc ids would repeat data[k]'s
+      raise DataFormatError(f"{path}: data[{i}]: field 'title' repeats data[{titles[title]}]'s "
+                            f"title {title!r:.80} (doc ids \"title#paragraph\" must be unique)")
+    titles[title] = i
     paragraphs = json_field(article, "paragraphs", list, f"{path}: data[{i}]")
     for j, paragraph in enumerate(paragraphs):
       json_field(paragraph, "context", str, f"{path}: data[{i}].paragraphs[{j}]")
@@ -233,26 +298,47 @@ def read_squad_documents(path: str | os.PathLike,
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
   """Yields `(line_number, parsed_value)` for every non-blank line of a JSON-lines file.
 
-  Line numbers start at 1; `.gz` files are decompressed on the fly.
+  Line numbers start at 1; lines end at "\\n" (a "\\r\\n" ending is whitespace to JSON); each line
+  is decoded on its own, so an error names the first bad line; a UTF-8 byte-order mark is skipped;
+  `.gz` files are decompressed on the fly.
 
   Raises:
     FileNotFoundError: if `path` is missing.
     DataFormatError: "{path}:{line}: invalid JSON (…)" or non-UTF-8 text.
   """
   path = fileio.as_path(path)
-  with open_text(path) as f:
+  with _open_binary(path) as f:
     line_number = 0
     try:
-      for line_number, line in enumerate(f, start=1):
+      for line_number, raw in enumerate(f, start=1):
+        if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+          raw = raw[len(codecs.BOM_UTF8):]
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataFormatError(f"{path}:{line_number}: not UTF-8 text (byte {e.start + 1} of the "
+                                f"line: {e.reason})") from e
         if not line.strip():
           continue
         try:
-          yield line_number, json.loads(line)
+          value = json.loads(line)
         except json.JSONDecodeError as e:
           raise DataFormatError(f"{path}:{line_number}: invalid JSON ({e.msg})") from e
+        except _JSON_ERRORS as e:
+          raise DataFormatError(f"{path}:{line_number}: invalid JSON (nested too deeply)") from e
+        yield line_number, value
     except TEXT_ERRORS as e:
-      raise DataFormatError(f"{path}:{line_number + 1}: not UTF-8 text or a broken .gz file "
-                            f"({e})") from e
+      raise DataFormatError(f"{path}:{line_number + 1}: broken .gz file ({e})") from e
+
+
+def _strip_invisible(line: str) -> str:
+  """`line` without whitespace or format characters (Unicode Cf: U+200B, U+FEFF) at its ends."""
+  start, end = 0, len(line)
+  while start < end and (line[start].isspace() or unicodedata.category(line[start]) == "Cf"):
+    start += 1
+  while end > start and (line[end - 1].isspace() or unicodedata.category(line[end - 1]) == "Cf"):
+    end -= 1
+  return line[start:end]
 
 
 def _unique_doc_id(title: str, seen: dict[str, int]) -> str:
@@ -270,7 +356,8 @@ def read_jsonl_documents(path: str | os.PathLike,
 
   Raises:
     FileNotFoundError: if `path` does not exist.
-    DataFormatError: naming the line and the field at fault.
+    DataFormatError: naming the line and the field at fault (invalid JSON or UTF-8, a missing or
+      mistyped field, a doc id used by an earlier line).
   """
   return list(iter_jsonl_documents(path, drop_excluded_titles))
 
@@ -279,13 +366,16 @@ def iter_jsonl_documents(path: str | os.PathLike,
                          drop_excluded_titles: bool = True) -> Iterator[Document]:
   """Streams the documents of a JSON-lines file one line at a time (see `read_jsonl_documents`).
 
-  Memory holds one line plus the per-title counters of the titles seen in this file.
+  Memory holds one line, the per-title counters of the titles seen in this file and an 8-byte
+  hash per document (to refuse a repeated doc id; the file is read again to name the first line
+  only when one repeats).
 
   Raises:
     FileNotFoundError, DataFormatError: as `read_jsonl_documents`.
   """
   path = fileio.as_path(path)
   seen: dict[str, int] = {}
+  ids: set[bytes] = set()
   for line_number, record in iter_jsonl(path):
     where = f"{path}:{line_number}"
     title = json_field(record, "title", str, where)
@@ -293,8 +383,27 @@ def iter_jsonl_documents(path: str | os.PathLike,
     doc_id = json_field(record, "id", (str, int), where, required=False)
     if drop_excluded_titles and is_excluded_title(title):
       continue
+    field = "'title'" if doc_id is None else "'id'"
     doc_id = _unique_doc_id(title, seen) if doc_id is None else str(doc_id)
+    key = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    if key in ids:
+      first = next(document_line for document_line, document in _jsonl_doc_ids(
+          path, drop_excluded_titles) if document == doc_id)
+      if first < line_number:
+        raise DataFormatError(f"{where}: field {field} gives doc id {doc_id!r:.80}, already used "
+                              f"at line {first}; doc ids identify gold and trivial documents and "
+                              "must be unique")
+    ids.add(key)
     yield Document(doc_id, title, text)
+
+
+def _jsonl_doc_ids(path: fileio.Path, drop_excluded_titles: bool) -> Iterator[tuple[int, str]]:
+  """`(line, doc id)` of a JSON-lines corpus, as `iter_jsonl_documents` assigns them."""
+  seen: dict[str, int] = {}
+  for line_number, record in iter_jsonl(path):
+    title, doc_id = record["title"], record.get("id")
+    if not (drop_excluded_titles and is_excluded_title(title)):
+      yield line_number, _unique_doc_id(title, seen) if doc_id is None else str(doc_id)
 
 
 def read_text_documents(path: str | os.PathLike,
@@ -304,7 +413,9 @@ def read_text_documents(path: str | os.PathLike,
   A file whose first non-blank line is a WikiText heading (`= Title =`) is read as WikiText
   instead: each top-level heading starts a page, sub-headings (`= = Section = =`) are dropped,
   paragraphs are joined with a blank line, and the `@-@`, `@,@`, `@.@` escapes are undone.
-  `doc_id = f"{title}#{k}"` as in `read_jsonl_documents`.
+  `doc_id = f"{title}#{k}"` as in `read_jsonl_documents`. Lines are stripped of whitespace and of
+  invisible format characters (zero-width spaces and joiners, direction marks, U+FEFF) at both
+  ends, so a line that shows nothing is blank.
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -315,16 +426,17 @@ def read_text_documents(path: str | os.PathLike,
     try:
       lines = f.read().split("\n")
     except TEXT_ERRORS as e:
-      raise DataFormatError(f"{path}: not UTF-8 text ({e})") from e
-  first = next((line for line in lines if line.strip()), "")
+      raise _text_error(path, e) from e
+  lines = [_strip_invisible(line) for line in lines]
+  first = next((line for line in lines if line), "")
   pages: list[tuple[str, list[str]]] = []
   if _WIKITEXT_HEADING.match(first):
     for line in lines:
       heading = _WIKITEXT_HEADING.match(line)
       if heading:
         pages.append((heading.group(1).strip(), []))
-      elif line.strip() and not _WIKITEXT_SUBHEADING.match(line) and pages:
-        text = line.strip()
+      elif line and not _WIKITEXT_SUBHEADING.match(line) and pages:
+        text = line
         for escaped, plain in _WIKITEXT_DETOKENIZE:
           text = text.replace(escaped, plain)
         pages[-1][1].append(text)
@@ -332,8 +444,8 @@ def read_text_documents(path: str | os.PathLike,
   else:
     current: list[str] = []
     for line in lines + [""]:
-      if line.strip():
-        current.append(line.strip())
+      if line:
+        current.append(line)
       elif current:
         pages.append((current[0], current[1:]))
         current = []
@@ -581,7 +693,9 @@ def iter_blocks(documents: Iterable[Document], tokenizer: tokenization.Tokenizer
     on_documents: called with the number of documents of each batch once it is blocked (progress).
 
   Yields:
-    `Block`s with consecutive ids from `first_block_id`, in document order.
+    `Block`s with consecutive ids from `first_block_id`, in document order. A document without
+    any body token gives no block; once the documents are consumed, one warning counts them and
+    names the first few.
 
   Raises:
     ValueError: if `max_block_length < 5`.
@@ -590,6 +704,7 @@ def iter_blocks(documents: Iterable[Document], tokenizer: tokenization.Tokenizer
     raise ValueError(f"max_block_length must be at least 5 tokens, got {max_block_length}")
   max_title = (max_block_length - NUM_SPECIAL_TOKENS_PER_BLOCK) // 2
   next_id = first_block_id
+  num_empty, empty = 0, []  # documents without any body token: how many, the first doc ids
   for batch in _batched(documents, batch_size):
     bodies = tokenizer.encode_batch_with_offsets([d.text for d in batch])
     titles = tokenizer.encode_batch_with_offsets([d.title for d in batch])
@@ -599,6 +714,9 @@ def iter_blocks(documents: Iterable[Document], tokenizer: tokenization.Tokenizer
       ids_arr = np.asarray(ids, dtype=np.int32)
       off_arr = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
       ranges, sentence_starts = _pack_document(document, ids, off_arr, tokenizer, budget)
+      if not ranges:
+        num_empty += 1
+        empty = empty if len(empty) == 5 else empty + [document.doc_id]
       for start, end in ranges:
         char_start = int(off_arr[start:end, 0].min())
         char_end = int(off_arr[start:end, 1].max())
@@ -613,6 +731,10 @@ def iter_blocks(documents: Iterable[Document], tokenizer: tokenization.Tokenizer
         next_id += 1
     if on_documents is not None:
       on_documents(len(batch))
+  if num_empty:
+    _LOG.warning("skipped %d document(s) without any token in the body (empty, blank or only "
+                 "characters the tokenizer drops): %s%s", num_empty,
+                 ", ".join(repr(d) for d in empty), " ..." if num_empty > len(empty) else "")
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -11,6 +11,8 @@ Everything here is numpy on the host; it runs before a step, never inside it.
 
 from __future__ import annotations
 
+import collections
+import logging
 import unicodedata
 from typing import Sequence
 
@@ -18,7 +20,20 @@ import numpy as np
 
 from realm_jax import evaluation
 
+_LOG = logging.getLogger(__name__)
 _INSIGNIFICANT = frozenset(("Mn", "Me", "Cc", "Cf"))
+
+# Queries cut to fit their input, by kind ("query": `query_inputs`, "reader_query": `join_inputs`),
+# since the process started; a warning is logged at the 1st, 2nd, 4th, 8th, ... truncation.
+TRUNCATED_QUERIES: collections.Counter[str] = collections.Counter()
+
+
+def _count_truncated(kind: str, longest: int, limit: int) -> None:
+  before = TRUNCATED_QUERIES[kind]
+  TRUNCATED_QUERIES[kind] += 1
+  if before & (before + 1) == 0:  # before + 1 is a power of two
+    _LOG.warning("%d %s(s) longer than %d wordpieces truncated so far, keeping their first "
+                 "wordpieces (this one had %d)", before + 1, kind.replace("_", " "), limit, longest)
 
 
 def query_inputs(token_ids: Sequence[Sequence[int]], max_length: int, cls_id: int, sep_id: int,
@@ -30,7 +45,9 @@ def query_inputs(token_ids: Sequence[Sequence[int]], max_length: int, cls_id: in
     max_length: the query length (64 for ICT / ORQA questions, 96 for REALM pre-training).
 
   Returns:
-    `input_ids`, `input_mask`, `segment_ids`: each `[num_queries, max_length]` int32.
+    `input_ids`, `input_mask`, `segment_ids`: each `[num_queries, max_length]` int32. A query
+    longer than `max_length − 2` keeps its first wordpieces and is counted in
+    `TRUNCATED_QUERIES["query"]` (with a warning at the 1st, 2nd, 4th, ... one).
 
   Raises:
     ValueError: if `max_length < 3`.
@@ -41,6 +58,8 @@ def query_inputs(token_ids: Sequence[Sequence[int]], max_length: int, cls_id: in
   ids = np.full((n, max_length), pad_id, np.int32)
   mask = np.zeros((n, max_length), np.int32)
   for i, toks in enumerate(token_ids):
+    if len(toks) > max_length - 2:
+      _count_truncated("query", len(toks), max_length - 2)
     seq = [cls_id] + list(toks[:max_length - 2]) + [sep_id]
     ids[i, :len(seq)] = seq
     mask[i, :len(seq)] = 1
@@ -53,7 +72,8 @@ def join_inputs(query_ids: Sequence[int], body_ids: Sequence[int], max_length: i
   """One `[CLS] x [SEP] z_body [SEP]` input of the knowledge-augmented encoder (REALM §3.2).
 
   Args:
-    query_ids: wordpieces of x (no special tokens); truncated to `max_query_length − 2` when given.
+    query_ids: wordpieces of x (no special tokens); truncated to `max_query_length − 2` when given
+      (counted in `TRUNCATED_QUERIES["reader_query"]`).
     body_ids: wordpieces of the block body (no title); truncated to fit `max_length`.
     max_length: total length (288 + 32 for the Open-QA reader).
 
@@ -66,7 +86,8 @@ def join_inputs(query_ids: Sequence[int], body_ids: Sequence[int], max_length: i
     ValueError: if the query alone does not leave room for one body token.
   """
   q = list(query_ids)
-  if max_query_length is not None:
+  if max_query_length is not None and len(q) > max(max_query_length - 2, 0):
+    _count_truncated("reader_query", len(q), max(max_query_length - 2, 0))
     q = q[:max(max_query_length - 2, 0)]
   body_start = len(q) + 2
   room = max_length - body_start - 1

@@ -6,7 +6,12 @@ answer strings are given, never a gold passage. CuratedTrec answers are regular 
 (DrQA format, Chen et al., 2017). SQuAD-open (DrQA, ORQA §6) asks the SQuAD v1.1 questions against
 the pool of all paragraphs; its gold paragraph id is kept only for retrieval diagnostics.
 
-Every format error names the file, the line (or JSON path) and the field.
+Every format error is one `DataFormatError` naming the file, the line (or JSON path) and the field:
+besides bad JSON, UTF-8 and field types, a question id used twice (in one file or across the files
+read together), a blank question, and an answer that could never be found or would be found
+everywhere (a string without any DrQA token, a regex that matches the empty string). A CuratedTrec
+pattern that does not compile is kept, as DrQA keeps it (it never matches), with one warning per
+file that counts them.
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ import dataclasses
 import logging
 import os
 import re
+import unicodedata
 from typing import Any, Sequence
 
+from realm_jax import evaluation
 from realm_jax import fileio
 from realm_jax.data import corpus
 from realm_jax.data.corpus import DataFormatError
+from realm_jax.data.corpus import check_text
 from realm_jax.data.corpus import json_field
 from realm_jax.data.corpus import squad_doc_id
 
 _LOG = logging.getLogger(__name__)
 
 QUESTION_FORMATS = ("squad_open", "nq_open", "webquestions", "curatedtrec")
+_REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,45 +104,88 @@ def read_squad_open(path: str | os.PathLike,
       for k, qa in enumerate(qas):
         where = f"{where_p}.qas[{k}]"
         qid = json_field(qa, "id", str, where)
-        text = json_field(qa, "question", str, where)
+        text = _question_text(qa, "question", where)
         answers: list[str] = []
         for m, answer in enumerate(json_field(qa, "answers", list, where)):
           a = json_field(answer, "text", str, f"{where}.answers[{m}]")
+          _check_answer(a, False, f"{where}.answers[{m}]", "'text'")
           if a not in answers:
             answers.append(a)
         if not answers:
           raise DataFormatError(f"{where}: field 'answers' is empty (question {qid!r})")
         if qid in seen:
-          raise DataFormatError(f"{where}: duplicate question id {qid!r} (first at {seen[qid]})")
-        seen[qid] = where
+          raise DataFormatError(f"{where}: field 'id': duplicate question id {qid!r} (first at "
+                                f"{seen[qid]})")
+        seen[qid] = f"data[{i}].paragraphs[{j}].qas[{k}]"
         questions.append(Question(qid, text, answers, False,
                                   (squad_doc_id(article["title"], j),)))
   return questions
+
+
+def _question_text(record: Any, key: str, where: str) -> str:
+  """The question string; DataFormatError when it is missing, not a string or blank."""
+  text = json_field(record, key, str, where)
+  if not text.strip():
+    raise DataFormatError(f"{where}: field {key!r} is blank")
+  return text
+
+
+def _check_answer(answer: str, is_regex: bool, where: str, field: str) -> str | None:
+  """Refuses an answer no block or span could ever contain, or that every block would contain.
+
+  Returns:
+    None, or for a regex that does not compile the `re.error` message (the caller warns).
+
+  Raises:
+    DataFormatError: a string answer without any DrQA token (`evaluation.simple_tokenize`: blank,
+      or only punctuation-free invisible characters), or a regex that matches the empty string
+      (`has_answer` would find it in every block).
+  """
+  check_text(answer, where, field)
+  if not is_regex:
+    if not evaluation.simple_tokenize(unicodedata.normalize("NFD", answer)):
+      raise DataFormatError(f"{where}: field {field} is {answer!r:.40}, which has no token: no "
+                            "block could contain it")
+    return None
+  try:
+    regex = re.compile(unicodedata.normalize("NFD", answer), flags=_REGEX_FLAGS)
+  except re.error as e:
+    return str(e)
+  if regex.fullmatch("") is not None:
+    raise DataFormatError(f"{where}: field {field} is the regular expression {answer!r:.60}, "
+                          "which matches the empty string: every block would contain it")
+  return None
 
 
 def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool) -> list[Question]:
   """Reads `{"question": str, "answer": [str, ...], "id"?: str}` lines (NQ-open / DrQA format)."""
   path = fileio.as_path(path)
   questions = []
+  seen: dict[str, int] = {}
+  invalid: list[str] = []  # "line L, field 'answer'[m]: error" of the patterns that do not compile
   for line_number, record in corpus.iter_jsonl(path):
     where = f"{path}:{line_number}"
-    text = json_field(record, "question", str, where)
+    text = _question_text(record, "question", where)
     answers = json_field(record, "answer", list, where)
     if not answers:
       raise DataFormatError(f"{where}: field 'answer' is empty")
     for m, a in enumerate(answers):
       if not isinstance(a, str):
         raise DataFormatError(f"{where}: field 'answer'[{m}] must be str, got {type(a).__name__}")
-      if answers_are_regex:
-        try:
-          re.compile(a, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
-        except re.error as e:
-          # DrQA keeps such questions and scores the pattern as never matching; so do we.
-          _LOG.warning("%s: field 'answer'[%d] is not a valid regular expression (%s); "
-                          "it will never match: %r", where, m, e, a)
+      error = _check_answer(a, answers_are_regex, where, f"'answer'[{m}]")
+      if error is not None:
+        invalid.append(f"line {line_number}, field 'answer'[{m}] {a!r:.60}: {error}")
     qid = json_field(record, "id", (str, int), where, required=False)
     qid = f"{fileio.basename(path)}:{line_number}" if qid is None else str(qid)
+    if qid in seen:
+      raise DataFormatError(f"{where}: field 'id': duplicate question id {qid!r} (first at line "
+                            f"{seen[qid]})")
+    seen[qid] = line_number
     questions.append(Question(qid, text, list(answers), answers_are_regex))
+  if invalid:
+    # DrQA keeps such questions and scores the pattern as never matching; so do we.
+    _LOG.warning("%s: %d answer(s) are not valid regular expressions and will never match: %s%s",
+                 path, len(invalid), "; ".join(invalid[:3]), " ..." if len(invalid) > 3 else "")
   return questions
 
 
@@ -145,7 +197,8 @@ def read_nq_open(path: str | os.PathLike) -> list[Question]:
 
   Raises:
     FileNotFoundError: if `path` is missing.
-    DataFormatError: naming the line and field (bad JSON, missing / empty / non-string answers).
+    DataFormatError: naming the line and field (bad JSON, missing / empty / non-string answers,
+      an answer without any token, a blank question, a repeated id).
   """
   return _read_question_answer_jsonl(path, answers_are_regex=False)
 
@@ -154,13 +207,14 @@ def read_drqa(path: str | os.PathLike, answers_are_regex: bool = False) -> list[
   """Reads DrQA-format question files: WebQuestions (strings) or CuratedTrec (regexes).
 
   Same JSON-lines layout as NQ-open. With `answers_are_regex`, answers are compiled with
-  `re.IGNORECASE | re.UNICODE | re.MULTILINE`; one that does not compile is logged as a warning
-  (file, line, field) and kept: like DrQA's `regex_match_score`, evaluation scores it as never
-  matching (the real CuratedTrec-train.txt has one such pattern, line 701, ending in a lone "\\").
+  `re.IGNORECASE | re.UNICODE | re.MULTILINE`; those that do not compile are kept and counted in
+  one warning per file (naming line and field): like DrQA's `regex_match_score`, evaluation scores
+  them as never matching (the real CuratedTrec-train.txt has one such pattern, line 701, ending in
+  a lone "\\").
 
   Raises:
     FileNotFoundError: if `path` is missing.
-    DataFormatError: naming the line and field.
+    DataFormatError: naming the line and field (see the module docstring).
   """
   return _read_question_answer_jsonl(path, answers_are_regex=answers_are_regex)
 
@@ -181,7 +235,8 @@ def read_questions(path: str | os.PathLike | Sequence[str | os.PathLike],
   Raises:
     ValueError: for an unknown format.
     FileNotFoundError: naming a missing file or a pattern that matches nothing.
-    DataFormatError, KeyError: from the reader (naming file, line and field).
+    DataFormatError, KeyError: from the reader (naming file, line and field), or a question id
+      that two files share.
   """
   readers = {"squad_open": read_squad_open, "nq_open": read_nq_open,
              "webquestions": lambda p: read_drqa(p, answers_are_regex=False),
@@ -189,6 +244,13 @@ def read_questions(path: str | os.PathLike | Sequence[str | os.PathLike],
   if format not in readers:
     raise ValueError(f"unknown question format {format!r}; expected one of {QUESTION_FORMATS}")
   questions: list[Question] = []
+  first_file: dict[str, str] = {}
   for file in fileio.expand_patterns(path, what="question file"):
-    questions.extend(readers[format](file))
+    for q in readers[format](file):
+      if q.qid in first_file:  # within one file the reader has already named the line
+        raise DataFormatError(f"{file}: field 'id': question id {q.qid!r} is also used in "
+                              f"{first_file[q.qid]}; ids must be unique across the files read "
+                              "together")
+      first_file[q.qid] = str(file)
+      questions.append(q)
   return questions

@@ -141,7 +141,8 @@ def test_doc_id_repeated_across_sources_commits_nothing(tmp_path, tok):
   assert not list((tmp_path / "data").rglob(corpus_store.METADATA_FILE))
   # Inside one file: the line's file is named.
   a.write_text(a.read_text() * 2)
-  with pytest.raises(corpus.DataFormatError, match=r"a\.jsonl: duplicate doc_id 'x'"):
+  with pytest.raises(corpus.DataFormatError, match=r"a\.jsonl:2: field 'id' gives doc id 'x', "
+                     r"already used at line 1"):
     corpus_store.build_corpus([a], tok, tmp_path / "data", 64, show_progress=False)
 
 
