@@ -52,7 +52,9 @@ models as safetensors), or, in an environment with only torch and safetensors:
       sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); \
       st.save_file({k: v.contiguous().clone() for k, v in sd.items()}, 'model.safetensors')"
 
-then copy `config.json` beside it. Both layouts load.
+then copy `config.json` beside it. Both layouts load, and so does a model written with
+`safetensors.torch.save_model` (each shared tensor stored once, `{dropped: kept}` in the file's
+metadata; a tied `RealmKnowledgeAugEncoder` keeps only `cls.predictions.decoder.weight`).
 
 Two properties of the released checkpoints need realm_jax support. Their activation is
 `RealmConfig`'s default `hidden_act="gelu_new"` (the tanh-approximate GELU of the original TF BERT
