@@ -130,16 +130,20 @@ def _question_text(record: Any, key: str, where: str) -> str:
   return text
 
 
-def _check_answer(answer: str, is_regex: bool, where: str, field: str) -> str | None:
+def _check_answer(answer: str, is_regex: bool, where: str, field: str) -> tuple[str, str] | None:
   """Refuses an answer no block or span could ever contain, or that every block would contain.
 
   Returns:
-    None, or for a regex that does not compile the `re.error` message (the caller warns).
+    None, or for a regex that never matches `(kind, re.error message)`: kind "invalid" when the
+    pattern does not compile (exact match and `has_answer` both score it as never matching) or
+    "nfd" when only its NFD form does not (e.g. "Sn\\ě\\žka": NFD turns "\\ě" into the bad escape
+    "\\e" + caron), so `has_answer` never finds it in a block while exact match
+    (`evaluation.regex_match`, on the raw pattern) can still score a prediction with it.
 
   Raises:
     DataFormatError: a string answer without any DrQA token (`evaluation.simple_tokenize`: blank,
-      or only punctuation-free invisible characters), or a regex that matches the empty string
-      (`has_answer` would find it in every block).
+      or only invisible characters), or a regex that matches the empty string (`has_answer` would
+      find it in every block).
   """
   check_text(answer, where, field)
   if not is_regex:
@@ -148,12 +152,16 @@ def _check_answer(answer: str, is_regex: bool, where: str, field: str) -> str | 
                             "block could contain it")
     return None
   try:
-    regex = re.compile(unicodedata.normalize("NFD", answer), flags=_REGEX_FLAGS)
+    regex = re.compile(answer, flags=_REGEX_FLAGS)
   except re.error as e:
-    return str(e)
+    return "invalid", str(e)
   if regex.fullmatch("") is not None:
     raise DataFormatError(f"{where}: field {field} is the regular expression {answer!r:.60}, "
                           "which matches the empty string: every block would contain it")
+  try:
+    re.compile(unicodedata.normalize("NFD", answer), flags=_REGEX_FLAGS)
+  except re.error as e:
+    return "nfd", str(e)
   return None
 
 
@@ -162,7 +170,8 @@ def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool
   path = fileio.as_path(path)
   questions = []
   seen: dict[str, int] = {}
-  invalid: list[str] = []  # "line L, field 'answer'[m]: error" of the patterns that do not compile
+  # "line L, field 'answer'[m] 'pattern': error" of the patterns that never match, by kind.
+  never: dict[str, list[str]] = {"invalid": [], "nfd": []}
   for line_number, record in corpus.iter_jsonl(path):
     where = f"{path}:{line_number}"
     text = _question_text(record, "question", where)
@@ -172,9 +181,10 @@ def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool
     for m, a in enumerate(answers):
       if not isinstance(a, str):
         raise DataFormatError(f"{where}: field 'answer'[{m}] must be str, got {type(a).__name__}")
-      error = _check_answer(a, answers_are_regex, where, f"'answer'[{m}]")
-      if error is not None:
-        invalid.append(f"line {line_number}, field 'answer'[{m}] {a!r:.60}: {error}")
+      problem = _check_answer(a, answers_are_regex, where, f"'answer'[{m}]")
+      if problem is not None:
+        never[problem[0]].append(f"line {line_number}, field 'answer'[{m}] {a!r:.60}: "
+                                 f"{problem[1]}")
     qid = json_field(record, "id", (str, int), where, required=False)
     qid = f"{fileio.basename(path)}:{line_number}" if qid is None else str(qid)
     if qid in seen:
@@ -182,10 +192,13 @@ def _read_question_answer_jsonl(path: str | os.PathLike, answers_are_regex: bool
                             f"{seen[qid]})")
     seen[qid] = line_number
     questions.append(Question(qid, text, list(answers), answers_are_regex))
-  if invalid:
-    # DrQA keeps such questions and scores the pattern as never matching; so do we.
-    _LOG.warning("%s: %d answer(s) are not valid regular expressions and will never match: %s%s",
-                 path, len(invalid), "; ".join(invalid[:3]), " ..." if len(invalid) > 3 else "")
+  for kind, what in (("invalid", "are not valid regular expressions and will never match"),
+                     ("nfd", "do not compile once NFD-normalised, so has_answer never finds "
+                      "them in a block (exact match, on the raw pattern, still uses them)")):
+    if never[kind]:
+      # DrQA keeps such questions and scores the pattern as never matching; so do we.
+      _LOG.warning("%s: %d answer(s) %s: %s%s", path, len(never[kind]), what,
+                   "; ".join(never[kind][:3]), " ..." if len(never[kind]) > 3 else "")
   return questions
 
 
@@ -210,7 +223,9 @@ def read_drqa(path: str | os.PathLike, answers_are_regex: bool = False) -> list[
   `re.IGNORECASE | re.UNICODE | re.MULTILINE`; those that do not compile are kept and counted in
   one warning per file (naming line and field): like DrQA's `regex_match_score`, evaluation scores
   them as never matching (the real CuratedTrec-train.txt has one such pattern, line 701, ending in
-  a lone "\\").
+  a lone "\\"). A second warning counts the patterns that compile but not once NFD-normalised
+  ("Sn\\ě\\žka"; CuratedTrec-test has 3, -train 3): `evaluation.has_answer`, which NFD-normalises
+  pattern and text, never finds them in a block.
 
   Raises:
     FileNotFoundError: if `path` is missing.
