@@ -46,32 +46,6 @@ from realm_jax.retrieval import snapshot as snapshot_lib
 from realm_jax.retrieval import trainer_done
 
 # ----------------------------------------------------------------------------------------------------
-# The knowledge corpus of the job
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_corpus(data: Any, model: realm.ModelConfig, workdir: str, show_progress: bool = True):
-  """Prepares (once) and opens the blocked knowledge corpus of `data` (see `data.corpus_config`).
-
-  The corpus is streamed to `data_dir/realm_corpus/` and memory-mapped (`data.corpus_store`). On a
-  pod with a `gs://` data directory every host builds its share of the source files. The trainer
-  and the index builder may prepare the same corpus at the same moment; their commits are atomic
-  and identical, and the loser of a rename race simply retries and opens the winner's copy.
-
-  Returns:
-    A `data.corpus_store.Corpus`.
-
-  Raises:
-    FileNotFoundError / data.corpus.DataFormatError: naming the bad source file.
-  """
-  _, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
-                                        show_progress=show_progress,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-  return corpus
-
-
-# ----------------------------------------------------------------------------------------------------
 # Checkpoints: which step, and the retriever's parameters only
 # ----------------------------------------------------------------------------------------------------
 
@@ -101,54 +75,6 @@ def abstract_retriever_params(retriever_cfg: retriever_lib.RetrieverConfig,
   rep = sharding.replicated(mesh)
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                                 shapes)
-
-
-def restore_retriever_params(directory: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
-  """Restores only `params["retriever"]` of checkpoint `step` (orbax partial restore).
-
-  The encoder / reader parameters and the optimiser state are never read, so a refresh reads about a
-  third of a pre-training checkpoint's `params` and nothing else.
-
-  Args:
-    directory: the checkpoints directory (`WORKDIR/checkpoints`, local or `gs://`).
-    abstract: the retriever's abstract parameters with shardings (`abstract_retriever_params`).
-    step: the checkpoint step; None: the newest.
-
-  Returns:
-    `(retriever_params, step)`, the parameters placed as `abstract` says.
-
-  Raises:
-    FileNotFoundError: if the step is not (or no longer) there, or `directory` holds no checkpoint.
-    ValueError: if the checkpoint's params hold no `retriever` subtree of these shapes.
-  """
-  import orbax.checkpoint as ocp
-  from realm_jax.training import checkpointing
-
-  manager = ocp.CheckpointManager(
-      directory, item_names=(checkpointing.PARAMS, checkpointing.OPT_STATE, checkpointing.META),
-      options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint found")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (deleted meanwhile?)")
-    target = {"retriever": abstract}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          checkpointing.PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                       partial_restore=True)}))
-    except FileNotFoundError:
-      raise
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"{directory}/{step}: cannot restore params['retriever'] with the model's "
-                       f"shapes ({e}); is the index builder's model config the trainer's?") from e
-    logging.info("restored the retriever params of step %d from %s", step, directory)
-    return restored[checkpointing.PARAMS]["retriever"], int(step)
-  finally:
-    manager.close()
 
 
 def _newest_mtime(path: fileio.Path) -> float | None:
@@ -364,7 +290,12 @@ def run(workdir: str,
 
   summary: dict[str, Any] = {"refreshes": [], "stopped_because": None}
   try:
-    corpus = load_corpus(data, model, workdir, show_progress=is_main)
+    # The trainer's corpus (same resolution, same fingerprint): streamed, memory-mapped, prepared
+    # once; a race with the trainer preparing it at the same moment is retried.
+    _, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+                                          show_progress=is_main,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
     summary.update(num_blocks=len(corpus), corpus_fingerprint=corpus.fingerprint)
     mesh = sharding.make_mesh(mesh_shape, devices=jax.local_devices())
     retriever_cfg = model.retriever_config()
@@ -430,16 +361,16 @@ def run(workdir: str,
         source = "checkpoint"
         journal.set(phase="restoring", params_step=step)
         try:
-          params, _ = restore_retriever_params(ckpt_dir, abstract, step)
+          params = checkpointing.restore_partial_params(ckpt_dir, {"retriever": abstract},
+                                                        step)[0]["retriever"]
         except FileNotFoundError as e:
           logging.warning("index builder: %s; polling again", e)
           time.sleep(poll_interval_s)
           continue
       elif init_from:
         source = "init_from"
-        nested = fileio.join(init_from, "checkpoints")
-        params, _ = restore_retriever_params(str(nested) if fileio.isdir(nested) else init_from,
-                                             abstract)
+        params = checkpointing.restore_partial_params(init_from,
+                                                      {"retriever": abstract})[0]["retriever"]
       else:
         source = "init"
         params = _initial_retriever_params(model, seed, mesh)

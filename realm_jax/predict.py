@@ -41,10 +41,8 @@ def predict(workdir: str, questions: Sequence[str],
   Raises:
     FileNotFoundError: if the work directory has no snapshot.
   """
-  from realm_jax import fileio
   from realm_jax.retrieval import searchers as searchers_lib
   from realm_jax.retrieval import snapshot as snapshot_lib
-  from realm_jax.training import checkpointing
 
   del unused
   mesh = sharding.make_mesh(mesh_shape)
@@ -56,20 +54,10 @@ def predict(workdir: str, questions: Sequence[str],
   tokenizer, corpus, _, _ = finetune.load_openqa_data(
       data, model, workdir, seed)
   snapshot = snapshot_lib.read_snapshot(path, lazy=True)  # Loads the serialized ScaNN searcher below.
-  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
-  params = jax.device_put(params, sharding.replicated(mesh))
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  if fileio.isdir(ckpt_dir):
-    try:
-      params, step = checkpointing.restore_params(ckpt_dir, checkpointing.abstract_like(params))
-      logging.info("predicting with the params of step %d", step)
-    except FileNotFoundError:
-      logging.info("no checkpoint in %s: using the initial params", ckpt_dir)
+  params = _params(workdir, model, seed, mesh)
   search = searchers_lib.searcher_from_snapshot(
       snapshot, kind=searcher, mesh=mesh if searcher == "exact" else None)
-  from realm_jax.training import optim
-  tx = optim.bert_adamw(optim.OptimizerConfig())
-  _, eval_fn = finetune.make_steps(model, task, tx, mesh)
+  eval_fn = finetune.make_eval_step(model, task, mesh)
   featurizer = finetune.OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids,
                                          snapshot.embeddings, task, model.max_span_width)
   evaluator = finetune.OpenQAEvaluator(featurizer, search,
@@ -81,3 +69,20 @@ def predict(workdir: str, questions: Sequence[str],
   for p in predictions:
     p.pop("answers", None)
   return predictions
+
+
+def _params(workdir: str, model: realm.ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> Any:
+  """The newest checkpoint's `{"retriever", "reader"}` params, else the initial ones (restore order
+  of `training.loop`: the work directory's checkpoint, then the pretrained BERT, then random)."""
+  from realm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from realm_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  parts = finetune.step_parts(model, finetune.OpenQAConfig(num_retrieved=1, num_read=1), 1)
+  abstract = train_state.abstract_train_state(parts.init_params, parts.tx, mesh).params
+  try:
+    params, step = checkpointing.restore_partial_params(workdir, abstract)
+    logging.info("predicting with the params of step %d", step)
+    return params
+  except FileNotFoundError:
+    logging.info("no checkpoint in %s: using the initial params", workdir)
+  params = realm.init_params(model, jax.random.key(seed), parts=finetune.PARTS)
+  return jax.device_put(params, sharding.replicated(mesh))

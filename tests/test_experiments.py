@@ -16,6 +16,7 @@ import pytest
 
 from realm_jax import cli
 from realm_jax import config_check
+from realm_jax.training import train_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/*.gin")
@@ -58,7 +59,7 @@ def test_experiment_builds_abstractly(path, monkeypatch):
     model = _value("finetune.train_and_evaluate.model")
     task = _value("finetune.train_and_evaluate.task")
     batch = _value("finetune.train_and_evaluate.batch_size")
-    out = finetune.abstract_train_step(model, task, batch)
+    out = train_state.train_step_shapes(finetune.step_parts(model, task, batch))
     assert out["metrics"]["train/loss"].shape == ()
     # The BERT of the paper configs is BERT-base: 110M parameters per tower.
     if "paper" in path:
@@ -70,7 +71,7 @@ def test_experiment_builds_abstractly(path, monkeypatch):
     model = _value(f"{kind}.train.model")
     task = _value(f"{kind}.train.task")
     batch = _value(f"{kind}.train.batch_size")
-    out = module.abstract_train_step(model, task, batch)
+    out = train_state.train_step_shapes(module.step_parts(model, task, batch))
     assert out["metrics"]["train/loss"].shape == ()
     if "paper" in path:  # BERT-base towers: 110M parameters each
       n = sum(x.size for x in jax.tree_util.tree_leaves(out["params"]["retriever"]))

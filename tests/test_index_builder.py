@@ -53,7 +53,8 @@ def tiny_corpus(tmp_path_factory):
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
   data = corpus_config.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
                                     data_dir=str(root / "tfds"))
-  corpus = index_builder.load_corpus(data, MODEL, str(root), show_progress=False)
+  _, corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(root),
+                                       show_progress=False)
   assert len(corpus) == 40
   return data, corpus
 
@@ -181,30 +182,34 @@ def test_builder_and_trainer_block_the_same_embedded_subset(tmp_path):
   assert config.embedded_dev_articles == 1
   sources = corpus_config.corpus_sources(config, data.data_dir)
   assert len(sources) == 1 and sources[0].endswith("squad-dev-first1.json")
-  builder_corpus = index_builder.load_corpus(data, MODEL, str(tmp_path), show_progress=False)
-  _, trainer_corpus = pretrain.load_corpus(data, MODEL, str(tmp_path))
+  _, builder_corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(tmp_path),
+                                               show_progress=False)
+  _, trainer_corpus = pretrain.load_pretraining_data(
+      data, MODEL, pretrain.PretrainConfig(query_length=32, max_masks=3), str(tmp_path))[:2]
   assert builder_corpus.fingerprint == trainer_corpus.fingerprint
   assert 20 < len(builder_corpus) < 200  # one article, not the 3,997-block default corpus
 
 
-def test_restore_retriever_params_reads_only_the_retriever(tmp_path, base_params):
+def test_partial_restore_reads_only_the_retriever(tmp_path, base_params):
   expected = _save_checkpoint(tmp_path, base_params, 7)
   mesh = sharding.make_mesh(devices=jax.devices()[:2])
   abstract = index_builder.abstract_retriever_params(MODEL.retriever_config(), mesh)
   ckpt_dir = checkpointing.checkpoint_dir(str(tmp_path))
   assert index_builder.checkpoint_steps(ckpt_dir) == [7]
-  params, step = index_builder.restore_retriever_params(ckpt_dir, abstract)
+  params, step = checkpointing.restore_partial_params(ckpt_dir, {"retriever": abstract})
+  params = params["retriever"]
   assert step == 7
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), expected)
   leaf = jax.tree_util.tree_leaves(params)[0]
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 2
   with pytest.raises(FileNotFoundError, match="step 8"):
-    index_builder.restore_retriever_params(ckpt_dir, abstract, 8)
+    checkpointing.restore_partial_params(ckpt_dir, {"retriever": abstract}, 8)
   other = realm.ModelConfig(init_checkpoint=None, pooling="cls_projection", projection_size=4,
                             bert=MODEL.bert)
   with pytest.raises(ValueError, match="retriever"):
-    index_builder.restore_retriever_params(
-        ckpt_dir, index_builder.abstract_retriever_params(other.retriever_config(), mesh), 7)
+    checkpointing.restore_partial_params(
+        ckpt_dir, {"retriever": index_builder.abstract_retriever_params(other.retriever_config(),
+                                                                        mesh)}, 7)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three named items:
   * `meta`      — JSON: the step, the data-iterator state, and the name of the model config.
 Saving is asynchronous; `CheckpointManager.close()` waits for pending writes.
 
-Resume order (t5x, big_vision): a checkpoint in the work directory > an `init_from` checkpoint
-(params only) > the pretrained initialisation.
+Resume order (t5x, big_vision; decided once, in `training.loop.Trainer.initial_state`): a checkpoint
+in the work directory > an `init_from` checkpoint (params only, `restore_partial_params`) > the
+pretrained initialisation > random.
 """
 
 from __future__ import annotations
@@ -128,25 +129,6 @@ def _read_only(directory: str, step: int | None) -> Iterator[tuple[ocp.Checkpoin
     manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any,
-                                                                                          int]:
-  """Restores only the `params` item of the newest (or given) checkpoint in `directory`.
-
-  Used by `init_from` and by the index builder, which never needs the optimiser state.
-
-  Returns:
-    `(params, step)`.
-
-  Raises:
-    FileNotFoundError: if `directory` holds no checkpoint.
-  """
-  with _read_only(directory, step) as (manager, step):
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardRestore(abstract_params)}))
-    logging.info("restored params of step %d from %s", step, directory)
-    return restored[PARAMS], step
-
-
 def abstract_like(tree: Any) -> Any:
   """`jax.ShapeDtypeStruct`s (with shardings) for every array of `tree`."""
   return jax.tree_util.tree_map(
@@ -160,36 +142,65 @@ def saved_param_parts(directory: str, step: int | None = None) -> tuple[list[str
   E.g. `["encoder", "retriever"]` for a REALM pre-training checkpoint, `["reader", "retriever"]`
   for an Open-QA one, `["retriever"]` for ICT.
 
+  Args:
+    directory: a work directory or its `checkpoints/` directory.
+
   Raises:
     FileNotFoundError: if `directory` holds no checkpoint.
   """
+  directory = resolve_checkpoint_dir(directory)
   with _read_only(directory, step) as (_, step):
     tree = ocp.StandardCheckpointer().metadata(
         str(fileio.join(_absolute(directory), str(step), PARAMS))).item_metadata.tree
     return sorted(tree.keys()), step
 
 
+def resolve_checkpoint_dir(path: str) -> str:
+  """`path/checkpoints` when `path` is a work directory, else `path` (a `checkpoints/` directory)."""
+  nested = str(fileio.join(path, "checkpoints"))
+  return nested if fileio.isdir(nested) else str(path)
+
+
 def restore_partial_params(directory: str, target: Any, step: int | None = None
                            ) -> tuple[Any, int]:
-  """Restores only the subtrees named by `target` from a checkpoint's `params` item.
+  """Restores the subtrees named by `target` from a checkpoint's `params` item: THE partial restore.
+
+  The trainers (`init_from`), the index builder (the retriever of each new checkpoint) and
+  `predict` all restore through this function; the optimiser state and the parts not named in
+  `target` are never read (a refresh reads about a third of a pre-training checkpoint).
 
   Args:
-    directory: a `checkpoints/` directory.
-    target: nested dict of `jax.ShapeDtypeStruct`s (with shardings) — any subset of the saved
-      tree, e.g. `{"retriever": …}` out of a `{"retriever", "encoder"}` checkpoint.
+    directory: a work directory or its `checkpoints/` directory (local or `gs://`).
+    target: nested dict of `jax.ShapeDtypeStruct`s (with shardings, e.g. from
+      `train_state.abstract_train_state` or `abstract_like`): any subset of the saved tree, e.g.
+      `{"retriever": …}` out of a `{"retriever", "encoder"}` checkpoint.
     step: the step (default: the newest).
 
   Returns:
-    `(params shaped like target, step)`.
+    `(params shaped and placed like target, step)`.
 
   Raises:
-    FileNotFoundError: if there is no checkpoint; ValueError (from orbax) on a shape mismatch.
+    FileNotFoundError: if there is no checkpoint, or not (or no longer) at `step`.
+    ValueError: if the checkpoint lacks a part of `target` or its shapes differ, naming the
+      checkpoint and the parts asked for.
   """
+  directory = resolve_checkpoint_dir(directory)
+  if not fileio.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no such checkpoint directory")
   with _read_only(directory, step) as (manager, step):
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (deleted meanwhile?)")
     restore_args = jax.tree_util.tree_map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
         target)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                       partial_restore=True)}))
-    return restored[PARAMS], step
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                         partial_restore=True)}))
+    except FileNotFoundError:
+      raise
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{directory}/{step}: cannot restore params {sorted(target)} with the "
+                       f"model's shapes ({e}); was it written with this model config?") from e
+    logging.info("restored params %s of step %d from %s", sorted(target), step, directory)
+    return restored[PARAMS], int(step)

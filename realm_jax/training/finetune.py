@@ -19,7 +19,6 @@ import functools
 import logging
 from typing import Any, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,15 +26,18 @@ import optax
 
 from realm_jax import evaluation
 from realm_jax import fileio
+from realm_jax import sharding
+from realm_jax.data import example_order
 from realm_jax.data import featurize
 from realm_jax.data.questions import Question
 from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
+from realm_jax.retrieval import embedding
+from realm_jax.training import loop
 from realm_jax.training import losses
 from realm_jax.training import optim
-from realm_jax import sharding
-from realm_jax.retrieval import embedding
+from realm_jax.training import train_state
 
 Array = jax.Array
 
@@ -69,15 +71,6 @@ class OpenQAConfig:
       raise ValueError("OpenQAConfig: reader_length must exceed reader_query_length + 1")
     if self.query_length < 3:
       raise ValueError("OpenQAConfig: query_length must be at least 3")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Train state: `step` (int32 scalar), `params` ({"retriever", "reader"}), `opt_state`."""
-
-  step: Array
-  params: Any
-  opt_state: Any
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,9 +224,9 @@ def _forward(params, batch, retriever_cfg: retriever_lib.RetrieverConfig,
   return retriever_logits, span_logits
 
 
-def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
+def train_step(state: train_state.TrainState, batch: dict[str, Array], rng: Array, *,
                tx: optax.GradientTransformation, retriever_cfg, reader_cfg, num_read: int
-               ) -> tuple[TrainState, dict[str, Array]]:
+               ) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One Open-QA update: the ORQA/REALM retriever + reader marginal losses (module docstring).
 
   Args:
@@ -302,39 +295,13 @@ def eval_step(params: Any, batch: dict[str, Array], *, retriever_cfg, reader_cfg
   }
 
 
-def make_steps(model_cfg: realm.ModelConfig, task: OpenQAConfig, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh):
-  """Jits `train_step` and `eval_step` over the mesh (params replicated, batch split over `data`).
-
-  Returns:
-    `(train_step(state, batch, rng) -> (state, metrics), eval_step(params, batch) -> outputs)`;
-    the train step donates its state.
-  """
-  retriever_cfg, reader_cfg = model_cfg.retriever_config(), model_cfg.reader_config()
+def make_eval_step(model_cfg: realm.ModelConfig, task: OpenQAConfig, mesh: jax.sharding.Mesh):
+  """`eval_step(params, batch) -> outputs` jitted once over the mesh (params replicated, batch and
+  outputs split over `data`)."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  train = jax.jit(
-      functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
-                        num_read=task.num_read),
-      in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
-  evaluate = jax.jit(
-      functools.partial(eval_step, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
-                        num_read=task.num_read),
-      in_shardings=(rep, data), out_shardings=data)
-  return train, evaluate
-
-
-def create_train_state(params: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
-                       ) -> TrainState:
-  """Places params and a fresh optimiser state on the mesh (replicated) without a host copy of the
-  optimiser state: `jax.jit(init, out_shardings=…)`."""
-  rep = sharding.replicated(mesh)
-  params = jax.device_put(params, rep)
-
-  @functools.partial(jax.jit, out_shardings=rep)
-  def init(p):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
-
-  return init(params)
+  return jax.jit(functools.partial(eval_step, retriever_cfg=model_cfg.retriever_config(),
+                                   reader_cfg=model_cfg.reader_config(), num_read=task.num_read),
+                 in_shardings=(rep, data), out_shardings=data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,49 +464,6 @@ def _sample(questions: list[Question], limit: int, seed: int) -> list[Question]:
   return [questions[i] for i in sorted(order)]
 
 
-class QuestionIterator:
-  """Deterministic, resumable order over training questions (one permutation per epoch).
-
-  State `{"epoch", "position"}` goes into the checkpoint; in multi-host runs each process takes rows
-  `[process_index * local, (process_index + 1) * local)` of every global batch.
-  """
-
-  def __init__(self, num_questions: int, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    if num_questions <= 0:
-      raise ValueError("no training questions")
-    if global_batch_size % process_count:
-      raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
-                       "processes")
-    self.num_questions, self.global_batch_size, self.seed = num_questions, global_batch_size, seed
-    self.process_index, self.process_count = process_index, process_count
-    self.epoch, self.position = 0, 0
-    self._order = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_questions)
-
-  def state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "position": self.position}
-
-  def restore(self, state: dict[str, int]) -> None:
-    self.epoch, self.position = int(state["epoch"]), int(state["position"])
-    self._order = self._permutation(self.epoch)
-
-  def next_local_indices(self) -> np.ndarray:
-    """The `[global_batch / process_count]` int64 question indices of this process's next batch."""
-    picked = []
-    while len(picked) < self.global_batch_size:
-      if self.position >= self.num_questions:
-        self.epoch, self.position = self.epoch + 1, 0
-        self._order = self._permutation(self.epoch)
-      take = min(self.global_batch_size - len(picked), self.num_questions - self.position)
-      picked.extend(self._order[self.position:self.position + take])
-      self.position += take
-    local = self.global_batch_size // self.process_count
-    return np.asarray(picked[self.process_index * local:(self.process_index + 1) * local])
-
-
 def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: str, seed: int):
   """Tokenizer, blocked corpus (TFDS) and question sets of an Open-QA run.
 
@@ -574,27 +498,33 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   return tokenizer, corpus, train, evals
 
 
-def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
-                   mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """`{"retriever", "reader"}` params to start fine-tuning from (REALM §3.4 → §4 hand-over).
+PARTS = ("retriever", "reader")
+
+
+def params_from_run(init_from: str, abstract_params: Any, model: realm.ModelConfig, seed: int = 0
+                    ) -> dict[str, Any]:
+  """`{"retriever", "reader"}` params taken from another run (REALM §3.4 → §4 hand-over).
 
   Args:
-    model: the model configuration (shapes; the pretrained BERT when `init_from` is empty).
-    init_from: empty (pretrained BERT + fresh heads), a work directory / `checkpoints/` directory
-      of a REALM pre-training run (retriever ← its retriever, reader BERT ← its knowledge-augmented
-      encoder's BERT, span head fresh), of an Open-QA run (retriever + reader), of an ICT run
-      (retriever only), or a directory written by `realm-jax convert` (`realm_params.safetensors`).
+    init_from: a work directory or `checkpoints/` directory of a REALM pre-training run (retriever ←
+      its retriever, reader BERT ← its knowledge-augmented encoder's BERT, span head fresh), of an
+      Open-QA run (retriever + reader) or of an ICT run (retriever; reader fresh), or a directory
+      written by `realm-jax convert` (`realm_params.safetensors`).
+    abstract_params: the `{"retriever", "reader"}` targets (`jax.ShapeDtypeStruct`s with shardings).
+    model: the model configuration (the fresh parts come from its pretrained checkpoint).
+    seed: seeds the fresh parts, as `realm.init_params`.
+
+  Returns:
+    The params; parts the source lacks are initialised as without `init_from`.
 
   Raises:
     FileNotFoundError: if `init_from` holds no checkpoint.
     ValueError: if its params do not fit the model.
   """
-  from realm_jax.training import checkpointing
-  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "reader"))
-  if not init_from:
-    return params
+  from realm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  fresh = lambda part: realm.init_params(model, jax.random.key(seed), parts=(part,))[part]  # noqa: E731
   if fileio.isfile(fileio.join(init_from, "realm_params.safetensors")):
-    from realm_jax.models import realm_checkpoints
+    from realm_jax.models import realm_checkpoints  # pylint: disable=g-import-not-at-top
     converted_dir = init_from
     if fileio.is_url(init_from):  # safetensors reads local files: stage the two files once.
       converted_dir = fileio.dirname(
@@ -602,32 +532,61 @@ def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
            for name in (realm_checkpoints.CONVERTED_CONFIG_NAME,
                         realm_checkpoints.CONVERTED_PARAMS_NAME)][-1])
     converted = realm_checkpoints.load_converted(converted_dir).params
-    if "retriever" in converted:
-      params = realm._graft(params, ("retriever",), converted["retriever"])  # pylint: disable=protected-access
+    restored = {"retriever": converted["retriever"]} if "retriever" in converted else {}
     if "reader" in converted:
-      params["reader"] = converted["reader"]
+      restored["reader"] = converted["reader"]
     elif "encoder" in converted:
-      params["reader"] = realm._graft(params["reader"], ("bert",), converted["encoder"]["bert"])  # pylint: disable=protected-access
-    logging.info("fine-tuning starts from the converted checkpoint %s", init_from)
-    return params
-  directory = str(fileio.join(init_from, "checkpoints"))
-  directory = directory if fileio.isdir(directory) else init_from
-  mesh = mesh or sharding.make_mesh()
-  abstract = checkpointing.abstract_like(jax.device_put(params, sharding.replicated(mesh)))
-  parts, step = checkpointing.saved_param_parts(directory)
-  target = {"retriever": abstract["retriever"]}
-  if "reader" in parts:
-    target["reader"] = abstract["reader"]
-  elif "encoder" in parts:
-    target["encoder"] = {"bert": abstract["reader"]["bert"]}
-  restored, _ = checkpointing.restore_partial_params(directory, target, step)
-  params = dict(params, retriever=restored["retriever"])
+      restored["encoder"] = {"bert": converted["encoder"]["bert"]}
+    source = f"the converted checkpoint {init_from}"
+  else:
+    parts, step = checkpointing.saved_param_parts(init_from)
+    target = {"retriever": abstract_params["retriever"]}
+    if "reader" in parts:
+      target["reader"] = abstract_params["reader"]
+    elif "encoder" in parts:
+      target["encoder"] = {"bert": abstract_params["reader"]["bert"]}
+    restored, _ = checkpointing.restore_partial_params(init_from, target, step)
+    source = f"{init_from} step {step} (parts {parts})"
+  params = {"retriever": restored["retriever"] if "retriever" in restored else fresh("retriever")}
   if "reader" in restored:
     params["reader"] = restored["reader"]
-  elif "encoder" in restored:
-    params["reader"] = dict(params["reader"], bert=restored["encoder"]["bert"])
-  logging.info("fine-tuning starts from %s step %d (parts %s)", directory, step, parts)
+  else:
+    params["reader"] = fresh("reader")
+    if "encoder" in restored:
+      params["reader"] = realm._graft(params["reader"], ("bert",), restored["encoder"]["bert"])  # pylint: disable=protected-access
+  jax.tree_util.tree_map(_check_shape, params, abstract_params)
+  logging.info("fine-tuning starts from %s", source)
   return params
+
+
+def _check_shape(value, target) -> None:
+  if tuple(np.shape(value)) != tuple(target.shape):
+    raise ValueError(f"init_from params of shape {np.shape(value)} do not fit the model's "
+                     f"{target.shape}")
+
+
+def first_snapshot(workdir: str, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
+                   retriever_params: Any, params_step: int, batch_size: int):
+  """The document index of fine-tuning: `WORKDIR/snapshots`' newest, built first if there is none.
+
+  The index stays frozen while fine-tuning (REALM §3.4: only the query tower and the reader train).
+
+  Returns:
+    `(path, snapshot)` (`retrieval.snapshot.Snapshot`).
+
+  Raises:
+    ValueError: if the newest snapshot was built for another corpus.
+  """
+  from realm_jax.retrieval import snapshot as snapshot_lib  # pylint: disable=g-import-not-at-top
+  root = fileio.join(workdir, "snapshots")
+  path = snapshot_lib.latest_snapshot(root)  # None without one (local or gs://).
+  if path is not None and (snapshot_lib.read_manifest(path)["corpus_fingerprint"]
+                           != corpus.fingerprint):
+    raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
+  if path is None:
+    path = embedding.build_snapshot(str(root), corpus, retriever_cfg, retriever_params,
+                                    params_step=params_step, batch_size=batch_size)
+  return path, snapshot_lib.read_snapshot(path)
 
 
 def train_and_evaluate(workdir: str,
@@ -640,6 +599,9 @@ def train_and_evaluate(workdir: str,
                        eval_batch_size: int = 8,
                        log_every_steps: int = 10,
                        checkpoint_every_steps: int = 100,
+                       eval_every_steps: int = 0,
+                       nan_policy: str = "stop",
+                       profile_steps: Sequence[int] = (),
                        searcher: str = "scann",
                        index_batch_size: int = 64,
                        zero_shot_eval: bool = True,
@@ -648,144 +610,107 @@ def train_and_evaluate(workdir: str,
                        mesh_shape: tuple[int, ...] = (-1, 1)) -> dict[str, Any]:
   """Fine-tunes REALM/ORQA on Open-QA and evaluates it (REALM §3.4 / ORQA §4).
 
-  Order of work: data → model init (pretrained BERT) → the first embedding snapshot (built here when
-  `WORKDIR/snapshots` has none for this corpus) → searcher → resume from `WORKDIR/checkpoints` →
-  optional zero-shot evaluation → `num_train_steps` steps → final evaluation, predictions JSONL and
-  `summary.json` in the work directory.
+  Order of work: data → the train state (`loop.Trainer.initial_state`: resume, else `init_from`,
+  else the pretrained BERT) → the first embedding snapshot (built here when `WORKDIR/snapshots` has
+  none for this corpus) → searcher → optional zero-shot evaluation → the steps up to
+  `num_train_steps` (`loop.Trainer.fit`) → final evaluation, predictions JSONL and `summary.json`.
 
   Args:
     workdir: the run's directory (local or `gs://`).
     model / data / task / optimizer: configuration dataclasses (gin builds them).
     batch_size: global questions per step (a multiple of the mesh's `data` size).
     num_train_steps: total steps (0 evaluates only).
+    log_every_steps / checkpoint_every_steps / eval_every_steps / nan_policy / profile_steps: see
+      `loop.LoopConfig`.
     searcher: `"scann"` (host ScaNN) or `"exact"` (sharded on-device top-k).
     zero_shot_eval: evaluate before training too (the "before" column of the benchmarks).
-    init_from: start from another run instead of the pretrained BERT (see `initial_params`);
+    init_from: start from another run instead of the pretrained BERT (see `params_from_run`);
       ignored when WORKDIR already has a checkpoint (resume wins).
 
   Returns:
-    A summary dict: `zero_shot` and `final` metric dicts, `train` (last logged metrics),
-    `predictions_path`, `num_blocks`, timings in seconds.
+    A summary dict: `zero_shot` and `final` metric dicts, `train` (the last logged window's means),
+    `history`, `evals`, `predictions_path`, `num_blocks`, timings in seconds.
 
   Raises:
     ValueError: on inconsistent configuration (e.g. a batch that does not split over the mesh).
+    FloatingPointError: on a non-finite loss with `nan_policy="stop"`.
   """
-  import os
-  import time
-  from realm_jax.retrieval import searchers as searchers_lib
-  from realm_jax.retrieval import snapshot as snapshot_lib
-  from realm_jax.training import checkpointing
-  from realm_jax.training import metric_writer
-  from realm_jax.training import optim
+  import time  # pylint: disable=g-import-not-at-top
+  from realm_jax.retrieval import searchers as searchers_lib  # pylint: disable=g-import-not-at-top
 
   optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
-  timings: dict[str, float] = {}
+  trainer = loop.Trainer(workdir, loop.LoopConfig(
+      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
+      checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=eval_every_steps,
+      nan_policy=nan_policy, profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
+  mesh, timings = trainer.mesh, {}
   t0 = time.time()
-  mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
-  fileio.makedirs(workdir)  # Local or gs://.
-  is_main = jax.process_index() == 0
-  writer = metric_writer.MetricWriter(workdir)
-
   tokenizer, corpus, train_qs, eval_qs = load_openqa_data(data, model, workdir, seed)
   timings["data_s"] = time.time() - t0
   if task.num_retrieved > len(corpus):
     raise ValueError(f"OpenQAConfig.num_retrieved={task.num_retrieved} exceeds the corpus size "
                      f"({len(corpus)} blocks)")
+  tx = optim.bert_adamw(optimizer)
+  parts = step_parts(model, task, batch_size, tx)
+  order = example_order.ExampleOrder(len(train_qs), batch_size, seed, jax.process_index(),
+                                     jax.process_count())
+  state = trainer.initial_state(
+      random_params=parts.init_params, tx=tx, data_order=order, init_from=init_from,
+      initial_params=lambda: realm.init_params(model, jax.random.key(seed), parts=PARTS),
+      params_from=functools.partial(params_from_run, model=model, seed=seed))
+  start_step = int(jax.device_get(state.step))
 
-  retriever_cfg = model.retriever_config()
-  params = initial_params(model, seed, init_from, mesh)
-
-  # First index: the document embedder's snapshot of the corpus (frozen during fine-tuning).
-  t1 = time.time()
-  snapshots_root = os.path.join(workdir, "snapshots")
-  path = snapshot_lib.latest_snapshot(snapshots_root)  # None without one (local or gs://).
-  if path is not None and snapshot_lib.read_manifest(path)["corpus_fingerprint"] != corpus.fingerprint:
-    raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
-  if path is None:
-    path = embedding.build_snapshot(snapshots_root, corpus, retriever_cfg,
-                                        params["retriever"], params_step=0,
-                                        batch_size=index_batch_size)
-  snapshot = snapshot_lib.read_snapshot(path)
+  t1 = time.time()  # The first index: the document embedder's snapshot, frozen while fine-tuning.
+  path, snapshot = first_snapshot(workdir, corpus, model.retriever_config(),
+                                  state.params["retriever"], start_step, index_batch_size)
   timings["index_s"] = time.time() - t1
   t2 = time.time()
   search = searchers_lib.searcher_from_snapshot(
       snapshot, kind=searcher, mesh=mesh if searcher == "exact" else None)
   timings["searcher_build_s"] = time.time() - t2
-
-  tx = optim.bert_adamw(optimizer)
-  state = create_train_state(params, tx, mesh)
-  ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(workdir),
-                                         save_interval_steps=checkpoint_every_steps)
-  iterator = QuestionIterator(len(train_qs), batch_size, seed, jax.process_index(),
-                              jax.process_count())
-  latest = ckpt.latest_step()
-  if latest is not None:
-    p, o, meta = ckpt.restore(latest, checkpointing.abstract_like(state.params),
-                              checkpointing.abstract_like(state.opt_state))
-    state = TrainState(step=jnp.asarray(latest, jnp.int32), params=p, opt_state=o)
-    iterator.restore(meta["data"])
-    logging.info("resumed from step %d", latest)
-
-  train_fn, eval_fn = make_steps(model, task, tx, mesh)
-  query_embed_fn = embedding.make_query_embed_fn(retriever_cfg, mesh)
   featurizer = OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids, snapshot.embeddings, task,
                                 model.max_span_width)
-  evaluator = OpenQAEvaluator(featurizer, search, query_embed_fn, eval_fn, mesh, eval_batch_size)
+  evaluator = OpenQAEvaluator(featurizer, search,
+                              embedding.make_query_embed_fn(model.retriever_config(), mesh),
+                              make_eval_step(model, task, mesh), mesh, eval_batch_size)
   summary: dict[str, Any] = {"num_blocks": len(corpus), "num_train_questions": len(train_qs),
-                             "num_eval_questions": len(eval_qs), "snapshot": str(path)}
-
-  start_step = int(jax.device_get(state.step))
+                             "num_eval_questions": len(eval_qs), "snapshot": str(path),
+                             "init": trainer.origin}
   if zero_shot_eval and start_step == 0:
     t3 = time.time()
     summary["zero_shot"], _ = evaluator(state.params, eval_qs, desc="zero-shot retrieval",
                                         read=False)
     timings["zero_shot_eval_s"] = time.time() - t3
-    writer.write(0, summary["zero_shot"], prefix="zero_shot")
+    trainer.writer.write(0, summary["zero_shot"], prefix="zero_shot")
 
-  rng = jax.random.key(seed + 1)
-  t4 = time.time()
-  last_metrics: dict[str, float] = {}
-  import tqdm
-  bar = tqdm.tqdm(range(start_step, num_train_steps), desc="fine-tuning", unit="step",
-                  disable=not is_main)
-  for step in bar:
-    local = [train_qs[i] for i in iterator.next_local_indices()]
+  def next_batch(step: int, state: train_state.TrainState) -> dict[str, np.ndarray]:
+    del step  # The order is resumable state of its own.
+    local = [train_qs[i] for i in order.next_local_indices()]
     _, retrieved = evaluator.retrieve(state.params["retriever"], local, task.num_retrieved)
-    batch, _ = featurizer.batch(local, retrieved, with_labels=True)
-    batch = sharding.global_batch_from_local(batch, mesh)
-    state, metrics = train_fn(state, batch, rng)
-    if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
-      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(last_metrics["train/loss"]):
-        raise FloatingPointError(f"step {step + 1}: loss is {last_metrics['train/loss']}")
-      bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
-      logging.info("step %d: %s", step + 1, last_metrics)
-      writer.write(step + 1, last_metrics)
-    if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
-      ckpt.save(step + 1, state.params, state.opt_state,
-                {"data": iterator.state(), "model": dataclasses.asdict(model)},
-                force=step + 1 == num_train_steps)
-  ckpt.close()
-  timings["train_s"] = time.time() - t4
-  summary["train"] = last_metrics
-  summary["steps"] = num_train_steps
+    return featurizer.batch(local, retrieved, with_labels=True)[0]
+
+  state, fit = trainer.fit(loop.Task(
+      name="fine-tuning", train_step=parts.train_step, next_batch=next_batch, data_order=order,
+      global_batch_size=batch_size,
+      evaluate=lambda params, step: evaluator(params, eval_qs, desc=f"eval @ {step}")[0],
+      checkpoint_meta={"model": dataclasses.asdict(model)},
+      learning_rate=optim.learning_rate_schedule(optimizer)), state, jax.random.key(seed + 1))
+  timings.update(fit.pop("timings"))
+  summary.update(fit)
 
   t5 = time.time()
   summary["final"], predictions = evaluator(state.params, eval_qs, desc="final eval")
   timings["final_eval_s"] = time.time() - t5
-  writer.write(num_train_steps, summary["final"], prefix="eval")
-  if is_main:
+  trainer.writer.write(num_train_steps, summary["final"], prefix="eval")
+  if trainer.is_main:
     pred_dir = fileio.join(workdir, "predictions")  # Local or gs://.
     fileio.makedirs(pred_dir)
     pred_path = fileio.join(pred_dir, f"eval-step{int(jax.device_get(state.step))}.jsonl")
     evaluation.write_predictions_jsonl(pred_path, predictions)
     summary["predictions_path"] = str(pred_path)
     summary["examples"] = predictions[:3]
-  timings["total_s"] = time.time() - t0
   summary["timings"] = timings
-  metric_writer.write_summary_json(workdir, {k: v for k, v in summary.items() if k != "examples"})
-  writer.close()
-  return summary
+  return trainer.finish(summary)
 
 
 def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
@@ -805,9 +730,12 @@ def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
   return {k_: jax.ShapeDtypeStruct(s, d) for k_, (s, d) in spec.items()}
 
 
-def _step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int):
-  from realm_jax.training import optim
-  tx = optim.bert_adamw(optim.OptimizerConfig())
+def step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int,
+               tx: optax.GradientTransformation | None = None) -> train_state.StepParts:
+  """The Open-QA step without weights or data (`train_state.StepParts`): random init of
+  `{"retriever", "reader"}`, `train_step` with its static arguments bound, the global batch's shapes
+  and the optimiser (default: BERT's AdamW with default settings)."""
+  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
   retriever_cfg, reader_cfg = model.retriever_config(), model.reader_config()
 
   def init_params(rng):
@@ -817,20 +745,4 @@ def _step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int):
 
   step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
                            num_read=task.num_read)
-  return init_params, step, abstract_batch(task, model, batch_size), tx
-
-
-def abstract_train_step(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int
-                        ) -> dict[str, Any]:
-  """Shapes of params, optimiser state and metrics of one step (`abstract.train_step_shapes`).
-
-  Used to check experiment files (a broken config fails in CI) and to size a run.
-  """
-  from realm_jax.training import abstract
-  return abstract.train_step_shapes(*_step_parts(model, task, batch_size))
-
-
-def compiled_temp_bytes(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int) -> int:
-  """Activation bytes of one step for `batch_size` questions on one device (memory plan)."""
-  from realm_jax.training import abstract
-  return abstract.compiled_temp_bytes(*_step_parts(model, task, batch_size))
+  return train_state.StepParts(init_params, step, abstract_batch(task, model, batch_size), tx)

@@ -34,12 +34,14 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import fileio
+from realm_jax import sharding
 from realm_jax.data import corpus_config
+from realm_jax.data import example_order
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
-from realm_jax.training import finetune
-from realm_jax import sharding
+from realm_jax.training import loop
+from realm_jax.training import optim
+from realm_jax.training import train_state
 
 Array = jax.Array
 _NEG = -1e9
@@ -83,7 +85,7 @@ class IctConfig:
 class IctBatcher:
   """ICT batches over the blocks of a corpus, one pass per epoch, resumable (state in checkpoints).
 
-  Each epoch visits every usable block once in a seeded order (`finetune.QuestionIterator`); the
+  Each epoch visits every usable block once in a seeded order (`data.example_order.ExampleOrder`); the
   query sentence of a block and whether it is removed are redrawn every epoch (seed
   `seed · 100003 + epoch`, see `data.pretraining.make_ict_examples`). A batch that straddles an
   epoch boundary takes all of its rows from the newer epoch's draws.
@@ -102,14 +104,14 @@ class IctBatcher:
 
   def __init__(self, blocks: Sequence[Any], tokenizer, config: IctConfig, global_batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1):
-    self.blocks, self.tokenizer, self.config, self.seed = list(blocks), tokenizer, config, seed
+    self.blocks, self.tokenizer, self.config, self.seed = blocks, tokenizer, config, seed
     self._cache: dict[int, Any] = {}
     first = self.examples(0)
     if not len(first):
       raise ValueError(f"ICT: no block has {config.min_sentences} sentences")
     self.num_examples = len(first)
-    self.iterator = finetune.QuestionIterator(self.num_examples, global_batch_size, seed,
-                                              process_index, process_count)
+    self.iterator = example_order.ExampleOrder(self.num_examples, global_batch_size, seed,
+                                               process_index, process_count)
 
   def examples(self, epoch: int):
     """The `data.pretraining.IctExamples` of `epoch` (it and one other epoch stay cached)."""
@@ -203,9 +205,9 @@ def ict_outputs(params: Mapping[str, Any], batch: Mapping[str, Array], rng: Arra
   return {"loss": loss, "accuracy": accuracy, "logits": logits}
 
 
-def train_step(state: finetune.TrainState, batch: Mapping[str, Array], rng: Array, *,
+def train_step(state: train_state.TrainState, batch: Mapping[str, Array], rng: Array, *,
                tx: optax.GradientTransformation, retriever_cfg: retriever_lib.RetrieverConfig,
-               mesh: jax.sharding.Mesh) -> tuple[finetune.TrainState, dict[str, Array]]:
+               mesh: jax.sharding.Mesh) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One ICT update; metrics `train/loss`, `train/accuracy`, `train/grad_norm`.
 
   Args:
@@ -236,21 +238,13 @@ def eval_step(params: Mapping[str, Any], batch: Mapping[str, Array], *,
                      deterministic=True)
 
 
-def make_steps(model_cfg: realm.ModelConfig, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh):
-  """Jits `train_step` (donating the state) and `eval_step` once over the mesh.
-
-  Returns:
-    `(train_step(state, batch, rng) -> (state, metrics), eval_step(params, batch) -> outputs)`.
-  """
-  retriever_cfg = model_cfg.retriever_config()
+def make_eval_step(model_cfg: realm.ModelConfig, mesh: jax.sharding.Mesh):
+  """`eval_step(params, batch) -> {"loss", "accuracy", "logits"}` jitted once over the mesh (the
+  logits split over `data`, the scalars replicated)."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  train = jax.jit(functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, mesh=mesh),
-                  in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, retriever_cfg=retriever_cfg, mesh=mesh),
-                     in_shardings=(rep, data),
-                     out_shardings={"loss": rep, "accuracy": rep, "logits": data})
-  return train, evaluate
+  return jax.jit(functools.partial(eval_step, retriever_cfg=model_cfg.retriever_config(), mesh=mesh),
+                 in_shardings=(rep, data),
+                 out_shardings={"loss": rep, "accuracy": rep, "logits": data})
 
 
 def abstract_batch(task: IctConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -265,30 +259,21 @@ def abstract_batch(task: IctConfig, batch_size: int) -> dict[str, jax.ShapeDtype
   return {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in spec.items()}
 
 
-def _step_parts(model: realm.ModelConfig, task: IctConfig, batch_size: int):
-  from realm_jax.training import optim  # pylint: disable=g-import-not-at-top
-  tx = optim.bert_adamw(optim.OptimizerConfig())
+def step_parts(model: realm.ModelConfig, task: IctConfig, batch_size: int,
+               tx: optax.GradientTransformation | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> train_state.StepParts:
+  """The ICT step without weights or data (`train_state.StepParts`): random init of
+  `{"retriever"}`, `train_step` bound to `mesh` (default: a one-device mesh, for shapes and memory
+  plans), the global batch's shapes and the optimiser (default: BERT's AdamW)."""
+  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
   retriever_cfg = model.retriever_config()
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
 
   def init_params(rng):
     return {"retriever": realm.init_retriever(retriever_cfg, rng)}
 
   step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, mesh=mesh)
-  return init_params, step, abstract_batch(task, batch_size), tx
-
-
-def abstract_train_step(model: realm.ModelConfig, task: IctConfig, batch_size: int
-                        ) -> dict[str, Any]:
-  """Shapes of params, optimiser state and metrics of one step, without weights or data."""
-  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
-  return abstract.train_step_shapes(*_step_parts(model, task, batch_size))
-
-
-def compiled_temp_bytes(model: realm.ModelConfig, task: IctConfig, batch_size: int) -> int:
-  """Activation bytes of one step for `batch_size` pairs on one device (memory plan)."""
-  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
-  return abstract.compiled_temp_bytes(*_step_parts(model, task, batch_size))
+  return train_state.StepParts(init_params, step, abstract_batch(task, batch_size), tx)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,103 +290,66 @@ def train(workdir: str,
           num_train_steps: int = 100,
           log_every_steps: int = 10,
           checkpoint_every_steps: int = 100,
+          nan_policy: str = "stop",
+          profile_steps: Sequence[int] = (),
           seed: int = 0,
           mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, Any]:
   """ICT warm start of the retriever (ORQA §5) over the blocks of the knowledge corpus.
 
-  Order of work: corpus (built once, `data.corpus_config.load_corpus`) → retriever params
-  (pretrained BERT) → resume from `WORKDIR/checkpoints` → `num_train_steps` steps → `summary.json`.
-  Checkpoints hold params `{"retriever"}`; `pretrain.train(init_from=workdir)` loads them.
+  Order of work: corpus (built once, `data.corpus_config.load_corpus`) → the train state
+  (`loop.Trainer`: resume from `WORKDIR/checkpoints`, else the pretrained BERT) → the steps
+  (`loop.Trainer.fit`) → `summary.json`. Checkpoints hold params `{"retriever"}`;
+  `pretrain.train(init_from=workdir)` loads them.
 
   Args:
     workdir: the run directory.
     model / task: configuration dataclasses (gin builds them).
     data: the knowledge corpus (`corpus_config.CorpusConfig`, ICT's data configuration: ICT needs
-      the blocks and nothing else); another job's data config is read for its corpus fields.
+      the blocks and nothing else).
     optimizer: `optim.OptimizerConfig` (default: lr 1e-4, ORQA's ICT rate).
     batch_size: global examples per step (4096 in ORQA); the in-batch softmax has this many
       columns; a multiple of the mesh's `data` size.
-    num_train_steps / log_every_steps / checkpoint_every_steps: in steps.
+    num_train_steps / log_every_steps / checkpoint_every_steps / nan_policy / profile_steps: see
+      `loop.LoopConfig`.
     seed: init, data order and dropout seed.
     mesh_shape: the device mesh.
 
   Returns:
-    A summary: `train` (last logged metrics), `history`, `num_blocks`, `num_examples`, `steps`,
-    `start_step`, `timings` (seconds).
+    A summary: `train` (the last logged window's means), `history`, `num_blocks`, `num_examples`,
+    `steps`, `start_step`, `timings` (seconds).
 
   Raises:
     ValueError: on inconsistent configuration.
-    FloatingPointError: on a NaN/inf loss.
+    FloatingPointError: on a non-finite loss with `nan_policy="stop"`.
   """
-  import tqdm
-  from realm_jax.training import checkpointing
-  from realm_jax.training import metric_writer
-  from realm_jax.training import optim
-
   optimizer = optimizer or optim.OptimizerConfig(learning_rate=1e-4,
                                                  num_train_steps=max(num_train_steps, 1))
-  timings: dict[str, float] = {}
+  trainer = loop.Trainer(workdir, loop.LoopConfig(
+      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
+      checkpoint_every_steps=checkpoint_every_steps, nan_policy=nan_policy,
+      profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
   t0 = time.time()
-  mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
-  fileio.makedirs(workdir)  # Local or gs://.
-  is_main = jax.process_index() == 0
-  writer = metric_writer.MetricWriter(workdir)
   tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())
-  batcher = IctBatcher(list(corpus), tokenizer, task, batch_size, seed, jax.process_index(),
+  batcher = IctBatcher(corpus, tokenizer, task, batch_size, seed, jax.process_index(),
                        jax.process_count())
   if batcher.num_examples < batch_size:
     logging.warning("ICT: %d usable blocks < batch_size %d: blocks repeat within a batch (their "
                     "copies are masked out as negatives)", batcher.num_examples, batch_size)
-  timings["data_s"] = time.time() - t0
-
-  params = {"retriever": realm.init_params(model, jax.random.key(seed),
-                                           parts=("retriever",))["retriever"]}
+  timings = {"data_s": time.time() - t0}
   tx = optim.bert_adamw(optimizer)
-  state = finetune.create_train_state(params, tx, mesh)
-  del params
-  ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(workdir),
-                                         save_interval_steps=checkpoint_every_steps)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    p, o, meta = ckpt.restore(latest, checkpointing.abstract_like(state.params),
-                              checkpointing.abstract_like(state.opt_state))
-    state = finetune.TrainState(step=jnp.asarray(latest, jnp.int32), params=p, opt_state=o)
-    batcher.restore(meta["data"])
-    logging.info("resumed ICT from step %d", latest)
-  start_step = int(jax.device_get(state.step))
-
-  train_fn, _ = make_steps(model, tx, mesh)
-  rng = jax.random.key(seed + 1)
-  history: list[dict[str, float]] = []
-  last: dict[str, float] = {}
-  t1 = time.time()
-  bar = tqdm.tqdm(range(start_step, num_train_steps), desc="ICT", unit="step", disable=not is_main)
-  for step in bar:
-    batch = sharding.global_batch_from_local(batcher.next_local_batch(), mesh)
-    state, metrics = train_fn(state, batch, rng)
-    if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(last["train/loss"]):
-        raise FloatingPointError(f"ICT step {step + 1}: loss is {last['train/loss']}")
-      history.append(dict(last, step=step + 1))
-      bar.set_postfix(loss=f"{last['train/loss']:.3f}",
-                      acc=f"{last['train/accuracy']:.3f}")
-      logging.info("ICT step %d: %s", step + 1, last)
-      writer.write(step + 1, last)
-    if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
-      ckpt.save(step + 1, state.params, state.opt_state,
-                {"data": batcher.state(), "model": dataclasses.asdict(model),
-                 "task": dataclasses.asdict(task)},
-                force=step + 1 == num_train_steps)
-  bar.close()
-  ckpt.close()
-  timings["train_s"] = time.time() - t1
-  timings["total_s"] = time.time() - t0
-  summary = {"train": last, "history": history, "num_blocks": len(corpus),
-             "num_examples": batcher.num_examples, "steps": num_train_steps,
-             "start_step": start_step, "batch_size": batch_size, "timings": timings}
-  metric_writer.write_summary_json(workdir, summary)
-  writer.close()
-  return summary
+  parts = step_parts(model, task, batch_size, tx, trainer.mesh)
+  state = trainer.initial_state(
+      random_params=parts.init_params, tx=tx, data_order=batcher,
+      initial_params=lambda: realm.init_params(model, jax.random.key(seed), parts=("retriever",)))
+  state, fit = trainer.fit(loop.Task(
+      name="ICT", train_step=parts.train_step,
+      next_batch=lambda step, state: batcher.next_local_batch(), data_order=batcher,
+      global_batch_size=batch_size,
+      checkpoint_meta={"model": dataclasses.asdict(model), "task": dataclasses.asdict(task)},
+      learning_rate=optim.learning_rate_schedule(optimizer),
+      progress=("train/loss", "train/accuracy")), state, jax.random.key(seed + 1))
+  timings.update(fit.pop("timings"))
+  return trainer.finish(dict(fit, num_blocks=len(corpus), num_examples=batcher.num_examples,
+                             batch_size=batch_size, init=trainer.origin, timings=timings))

@@ -50,18 +50,21 @@ import numpy as np
 import optax
 
 from realm_jax import fileio
+from realm_jax import sharding
 from realm_jax.data import corpus as corpus_data
+from realm_jax.data import corpus_config
+from realm_jax.data import example_order
 from realm_jax.data import featurize
 from realm_jax.models import bert
 from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
-from realm_jax.training import finetune
-from realm_jax.training import losses
-from realm_jax import sharding
-from realm_jax.data import corpus_config
 from realm_jax.retrieval import embedding
 from realm_jax.retrieval import trainer_done
+from realm_jax.training import loop
+from realm_jax.training import losses
+from realm_jax.training import optim
+from realm_jax.training import train_state
 
 embedded_dev_subset = corpus_data.embedded_dev_subset  # Kept here for callers of the old location.
 
@@ -452,9 +455,9 @@ def pretraining_metrics(aux: Mapping[str, Array], batch: Mapping[str, Array]) ->
   }
 
 
-def train_step(state: finetune.TrainState, batch: Mapping[str, Array], rng: Array, *,
+def train_step(state: train_state.TrainState, batch: Mapping[str, Array], rng: Array, *,
                tx: optax.GradientTransformation, retriever_cfg: retriever_lib.RetrieverConfig,
-               encoder_cfg: bert.BertConfig) -> tuple[finetune.TrainState, dict[str, Array]]:
+               encoder_cfg: bert.BertConfig) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One REALM pre-training update (module docstring); metrics use the pre-update params.
 
   Args:
@@ -485,23 +488,13 @@ def eval_step(params: Mapping[str, Any], batch: Mapping[str, Array], *,
   return dict(pretraining_metrics(aux, batch), **{"train/loss": loss})
 
 
-def make_steps(model_cfg: realm.ModelConfig, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh):
-  """Jits `train_step` and `eval_step` once over the mesh (params replicated, batch over `data`).
-
-  Returns:
-    `(train_step(state, batch, rng) -> (state, metrics), eval_step(params, batch) -> metrics)`;
-    the train step donates its state.
-  """
-  retriever_cfg, encoder_cfg = model_cfg.retriever_config(), model_cfg.bert_config()
+def make_eval_step(model_cfg: realm.ModelConfig, mesh: jax.sharding.Mesh):
+  """`eval_step(params, batch) -> metrics` jitted once over the mesh (params replicated, batch split
+  over `data`, metrics replicated)."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  train = jax.jit(functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg,
-                                    encoder_cfg=encoder_cfg),
-                  in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, retriever_cfg=retriever_cfg,
-                                       encoder_cfg=encoder_cfg),
-                     in_shardings=(rep, data), out_shardings=rep)
-  return train, evaluate
+  return jax.jit(functools.partial(eval_step, retriever_cfg=model_cfg.retriever_config(),
+                                   encoder_cfg=model_cfg.bert_config()),
+                 in_shardings=(rep, data), out_shardings=rep)
 
 
 def abstract_batch(task: PretrainConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -518,9 +511,12 @@ def abstract_batch(task: PretrainConfig, batch_size: int) -> dict[str, jax.Shape
   return {key: jax.ShapeDtypeStruct(s, d) for key, (s, d) in spec.items()}
 
 
-def _step_parts(model: realm.ModelConfig, task: PretrainConfig, batch_size: int):
-  from realm_jax.training import optim  # pylint: disable=g-import-not-at-top
-  tx = optim.bert_adamw(optim.OptimizerConfig())
+def step_parts(model: realm.ModelConfig, task: PretrainConfig, batch_size: int,
+               tx: optax.GradientTransformation | None = None) -> train_state.StepParts:
+  """The pre-training step without weights or data (`train_state.StepParts`): random init of
+  `{"retriever", "encoder"}`, `train_step` with its static arguments bound, the global batch's shapes
+  and the optimiser (default: BERT's AdamW with default settings)."""
+  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
   retriever_cfg, encoder_cfg = model.retriever_config(), model.bert_config()
 
   def init_params(rng):
@@ -529,40 +525,12 @@ def _step_parts(model: realm.ModelConfig, task: PretrainConfig, batch_size: int)
             "encoder": realm.init_encoder(encoder_cfg, r2)}
 
   step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, encoder_cfg=encoder_cfg)
-  return init_params, step, abstract_batch(task, batch_size), tx
-
-
-def abstract_train_step(model: realm.ModelConfig, task: PretrainConfig, batch_size: int
-                        ) -> dict[str, Any]:
-  """Shapes of params, optimiser state and metrics of one step, without weights or data."""
-  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
-  return abstract.train_step_shapes(*_step_parts(model, task, batch_size))
-
-
-def compiled_temp_bytes(model: realm.ModelConfig, task: PretrainConfig, batch_size: int) -> int:
-  """Activation bytes of one step for `batch_size` queries on one device (memory plan)."""
-  from realm_jax.training import abstract  # pylint: disable=g-import-not-at-top
-  return abstract.compiled_temp_bytes(*_step_parts(model, task, batch_size))
+  return train_state.StepParts(init_params, step, abstract_batch(task, batch_size), tx)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Data and initial parameters.
 # ---------------------------------------------------------------------------------------------------
-
-
-def load_corpus(data: PretrainDataConfig, model: realm.ModelConfig, workdir: str):
-  """The tokenizer and the blocked knowledge corpus (TFDS, built once) of a run.
-
-  Returns:
-    `(tokenizer, corpus)`.
-
-  Raises:
-    FileNotFoundError: for a missing tokenizer or source file.
-    data.corpus.DataFormatError: for a malformed source (naming file, line and field).
-  """
-  return corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
 
 
 def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, task: PretrainConfig,
@@ -578,7 +546,9 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
   """
   from realm_jax.data import pretraining as pretraining_data
 
-  tokenizer, corpus = load_corpus(data, model, workdir)
+  tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
   data_dir = data.data_dir or fileio.join(workdir, "tfds")
   text_corpus = corpus
   if data.pretraining_sources:
@@ -610,73 +580,32 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
   return tokenizer, corpus, examples
 
 
-def _checkpoint_directory(path: str) -> str:
-  """`path/checkpoints` when `path` is a work directory, else `path`."""
-  nested = str(fileio.join(path, "checkpoints"))
-  return nested if fileio.isdir(nested) else path
+PARTS = ("retriever", "encoder")
 
 
-def restore_retriever_params(init_from: str, abstract_retriever: Any) -> tuple[Any, int]:
-  """The `retriever` params of the newest checkpoint under `init_from` (ICT warm start, REALM §3.4).
+def params_from_run(init_from: str, abstract_params: Any, model: realm.ModelConfig, seed: int = 0
+                    ) -> dict[str, Any]:
+  """`{"retriever", "encoder"}`: the retriever of another run, the encoder from the pretrained BERT.
 
-  Accepts an ICT checkpoint (params item `{"retriever"}`, restored with
-  `checkpointing.restore_params`) or a REALM one (`{"retriever", "encoder"}`, partially restored).
+  REALM initialises the retriever from the ICT warm start and the encoder from BERT (§3.4). Any run
+  with a `retriever` part serves (ICT, REALM pre-training, Open-QA).
 
   Args:
     init_from: a work directory or its `checkpoints/` directory.
-    abstract_retriever: `jax.ShapeDtypeStruct`s (with shardings) of the retriever params.
-
-  Returns:
-    `(retriever_params, step)`.
+    abstract_params: the `{"retriever", "encoder"}` targets (`jax.ShapeDtypeStruct`s with
+      shardings).
+    model / seed: the pretrained encoder and the seed of its fresh heads (`realm.init_params`).
 
   Raises:
     FileNotFoundError: if `init_from` holds no checkpoint.
     ValueError: if its retriever params do not fit the model.
   """
-  from realm_jax.training import checkpointing
-  directory = _checkpoint_directory(init_from)
-  if not fileio.isdir(directory):
-    raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint directory")
-  try:
-    restored, step = checkpointing.restore_params(directory, {"retriever": abstract_retriever})
-    return restored["retriever"], step
-  except ValueError as e:
-    if "do not match" not in str(e):
-      raise
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(directory, item_names=(checkpointing.PARAMS,),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step()
-    target = {"retriever": abstract_retriever}
-    restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),
-                                          target)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        checkpointing.PARAMS: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                     partial_restore=True)}))
-    return restored[checkpointing.PARAMS]["retriever"], int(step)
-  finally:
-    manager.close()
-
-
-def initial_params(model: realm.ModelConfig, seed: int = 0, init_from: str = "",
-                   mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, Any], int | None]:
-  """`{"retriever", "encoder"}` params: the pretrained BERT, with the retriever from `init_from`.
-
-  REALM initialises the retriever from the ICT warm start and the encoder from BERT (§3.4).
-
-  Returns:
-    `(params, init_from_step)`; the step is None without `init_from`.
-  """
-  params = realm.init_params(model, jax.random.key(seed), parts=("retriever", "encoder"))
-  if not init_from:
-    return params, None
-  from realm_jax.training import checkpointing
-  mesh = mesh or sharding.make_mesh()
-  retriever = jax.device_put(params["retriever"], sharding.replicated(mesh))
-  restored, step = restore_retriever_params(init_from, checkpointing.abstract_like(retriever))
+  from realm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  restored, step = checkpointing.restore_partial_params(
+      init_from, {"retriever": abstract_params["retriever"]})
   logging.info("retriever initialised from %s (step %d)", init_from, step)
-  return dict(params, retriever=restored), step
+  encoder = realm.init_params(model, jax.random.key(seed), parts=("encoder",))["encoder"]
+  return {"retriever": restored["retriever"], "encoder": encoder}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -775,6 +704,9 @@ def train(workdir: str,
           num_train_steps: int = 100,
           log_every_steps: int = 10,
           checkpoint_every_steps: int = 100,
+          eval_every_steps: int = 0,
+          nan_policy: str = "stop",
+          profile_steps: Sequence[int] = (),
           searcher: str = "scann",
           index_refresh: str = "none",
           refresh_every_steps: int = 500,
@@ -788,21 +720,22 @@ def train(workdir: str,
           mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, Any]:
   """REALM pre-training (§2–§3.4): retrieve, re-embed the k candidates, marginal masked LM.
 
-  Order of work: corpus + masked examples (TFDS, once) → params (pretrained BERT; retriever from
-  `init_from`, e.g. the ICT warm start) → resume from `WORKDIR/checkpoints` (wins over `init_from`)
-  → the first snapshot (built when `WORKDIR/snapshots` has none) → index source → optional eval of
-  the held-out examples → `num_train_steps` steps → final eval, `summary.json`.
+  Order of work: corpus + masked examples (TFDS, once) → the train state (`loop.Trainer`: resume
+  from `WORKDIR/checkpoints`, else the retriever from `init_from`, e.g. the ICT warm start, and the
+  pretrained BERT encoder) → the first snapshot (built when `WORKDIR/snapshots` has none) → index
+  source → optional eval of the held-out examples → the steps (`loop.Trainer.fit`) → final eval,
+  `summary.json`.
 
   Checkpoints hold params `{"retriever", "encoder"}` (the index builder restores `retriever`),
-  the optimiser state and the iterator state.
+  the optimiser state and the example order.
 
   Args:
     workdir: the run directory (local or `gs://`).
     model / data / task: configuration dataclasses (gin builds them).
     optimizer: `optim.OptimizerConfig` (default: lr 3e-5, the paper's pre-training rate).
     batch_size: global examples per step (a multiple of the mesh's `data` size).
-    num_train_steps: total steps.
-    log_every_steps / checkpoint_every_steps: intervals, in steps.
+    num_train_steps / log_every_steps / checkpoint_every_steps / eval_every_steps / nan_policy /
+      profile_steps: see `loop.LoopConfig`.
     searcher: 'scann' (host) or 'exact' (on-device sharded top-k).
     index_refresh: 'none', 'inline' (re-embed every `refresh_every_steps` here) or 'async'
       (`retrieval.watcher.IndexWatcher` over snapshots from the index-builder job, which reads the
@@ -817,38 +750,32 @@ def train(workdir: str,
     mesh_shape: the device mesh (`sharding.make_mesh`).
 
   Returns:
-    A summary dict: `train` (last logged metrics), `history` (every logged metrics dict, with
-    `step`), `eval_initial` / `eval_final` (when `num_eval_examples`), `num_blocks`,
+    A summary dict: `train` (the last logged window's means), `history` (every logged window,
+    with `step`), `eval_initial` / `eval_final` (when `num_eval_examples`), `num_blocks`,
     `num_examples`, `num_refreshes`, `max_index_staleness_steps_seen`, `timings` (seconds).
 
   Raises:
     ValueError: on inconsistent configuration.
-    FloatingPointError: if the loss becomes NaN or infinite.
+    FloatingPointError: on a non-finite loss with `nan_policy="stop"`.
   """
-  import tqdm
-  from realm_jax.training import checkpointing
-  from realm_jax.training import index_source as index_source_lib
-  from realm_jax.training import metric_writer
-  from realm_jax.training import optim
+  from realm_jax.training import index_source as index_source_lib  # pylint: disable=g-import-not-at-top
 
   if searcher not in index_source_lib.SEARCHER_KINDS:
     raise ValueError(f"searcher must be one of {index_source_lib.SEARCHER_KINDS}, got {searcher!r}")
   if index_refresh not in INDEX_REFRESH_MODES:
     raise ValueError(f"index_refresh must be one of {INDEX_REFRESH_MODES}, got {index_refresh!r}")
-  optimizer = optimizer or optim.OptimizerConfig(learning_rate=3e-5,
-                                                 num_train_steps=max(num_train_steps, 1))
-  timings: dict[str, float] = {}
-  t0 = time.time()
-  mesh = sharding.setup_training_mesh(mesh_shape, batch_size)
-  encoder_cfg = model.bert_config()
-  if task.joint_length > encoder_cfg.max_position_embeddings:
+  if task.joint_length > model.bert_config().max_position_embeddings:
     raise ValueError(f"PretrainConfig: query_length + candidate_length = {task.joint_length} "
                      "exceeds the encoder's max_position_embeddings="
-                     f"{encoder_cfg.max_position_embeddings}")
-  fileio.makedirs(workdir)  # Local or gs://.
-  is_main = jax.process_index() == 0
-  writer = metric_writer.MetricWriter(workdir)
-
+                     f"{model.bert_config().max_position_embeddings}")
+  optimizer = optimizer or optim.OptimizerConfig(learning_rate=3e-5,
+                                                 num_train_steps=max(num_train_steps, 1))
+  trainer = loop.Trainer(workdir, loop.LoopConfig(
+      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
+      checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=eval_every_steps,
+      nan_policy=nan_policy, profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
+  mesh, timings = trainer.mesh, {}
+  t0 = time.time()
   tokenizer, corpus, examples = load_pretraining_data(data, model, task, workdir, seed)
   timings["data_s"] = time.time() - t0
   order = np.random.default_rng(seed + 7).permutation(len(examples))
@@ -857,124 +784,96 @@ def train(workdir: str,
   if not len(train_indices):
     raise ValueError(f"num_eval_examples={num_eval_examples} leaves no training example "
                      f"(of {len(examples)})")
-
-  retriever_cfg = model.retriever_config()
-  params, init_from_step = initial_params(model, seed, init_from, mesh)
   tx = optim.bert_adamw(optimizer)
-  state = finetune.create_train_state(params, tx, mesh)
-  del params
-  ckpt = checkpointing.CheckpointManager(checkpointing.checkpoint_dir(workdir),
-                                         save_interval_steps=checkpoint_every_steps)
-  iterator = finetune.QuestionIterator(len(train_indices), batch_size, seed, jax.process_index(),
-                                       jax.process_count())
-  latest = ckpt.latest_step()
-  if latest is not None:
-    p, o, meta = ckpt.restore(latest, checkpointing.abstract_like(state.params),
-                              checkpointing.abstract_like(state.opt_state))
-    state = finetune.TrainState(step=jnp.asarray(latest, jnp.int32), params=p, opt_state=o)
-    iterator.restore(meta["data"])
-    logging.info("resumed from step %d", latest)
+  parts = step_parts(model, task, batch_size, tx)
+  data_order = example_order.ExampleOrder(len(train_indices), batch_size, seed,
+                                          jax.process_index(), jax.process_count())
+  state = trainer.initial_state(
+      random_params=parts.init_params, tx=tx, data_order=data_order, init_from=init_from,
+      initial_params=lambda: realm.init_params(model, jax.random.key(seed), parts=PARTS),
+      params_from=functools.partial(params_from_run, model=model, seed=seed))
   start_step = int(jax.device_get(state.step))
 
-  t1 = time.time()
+  t1 = time.time()  # The index source: REALM's refresh policy (none, inline or the async job).
+  retriever_cfg = model.retriever_config()
   snapshots_root = os.path.join(workdir, "snapshots")
-  host_retriever_params = lambda: jax.device_get(state.params["retriever"])  # noqa: E731
+  latest = {"state": state}  # The state the inline refresh re-embeds with (set before each step).
+  host_retriever_params = lambda: jax.device_get(latest["state"].params["retriever"])  # noqa: E731
   if index_refresh == "async":
-    # The index-builder job builds the first index too; the watcher waits for it.
-    if is_main:
+    if trainer.is_main:  # The index-builder job builds the first index too; the watcher waits.
       trainer_done.clear_trainer_done(workdir)
   else:
     index_source_lib.ensure_first_snapshot(snapshots_root, corpus, retriever_cfg,
                                            host_retriever_params(), params_step=start_step,
                                            batch_size=index_batch_size)
-  make_searcher = index_source_lib.make_searcher_factory(searcher, mesh)
   source = make_index_source(
       index_refresh, snapshots_root=snapshots_root, corpus=corpus, retriever_cfg=retriever_cfg,
-      params_fn=host_retriever_params, make_searcher=make_searcher,
+      params_fn=host_retriever_params,
+      make_searcher=index_source_lib.make_searcher_factory(searcher, mesh),
       refresh_every_steps=refresh_every_steps, max_index_staleness_steps=max_index_staleness_steps,
       poll_interval_s=poll_interval_s, index_batch_size=index_batch_size)
   timings["first_index_s"] = time.time() - t1
 
-  train_fn, eval_fn = make_steps(model, tx, mesh)
   query_embed_fn = embedding.make_query_embed_fn(retriever_cfg, mesh)
   featurizer = PretrainFeaturizer(tokenizer, corpus, task)
   summary: dict[str, Any] = {
       "num_blocks": len(corpus), "num_examples": len(examples), "masking": examples.masking,
       "num_train_examples": len(train_indices), "num_eval_examples": len(eval_indices),
       "index_refresh": index_refresh, "searcher": searcher, "init_from": init_from or None,
-      "init_from_step": init_from_step}
-  evaluator = (PretrainEvaluator(featurizer, examples, eval_indices, query_embed_fn, eval_fn, mesh,
-                                 eval_batch_size) if len(eval_indices) else None)
+      "init": trainer.origin}
+  evaluator = (PretrainEvaluator(featurizer, examples, eval_indices, query_embed_fn,
+                                 make_eval_step(model, mesh), mesh, eval_batch_size)
+               if len(eval_indices) else None)
   if evaluator is not None and start_step == 0:
     t2 = time.time()
-    index = source.before_step(0)
-    summary["eval_initial"] = evaluator(state.params, index.searcher)
+    summary["eval_initial"] = evaluator(state.params, source.before_step(0).searcher)
     timings["eval_initial_s"] = time.time() - t2
-    writer.write(0, summary["eval_initial"], prefix="eval")
-    logging.info("initial eval: %s", summary["eval_initial"])
+    trainer.writer.write(0, summary["eval_initial"], prefix="eval")
 
-  rng = jax.random.key(seed + 1)
-  history: list[dict[str, float]] = []
-  last: dict[str, float] = {}
-  max_staleness = 0
-  retrieval_s = step_s = 0.0
-  t3 = time.time()
-  bar = tqdm.tqdm(range(start_step, num_train_steps), desc="REALM pre-training", unit="step",
-                  disable=not is_main)
-  for step in bar:
-    t_r = time.time()
-    index = source.before_step(step)
-    staleness = step - int(index.snapshot.params_step)
-    max_staleness = max(max_staleness, staleness)
-    local = train_indices[iterator.next_local_indices()]
-    batch = retrieve_and_featurize(featurizer, examples.batch(local), state.params["retriever"],
-                                   index.searcher, query_embed_fn, mesh)
-    t_s = time.time()
-    retrieval_s += t_s - t_r
-    state, metrics = train_fn(state, sharding.global_batch_from_local(batch, mesh), rng)
-    if (step + 1) % log_every_steps == 0 or step + 1 == num_train_steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(last["train/loss"]):
-        raise FloatingPointError(f"step {step + 1}: loss is {last['train/loss']}")
-      last["retrieval/index_staleness_steps"] = float(staleness)
-      if hasattr(source, "metrics"):
-        last.update(source.metrics(step))
-      history.append(dict(last, step=step + 1))
-      bar.set_postfix(loss=f"{last['train/loss']:.3f}",
-                      utility=f"{last['retrieval/utility']:.3f}")
-      logging.info("step %d: %s", step + 1, last)
-      writer.write(step + 1, last)
-    step_s += time.time() - t_s
-    if ckpt.should_save(step + 1) or step + 1 == num_train_steps:
-      ckpt.save(step + 1, state.params, state.opt_state,
-                {"data": iterator.state(), "model": dataclasses.asdict(model),
-                 "task": dataclasses.asdict(task)},
-                force=step + 1 == num_train_steps)
-  bar.close()
-  ckpt.close()
-  if index_refresh == "async" and is_main:
+  staleness = {"now": 0, "max": 0}
+  index = None
+
+  def next_batch(step: int, state: train_state.TrainState) -> dict[str, np.ndarray]:
+    nonlocal index
+    latest["state"] = state
+    index = source.before_step(step)  # Refreshes (inline) or swaps in (async) a newer index.
+    staleness["now"] = step - int(index.snapshot.params_step)
+    staleness["max"] = max(staleness["max"], staleness["now"])
+    local = train_indices[data_order.next_local_indices()]
+    return retrieve_and_featurize(featurizer, examples.batch(local), state.params["retriever"],
+                                  index.searcher, query_embed_fn, mesh)
+
+  def host_metrics(step: int) -> dict[str, float]:
+    out = {"retrieval/index_staleness_steps": float(staleness["now"])}
+    out.update(source.metrics(step) if hasattr(source, "metrics") else {})
+    return out
+
+  state, fit = trainer.fit(loop.Task(
+      name="REALM pre-training", train_step=parts.train_step, next_batch=next_batch,
+      data_order=data_order, global_batch_size=batch_size,
+      evaluate=(None if evaluator is None else
+                lambda params, step: evaluator(params, index.searcher)),
+      host_metrics=host_metrics,
+      checkpoint_meta={"model": dataclasses.asdict(model), "task": dataclasses.asdict(task)},
+      learning_rate=optim.learning_rate_schedule(optimizer),
+      progress=("train/loss", "retrieval/utility")), state, jax.random.key(seed + 1))
+  if index_refresh == "async" and trainer.is_main:
     trainer_done.mark_trainer_done(workdir, max(num_train_steps, start_step))
-  timings["train_s"] = time.time() - t3
-  timings["index_retrieval_featurize_s"] = retrieval_s  # incl. inline refreshes
-  timings["device_step_s"] = step_s
-  if start_step >= num_train_steps:
+  timings.update(fit.pop("timings"))
+  summary.update(fit)
+  if index is None:
     index = source.before_step(start_step)
   if evaluator is not None:
     t4 = time.time()
     summary["eval_final"] = evaluator(state.params, index.searcher)
     timings["eval_final_s"] = time.time() - t4
-    writer.write(num_train_steps, summary["eval_final"], prefix="eval")
+    trainer.writer.write(num_train_steps, summary["eval_final"], prefix="eval")
     logging.info("final eval: %s", summary["eval_final"])
-  summary.update({
-      "train": last, "history": history, "steps": num_train_steps, "start_step": start_step,
-      "num_refreshes": getattr(source, "num_refreshes", 0),
-      "max_index_staleness_steps_seen": max_staleness,
-      "final_snapshot_params_step": int(index.snapshot.params_step)})
+  summary.update({"num_refreshes": getattr(source, "num_refreshes", 0),
+                  "max_index_staleness_steps_seen": staleness["max"],
+                  "final_snapshot_params_step": int(index.snapshot.params_step)})
   if hasattr(source, "metrics"):
     summary["index"] = source.metrics(max(num_train_steps, start_step))
   source.close()
-  timings["total_s"] = time.time() - t0
   summary["timings"] = timings
-  metric_writer.write_summary_json(workdir, summary)
-  writer.close()
-  return summary
+  return trainer.finish(summary)

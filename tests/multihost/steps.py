@@ -4,6 +4,8 @@ import numpy as np
 
 from realm_jax.models import bert
 from realm_jax.models import realm
+from realm_jax.training import loop
+from realm_jax.training import train_state
 
 TINY = realm.ModelConfig(
     init_checkpoint=None, pooling="cls_projection", projection_size=8, span_hidden_size=8,
@@ -42,8 +44,8 @@ def finetune(global_batch, mesh):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
                                               warmup_steps=0))
   params = realm.init_params(TINY, jax.random.key(0))
-  state = ft.create_train_state(params, tx, mesh)
-  train_fn, _ = ft.make_steps(TINY, task, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(ft.step_parts(TINY, task, b, tx).train_step, mesh)
   return state, train_fn, batch
 
 
@@ -74,15 +76,14 @@ def ict(global_batch, mesh):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
                                               warmup_steps=0))
   params = realm.init_params(TINY, jax.random.key(0), parts=("retriever",))
-  state = __import__("realm_jax.training.finetune", fromlist=["x"]).create_train_state(
-      params, tx, mesh)
-  train_fn, _ = ict_lib.make_steps(TINY, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(ict_lib.step_parts(TINY, task, global_batch, tx, mesh).train_step,
+                                 mesh)
   return state, train_fn, batch
 
 
 def pretrain(global_batch, mesh):
   import jax
-  from realm_jax.training import finetune as ft
   from realm_jax.training import optim
   from realm_jax.training import pretrain as pre
   task = pre.PretrainConfig(num_candidates=3, query_length=8, candidate_length=12, max_masks=2)
@@ -92,8 +93,8 @@ def pretrain(global_batch, mesh):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
                                               warmup_steps=0))
   params = realm.init_params(TINY, jax.random.key(0), parts=("retriever", "encoder"))
-  state = ft.create_train_state(params, tx, mesh)
-  train_fn, _ = pre.make_steps(TINY, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(pre.step_parts(TINY, task, global_batch, tx).train_step, mesh)
   return state, train_fn, batch
 
 

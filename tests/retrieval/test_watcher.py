@@ -186,7 +186,8 @@ def tiny_corpus(tmp_path_factory):
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
   data = corpus_config.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
                                     data_dir=str(root / "tfds"))
-  corpus = index_builder.load_corpus(data, MODEL, str(root), show_progress=False)
+  _, corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(root),
+                                       show_progress=False)
   return data, corpus
 
 

@@ -14,8 +14,11 @@ from realm_jax.data import featurize
 from realm_jax.data.questions import Question
 from realm_jax.models import bert
 from realm_jax.models import realm
+from realm_jax.data import example_order
 from realm_jax.training import finetune
+from realm_jax.training import loop
 from realm_jax.training import optim
+from realm_jax.training import train_state
 from realm_jax import sharding
 
 DOCS = [
@@ -83,8 +86,9 @@ def _run_steps(batch, mesh, num_steps):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=100,
                                               warmup_steps=0))
   params = realm.init_params(MODEL, jax.random.key(0))
-  state = finetune.create_train_state(params, tx, mesh)
-  train_fn, eval_fn = finetune.make_steps(MODEL, TASK, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(finetune.step_parts(MODEL, TASK, 8, tx).train_step, mesh)
+  eval_fn = finetune.make_eval_step(MODEL, TASK, mesh)
   out = []
   for _ in range(num_steps):
     state, metrics = train_fn(state, sharding.global_batch_from_local(batch, mesh),
@@ -115,21 +119,21 @@ def test_same_loss_on_1_and_8_devices(setup):
     np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=2e-4)
 
 
-def test_question_iterator_is_resumable():
-  it = finetune.QuestionIterator(10, 4, seed=3)
+def test_example_order_is_resumable():
+  it = example_order.ExampleOrder(10, 4, seed=3)
   first = [it.next_local_indices() for _ in range(3)]
   state = it.state()
   rest = [it.next_local_indices() for _ in range(4)]
-  it2 = finetune.QuestionIterator(10, 4, seed=3)
+  it2 = example_order.ExampleOrder(10, 4, seed=3)
   it2.restore(state)
   np.testing.assert_array_equal(np.concatenate(rest),
                                 np.concatenate([it2.next_local_indices() for _ in range(4)]))
   # Each epoch is a permutation.
-  it3 = finetune.QuestionIterator(8, 4, seed=0)
+  it3 = example_order.ExampleOrder(8, 4, seed=0)
   assert sorted(np.concatenate([it3.next_local_indices() for _ in range(2)])) == list(range(8))
   # Processes split each global batch into disjoint parts.
-  a = finetune.QuestionIterator(8, 4, 0, process_index=0, process_count=2).next_local_indices()
-  b = finetune.QuestionIterator(8, 4, 0, process_index=1, process_count=2).next_local_indices()
+  a = example_order.ExampleOrder(8, 4, 0, process_index=0, process_count=2).next_local_indices()
+  b = example_order.ExampleOrder(8, 4, 0, process_index=1, process_count=2).next_local_indices()
   assert len(a) == len(b) == 2 and not set(a) & set(b)
 
 
@@ -142,7 +146,9 @@ def test_initial_params_from_a_pretraining_checkpoint(tmp_path):
   manager = checkpointing.CheckpointManager(str(tmp_path / "checkpoints"), async_save=False)
   manager.save(7, pre, {"dummy": jnp.zeros(())}, {"data": {}}, force=True)
   manager.close()
-  params = finetune.initial_params(MODEL, seed=0, init_from=str(tmp_path), mesh=mesh)
+  parts = finetune.step_parts(MODEL, TASK, 8)
+  abstract = train_state.abstract_train_state(parts.init_params, parts.tx, mesh).params
+  params = finetune.params_from_run(str(tmp_path), abstract, MODEL, seed=0)
   fresh = realm.init_params(MODEL, jax.random.key(0), parts=("retriever", "reader"))
   chex_equal = lambda a, b: jax.tree_util.tree_all(  # noqa: E731
       jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), a, b))
@@ -159,7 +165,7 @@ def test_checkpoint_manager_accepts_a_relative_directory(tmp_path, monkeypatch):
   params = {"w": jnp.arange(3.0)}
   manager.save(1, params, {"m": jnp.zeros(2)}, {"data": {}}, force=True)
   manager.close()
-  restored, step = checkpointing.restore_params("rel/checkpoints",
-                                                checkpointing.abstract_like(params))
+  restored, step = checkpointing.restore_partial_params("rel/checkpoints",
+                                                        checkpointing.abstract_like(params))
   assert step == 1 and np.array_equal(restored["w"], np.arange(3.0))
   assert checkpointing.saved_param_parts("rel/checkpoints") == (["w"], 1)

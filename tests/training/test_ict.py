@@ -10,9 +10,10 @@ import pytest
 import realm_fixtures as fx
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
-from realm_jax.training import finetune
 from realm_jax.training import ict
+from realm_jax.training import loop
 from realm_jax.training import optim
+from realm_jax.training import train_state
 from realm_jax import sharding
 
 TASK = ict.IctConfig(query_length=16, block_length=32, remove_sentence_prob=0.9)
@@ -36,8 +37,7 @@ def test_logits_span_the_global_batch_and_match_numpy(batcher):
   assert len(np.unique(batch["block_id"])) == 10  # 10 usable blocks: 6 appear twice
   mesh = sharding.make_mesh()
   assert mesh.shape["data"] == 8  # 2 examples per device
-  tx = optim.bert_adamw(optim.OptimizerConfig(num_train_steps=10))
-  _, eval_fn = ict.make_steps(MODEL, tx, mesh)
+  eval_fn = ict.make_eval_step(MODEL, mesh)
   params = _params()
   out = jax.device_get(eval_fn(params, sharding.global_batch_from_local(batch, mesh)))
   assert out["logits"].shape == (16, 16)
@@ -72,8 +72,9 @@ def test_logits_span_the_global_batch_and_match_numpy(batcher):
 def _run(batch, mesh, steps, lr=5e-3):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=lr, num_train_steps=100,
                                               warmup_steps=0))
-  state = finetune.create_train_state(_params(), tx, mesh)
-  train_fn, _ = ict.make_steps(MODEL, tx, mesh)
+  state = train_state.create_train_state(_params(), tx, mesh)
+  train_fn = loop.jit_train_step(ict.step_parts(MODEL, ict.IctConfig(), 8, tx, mesh).train_step,
+                                 mesh)
   out = []
   for _ in range(steps):
     state, m = train_fn(state, sharding.global_batch_from_local(batch, mesh), jax.random.key(1))

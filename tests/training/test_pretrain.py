@@ -18,10 +18,12 @@ from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import snapshot as snapshot_lib
-from realm_jax.training import finetune
+from realm_jax.data import corpus_config
 from realm_jax.training import index_source
+from realm_jax.training import loop
 from realm_jax.training import optim
 from realm_jax.training import pretrain
+from realm_jax.training import train_state
 from realm_jax import sharding
 from realm_jax.retrieval import embedding
 from realm_jax.retrieval import trainer_done
@@ -159,7 +161,7 @@ def test_marginal_likelihood_matches_naive_loop(setup, steps8):
   # The jitted train step on 8 devices reports the same (pre-update) loss and utility.
   mesh, tx, train_fn = steps8
   assert mesh.shape["data"] == 8
-  state = finetune.create_train_state(params, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
   _, metrics = train_fn(state, sharding.global_batch_from_local(batch, mesh), jax.random.key(1))
   metrics = jax.device_get(metrics)
   np.testing.assert_allclose(metrics["train/mlm_loss"], naive_loss, rtol=1e-4)
@@ -212,7 +214,7 @@ def test_document_tower_gradients_only_through_candidates(setup):
 def _steps(mesh):
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=3e-3, num_train_steps=100,
                                               warmup_steps=0))
-  return mesh, tx, pretrain.make_steps(MODEL, tx, mesh)[0]
+  return mesh, tx, loop.jit_train_step(pretrain.step_parts(MODEL, TASK, 8, tx).train_step, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,7 @@ def steps8():
 def _run_steps(batch, steps, num_steps):
   mesh, tx, train_fn = steps
   params = realm.init_params(MODEL, jax.random.key(0), parts=("retriever", "encoder"))
-  state = finetune.create_train_state(params, tx, mesh)
+  state = train_state.create_train_state(params, tx, mesh)
   out = []
   for _ in range(num_steps):
     state, metrics = train_fn(state, sharding.global_batch_from_local(batch, mesh),
@@ -316,7 +318,7 @@ def test_train_loop_async_refresh_uses_the_watcher(tmp_path):
                                      data_dir=str(tmp_path / "tfds"))
   workdir = tmp_path / "run"
   # The index-builder job's first index (here built in the test instead of by the job).
-  tok, corp = pretrain.load_corpus(data, MODEL, str(workdir))
+  tok, corp = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(workdir))
   params = realm.init_params(MODEL, jax.random.key(0), parts=("retriever",))["retriever"]
   index_source.ensure_first_snapshot(workdir / "snapshots", corp, MODEL.retriever_config(), params,
                                      params_step=0, batch_size=8)
@@ -328,6 +330,13 @@ def test_train_loop_async_refresh_uses_the_watcher(tmp_path):
   assert summary["history"][-1]["index/staleness_steps"] == 1
   assert summary["final_snapshot_params_step"] == 0
   assert trainer_done.trainer_final_step(str(workdir)) == 2  # the builder job may exit now
+
+
+def _params_from_run(init_from, seed=0):
+  parts = pretrain.step_parts(MODEL, TASK, 8)
+  abstract = train_state.abstract_train_state(parts.init_params, parts.tx,
+                                              sharding.make_mesh()).params
+  return pretrain.params_from_run(init_from, abstract, MODEL, seed)
 
 
 @pytest.mark.slow
@@ -343,10 +352,10 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   ict.train(ict_dir, model=MODEL, data=data,
             task=ict.IctConfig(query_length=16, block_length=32), batch_size=8,
             num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
-  params, step = pretrain.initial_params(MODEL, seed=3, init_from=ict_dir)
-  assert step == 2
+  params = _params_from_run(ict_dir, seed=3)
+  assert checkpointing.saved_param_parts(ict_dir) == (["retriever"], 2)
   fresh = realm.init_params(MODEL, jax.random.key(0), parts=("retriever",))["retriever"]
-  ict_params, _ = checkpointing.restore_params(
+  ict_params, _ = checkpointing.restore_partial_params(
       os.path.join(ict_dir, "checkpoints"),
       {"retriever": checkpointing.abstract_like(
           jax.device_put(fresh, sharding.replicated(sharding.make_mesh())))})
@@ -359,8 +368,8 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   pretrain.train(run, model=MODEL, data=data, task=TASK, batch_size=8, num_train_steps=1,
                  log_every_steps=1, checkpoint_every_steps=1, index_batch_size=8,
                  init_from=ict_dir, searcher="exact")
-  again, step = pretrain.initial_params(MODEL, init_from=run)
-  assert step == 1
+  again = _params_from_run(run)
+  assert checkpointing.saved_param_parts(run) == (["encoder", "retriever"], 1)
   assert jax.tree_util.tree_structure(again["retriever"]) == jax.tree_util.tree_structure(
       params["retriever"])
 
