@@ -4,7 +4,7 @@ A REALM trainer keeps stepping while a separate index builder re-embeds the whol
 document embedder; the new index must be swapped in between two steps without stalling. This script
 runs that set-up on this machine and measures it:
 
-  * the trainer: THIS process, the real REALM pre-training step (`pretrain.make_steps`: query tower,
+  * the trainer: THIS process, the real REALM pre-training step (`pretrain.step_parts` jitted by `loop.jit_train_step`: query tower,
     ScaNN retrieval on the host, the k candidates re-embedded with the document tower, the
     knowledge-augmented masked-LM encoder, the marginal loss, AdamW), all-MiniLM-L6-v2, with synthetic
     random-token masks on sentences cut from the corpus; it checkpoints with orbax (async, as the
@@ -151,10 +151,11 @@ def main(argv=None) -> int:
   from realm_jax.retrieval import searchers
   from realm_jax.retrieval import watcher as watcher_lib
   from realm_jax.training import checkpointing
-  from realm_jax.training import finetune
+  from realm_jax.training import loop
   from realm_jax.training import optim
   from realm_jax.training import pretrain
   from realm_jax import sharding
+  from realm_jax.training import train_state
 
   load_start = os.getloadavg()
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="index_refresh_"))
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
   model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", score_scale=20.0)
   data = corpus_config.CorpusConfig(sources=tuple(sources), data_dir=data_dir)
   t0 = time.time()
-  corpus = index_builder.load_corpus(data, model, str(workdir), show_progress=False)
+  _, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), str(workdir),
+                                       show_progress=False)
   print(f"# corpus: {len(corpus)} blocks ({time.time() - t0:.1f} s to prepare/load)", flush=True)
 
   # The index builder: a separate process on its own cores, starting with the first index.
@@ -207,9 +209,10 @@ def main(argv=None) -> int:
     params = realm.init_params(model, jax.random.key(0), parts=("retriever", "encoder"))
     tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=3e-5, num_train_steps=10_000,
                                                 warmup_steps=10))
-    state = finetune.create_train_state(params, tx, mesh)
+    state = train_state.create_train_state(params, tx, mesh)
     del params
-    train_fn, _ = pretrain.make_steps(model, tx, mesh)
+    train_fn = loop.jit_train_step(pretrain.step_parts(model, task, args.batch_size, tx).train_step,
+                                   mesh)
     query_embed_fn = embedding.make_query_embed_fn(model.retriever_config(), mesh)
     featurizer = pretrain.PretrainFeaturizer(tokenizer, corpus, task)
     examples = _synthetic_examples(corpus, tokenizer, 512, task.query_length, task.max_masks, 0)

@@ -46,6 +46,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from realm_jax.data import corpus_config  # noqa: E402
 from realm_jax.data import featurize  # noqa: E402
 from realm_jax.data import tfds_builders  # noqa: E402
 from realm_jax.models import realm  # noqa: E402
@@ -87,8 +88,8 @@ def gold_recall(retriever_params, model: realm.ModelConfig, tokenizer, corpus, q
 def restore_retriever(workdir: str, like):
   mesh = sharding.make_mesh()
   abstract = checkpointing.abstract_like(jax.device_put(like, sharding.replicated(mesh)))
-  params, step = pretrain.restore_retriever_params(workdir, abstract)
-  return jax.device_get(params), step
+  params, step = checkpointing.restore_partial_params(workdir, {"retriever": abstract})
+  return jax.device_get(params["retriever"]), step
 
 
 def main(argv=None) -> dict:
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
   data = pretrain.PretrainDataConfig(corpus_sources=(str(subset),),
                                      max_block_length=args.max_block_length,
                                      data_dir=str(work / "tfds"))
-  tokenizer, corpus = pretrain.load_corpus(data, model, str(work))
+  tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), str(work))
   questions = tfds_builders.build_questions({"dev": str(subset)}, "squad_open", str(work / "tfds"))
   questions = [q for q in questions["dev"] if q.gold_doc_ids]
   pick = np.sort(np.random.default_rng(0).permutation(len(questions))[:args.questions])

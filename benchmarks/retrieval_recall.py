@@ -94,7 +94,8 @@ def main(argv=None) -> int:
   variants = [("MiniLM zero-shot", init)]
   ckpt_dir = checkpointing.checkpoint_dir(args.workdir)
   if os.path.isdir(ckpt_dir):
-    tuned, step = checkpointing.restore_params(ckpt_dir, checkpointing.abstract_like(init))
+    tuned, step = checkpointing.restore_partial_params(ckpt_dir,
+                                                       checkpointing.abstract_like(init))
     variants.append((f"MiniLM fine-tuned ({step} steps)", tuned))
   tok_path = data_cfg.tokenizer_path or os.path.join(model_cfg.checkpoint_dir(), "vocab.txt")
   from realm_jax import tokenization

@@ -27,6 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from realm_jax.training import loop  # noqa: E402
+from realm_jax.training import train_state  # noqa: E402
+
 GiB = 1024 ** 3
 NUM_WIKIPEDIA_BLOCKS = 13_353_718
 SLICES = {"v3-64": (64, 16 * GiB), "v4-64": (32, 32 * GiB)}
@@ -69,8 +72,9 @@ def timing_table(steps: int = 3) -> str:
           f"{steps}) | compile s |", "|---|---|---|---|---|"]
   for n in (1, 2, 4, 8):
     mesh = sharding.make_mesh(devices=jax.devices()[:n])
-    state = finetune.create_train_state(params, tx, mesh)
-    train_fn, _ = finetune.make_steps(model, task, tx, mesh)
+    state = train_state.create_train_state(params, tx, mesh)
+    train_fn = loop.jit_train_step(finetune.step_parts(model, task, len(batch["retrieved_valid"]),
+                                                       tx).train_step, mesh)
     gbatch = sharding.global_batch_from_local(batch, mesh)
     t = time.time()
     compiled = train_fn.lower(state, gbatch, jax.random.key(1)).compile()
@@ -160,15 +164,11 @@ def memory_table() -> str:
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, kind, model, task, batch in _paper_runs():
     module = importlib.import_module(f"realm_jax.training.{kind}")
-    if not hasattr(module, "abstract_train_step"):
-      rows.append(f"| {name} | — | — | — | (no abstract_train_step) | | | | | | |")
-      continue
-    shapes = module.abstract_train_step(model, task, 1)
+    shapes = train_state.train_step_shapes(module.step_parts(model, task, 1))
     p, o = _bytes(shapes["params"]), _bytes(shapes["opt_state"])
     for slice_name, (devices, hbm) in SLICES.items():
       per_device = max(batch // devices, 1)
-      act = module.compiled_temp_bytes(model, task, per_device) if hasattr(
-          module, "compiled_temp_bytes") else float("nan")
+      act = train_state.compiled_temp_bytes(module.step_parts(model, task, per_device))
       modelled = analytic_activation_bytes(  # The config's own remat and compute dtype.
           model.bert, _sequences_per_example(kind, task), per_device, remat=model.bert.remat,
           bytes_per_value=jnp.dtype(model.bert.dtype).itemsize)
