@@ -1,0 +1,153 @@
+"""The fused self-attention of `models/bert.py` against the einsum reference it replaced."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realm_jax.models import bert
+
+TINY = bert.BertConfig(vocab_size=120, hidden_size=48, num_layers=2, num_heads=4,
+                       intermediate_size=96, max_position_embeddings=64)
+# Stated tolerances: float32 agrees to rounding; bfloat16 inputs differ only in where the
+# bfloat16 roundings of the probabilities fall (both accumulate the logits in float32).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
+
+
+def _bias(mask):
+  mask = jnp.asarray(mask, bool)[:, None, None, :]
+  return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def _qkv(dtype, batch=3, seq=24, heads=4, head_dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)) * 2, dtype)
+          for _ in range(3)]
+
+
+def _inputs(batch=3, seq=24, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = np.array([seq, seq // 2, 5])[:batch]
+  mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(1, TINY.vocab_size, size=(batch, seq)).astype(np.int32) * mask
+  seg = (np.arange(seq)[None, :] >= 3).astype(np.int32) * mask
+  return {"input_ids": ids, "input_mask": mask, "segment_ids": seg}
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu", "cpu-chunked"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_attention_matches_einsum_reference_with_padding(monkeypatch, dtype,
+                                                                implementation):
+  if implementation == "cpu-chunked":  # two chunks of 2 sequences: the lax.map path
+    implementation = "cpu"
+    monkeypatch.setattr(bert, "CPU_ATTENTION_CHUNK_BYTES", 4 * 24 * 24 * 4 * 2)
+  q, k, v = _qkv(dtype, batch=4)
+  mask = np.ones((4, 24), np.int32)
+  mask[1, 12:] = 0
+  mask[2, 5:] = 0
+  mask[2, 2] = 0  # a hole, not only right padding
+  mask[3, :] = 0  # an empty row, as in the padding rows of a short last batch
+  bias = _bias(mask)
+  fused = jax.jit(lambda *a: bert.fused_attention(*a, implementation=implementation))(q, k, v, bias)
+  reference = jax.jit(bert.einsum_attention)(q, k, v, bias)
+  assert fused.shape == q.shape and fused.dtype == jnp.dtype(dtype)
+  assert np.isfinite(np.asarray(fused, np.float32)).all()
+  np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(reference, np.float32),
+                             atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+  # Masked keys do not matter: changing them leaves the output unchanged.
+  k2 = k.at[1, 12:].set(100).at[2, 2].set(-50)
+  v2 = v.at[1, 12:].set(7)
+  again = bert.fused_attention(q, k2, v2, bias, implementation=implementation)
+  np.testing.assert_allclose(np.asarray(again, np.float32)[:3], np.asarray(fused, np.float32)[:3],
+                             atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_fused_attention_gradients_match_reference(monkeypatch, implementation):
+  monkeypatch.setattr(bert, "CPU_ATTENTION_CHUNK_BYTES", 24 * 24 * 4 * 4)  # 2 chunks
+  q, k, v = _qkv("float32", batch=2)
+  mask = np.ones((2, 24), np.int32)
+  mask[1, 10:] = 0
+  bias = _bias(mask)
+  weights = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, bias) * weights)
+
+  fused = jax.grad(loss(lambda *a: bert.fused_attention(*a, implementation=implementation)),
+                   argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(loss(bert.einsum_attention), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(fused, reference):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_implementation():
+  q, k, v = _qkv("float32")
+  with pytest.raises(ValueError, match="implementation"):
+    bert.fused_attention(q, k, v, _bias(np.ones((3, 24))), implementation="flash")
+
+
+def test_fully_masked_rows_stay_finite():
+  q, k, v = _qkv("float32")
+  bias = _bias(np.zeros((3, 24), np.int32))  # the empty rows that pad a short last batch
+  out = bert.fused_attention(q, k, v, bias)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_allclose(out, bert.einsum_attention(q, k, v, bias), atol=1e-5)
+
+
+def test_parameter_tree_is_unchanged():
+  model = bert.BertEncoder(TINY)
+  params = model.init(jax.random.key(0), **_inputs())["params"]
+  attention = params["layer_0"]["attention"]
+  assert sorted(attention) == ["key", "out", "query", "value"]
+  for name in ("query", "key", "value"):
+    assert attention[name]["kernel"].shape == (48, 4, 12)
+    assert attention[name]["bias"].shape == (4, 12)
+  assert attention["out"]["kernel"].shape == (4, 12, 48)
+  assert attention["out"]["bias"].shape == (48,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoder_equals_einsum_encoder(monkeypatch, dtype):
+  cfg = dataclasses.replace(TINY, dtype=dtype)
+  model = bert.BertEncoder(cfg)
+  inputs = _inputs()
+  params = model.init(jax.random.key(0), **inputs)["params"]
+  fused = jax.jit(lambda p: model.apply({"params": p}, **inputs))(params)
+  monkeypatch.setattr(bert, "fused_attention",
+                      lambda q, k, v, b: bert.einsum_attention(q, k, v, b))
+  reference = jax.jit(lambda p: model.apply({"params": p}, **inputs))(params)
+  assert fused.dtype == jnp.dtype(dtype)
+  real = inputs["input_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(fused, np.float32)[real],
+                             np.asarray(reference, np.float32)[real],
+                             atol=4 * TOLERANCE[dtype], rtol=4 * TOLERANCE[dtype])
+
+
+def test_attention_dropout_still_acts_in_training():
+  cfg = dataclasses.replace(TINY, hidden_dropout=0.0, attention_dropout=0.5)
+  model = bert.BertEncoder(cfg)
+  inputs = _inputs()
+  params = model.init(jax.random.key(0), **inputs)["params"]
+  run = lambda key: model.apply({"params": params}, **inputs, deterministic=False,  # noqa: E731
+                                rngs={"dropout": key})
+  a, b = run(jax.random.key(1)), run(jax.random.key(2))
+  inference = model.apply({"params": params}, **inputs)
+  assert not np.allclose(a, b) and not np.allclose(a, inference)
+  np.testing.assert_allclose(run(jax.random.key(1)), a)  # same key, same mask
+  with pytest.raises(Exception, match="dropout"):
+    model.apply({"params": params}, **inputs, deterministic=False)
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, **inputs, deterministic=False,
+                               rngs={"dropout": jax.random.key(1)}) ** 2)
+
+  grads = jax.grad(loss)(params)
+  assert float(jnp.abs(grads["layer_0"]["attention"]["query"]["kernel"]).sum()) > 0
+  # Without dropout on attention, training mode takes the fused path and equals inference.
+  no_dropout = bert.BertEncoder(dataclasses.replace(cfg, attention_dropout=0.0))
+  np.testing.assert_allclose(
+      no_dropout.apply({"params": params}, **inputs, deterministic=False,
+                       rngs={"dropout": jax.random.key(1)}), inference, atol=1e-6)
