@@ -62,18 +62,104 @@ def make_query_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.shardin
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-def bucket_length(n_tokens: int, max_length: int, bucket: int = 64) -> int:
+DEFAULT_BUCKET = 32
+
+
+def bucket_length(n_tokens: int, max_length: int, bucket: int = DEFAULT_BUCKET) -> int:
   """Smallest multiple of `bucket` ≥ n_tokens, capped at max_length (few shapes → few compiles)."""
-  return min(max_length, -(-n_tokens // bucket) * bucket)
+  if bucket <= 0:
+    raise ValueError(f"bucket must be positive, got {bucket}")
+  return min(max_length, max(bucket, -(-n_tokens // bucket) * bucket))
+
+
+def bucket_lengths(max_length: int, bucket: int = DEFAULT_BUCKET) -> tuple[int, ...]:
+  """The fixed set of padded lengths `bucket_length` picks from: multiples of `bucket`, then
+  `max_length` (e.g. 32, 64, …, 256, 288 for 288-token blocks). Its size bounds the compilations."""
+  return tuple(sorted({bucket_length(n, max_length, bucket) for n in range(1, max_length + 1)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How `run_batched` cuts `num` rows into padded, length-bucketed batches.
+
+  Attributes:
+    batches: `(rows, length)` per batch, in execution order: `rows` the int64 row positions (at most
+      `batch_size` of them; a short last batch is padded with empty rows), `length` the padded
+      sequence length of the batch.
+    batch_size: rows of every executed batch (including padding rows).
+    real_tokens: tokens with mask 1 over all rows.
+  """
+
+  batches: tuple[tuple[np.ndarray, int], ...]
+  batch_size: int
+  real_tokens: int
+
+  @property
+  def computed_tokens(self) -> int:
+    """Token positions the encoder computes: `batch_size * length` summed over the batches."""
+    return sum(self.batch_size * length for _, length in self.batches)
+
+  @property
+  def padded_share(self) -> float:
+    """The share of computed token positions that are padding (0 when nothing is computed)."""
+    computed = self.computed_tokens
+    return 1.0 - self.real_tokens / computed if computed else 0.0
+
+  @property
+  def shapes(self) -> tuple[int, ...]:
+    """The distinct padded lengths, ascending: one compilation each (per batch size)."""
+    return tuple(sorted({length for _, length in self.batches}))
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, max_length: int,
+                 bucket: int | None = DEFAULT_BUCKET, sort: bool = True) -> BatchPlan:
+  """Groups rows into batches of `batch_size`, padded to a length from a small fixed set.
+
+  Args:
+    lengths: `[num]` real tokens per row.
+    batch_size: rows per batch.
+    max_length: the longest length (the width of the input arrays).
+    bucket: pad each batch to `bucket_length(longest row, max_length, bucket)`; None pads every
+      batch to `max_length` (one shape).
+    sort: take rows longest first (stable), so that each batch holds rows of similar length; False
+      keeps the input order.
+
+  Returns:
+    A `BatchPlan`.
+
+  Raises:
+    ValueError: if `batch_size` is not positive.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  lengths = np.asarray(lengths).reshape(-1)
+  order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
+  batches = []
+  for begin in range(0, len(order), batch_size):
+    rows = order[begin:begin + batch_size]
+    longest = int(lengths[rows].max())
+    length = max_length if bucket is None else bucket_length(longest, max_length, bucket)
+    batches.append((rows, length))
+  return BatchPlan(batches=tuple(batches), batch_size=batch_size, real_tokens=int(lengths.sum()))
+
+
+def take_batch(inputs: dict[str, np.ndarray], rows: np.ndarray, length: int,
+               batch_size: int) -> dict[str, np.ndarray]:
+  """Rows `rows` of `inputs`, cut to `length` columns and padded with empty rows to `batch_size`."""
+  pad = batch_size - len(rows)
+  return {k: np.pad(inputs[k][rows, :length], ((0, pad), (0, 0)))
+          for k in ("input_ids", "input_mask", "segment_ids")}
 
 
 def run_batched(embed_fn: EmbedFn, params: Any, inputs: dict[str, np.ndarray], batch_size: int,
-                mesh: jax.sharding.Mesh, bucket: int = 64, desc: str | None = None,
+                mesh: jax.sharding.Mesh, bucket: int = DEFAULT_BUCKET, desc: str | None = None,
                 progress: bool = True) -> np.ndarray:
-  """Embeds `[num, seq_len]` inputs in padded, length-bucketed batches; returns `[num, dim]` float32.
+  """Embeds `[num, seq_len]` inputs in padded, length-bucketed batches: `[num, dim]` float32.
 
   Rows are processed longest-first in groups of `batch_size` (rounded up to a multiple of the mesh's
-  `data` size); each group is cut to its bucketed length. The output is in the input order.
+  `data` size); each group is padded to the smallest of `bucket_lengths(seq_len, bucket)` that holds
+  its longest row, so padding is mostly not computed and at most `len(bucket_lengths(...))` shapes
+  are compiled (`plan_batches`). The output is in the input order.
 
   Raises:
     ValueError: if `inputs` is empty or its arrays disagree in shape.
@@ -85,16 +171,11 @@ def run_batched(embed_fn: EmbedFn, params: Any, inputs: dict[str, np.ndarray], b
   num, max_length = ids.shape
   data_size = mesh.shape[sharding.DATA_AXIS]
   batch_size = -(-batch_size // data_size) * data_size
-  lengths = mask.sum(axis=1)
-  order = np.argsort(-lengths, kind="stable")
+  plan = plan_batches(mask.sum(axis=1), batch_size, max_length, bucket)
   out: np.ndarray | None = None
   bar = tqdm.tqdm(total=num, desc=desc, unit="block", disable=not progress or desc is None)
-  for begin in range(0, num, batch_size):
-    rows = order[begin:begin + batch_size]
-    length = bucket_length(int(lengths[rows].max()), max_length, bucket)
-    pad = batch_size - len(rows)
-    take = lambda a: np.pad(a[rows, :length], ((0, pad), (0, 0)))  # noqa: E731
-    batch = {"input_ids": take(ids), "input_mask": take(mask), "segment_ids": take(seg)}
+  for rows, length in plan.batches:
+    batch = take_batch(inputs, rows, length, batch_size)
     emb = np.asarray(jax.device_get(embed_fn(params, batch)))[:len(rows)]
     if out is None:
       out = np.zeros((num, emb.shape[-1]), np.float32)
