@@ -5,6 +5,7 @@ Commands and the top-level function each one calls (the only gin-configured func
   finetune       training.finetune.train_and_evaluate   (Open-QA fine-tuning, REALM §3.4)
   evaluate       the same with num_train_steps=0         (restores WORKDIR's newest checkpoint)
   predict        predict.predict                        (question → answer + evidence)
+  serve          serve.serve                            (predict.Predictor over HTTP + a web page)
   pretrain       training.pretrain.train                (REALM pre-training, §3.4)
   ict            training.ict.train                     (ICT warm start, ORQA §5)
   index-builder  index_builder.run                      (asynchronous index refresh, §3.4)
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "finetune": ("realm_jax.training.finetune", "train_and_evaluate", ()),
     "evaluate": ("realm_jax.training.finetune", "train_and_evaluate", ()),
     "predict": ("realm_jax.predict", "predict", ()),
+    "serve": ("realm_jax.serve", "serve", ()),
     "pretrain": ("realm_jax.training.pretrain", "train", ()),
     "ict": ("realm_jax.training.ict", "train", ()),
     "index-builder": ("realm_jax.index_builder", "run", ()),
@@ -66,6 +68,12 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "predict": ("answer questions with a trained WORKDIR: predict.predict",
                 "Reads WORKDIR/config.gin unless --gin_file is given.\n\n"
                 "example: realm-jax predict --workdir workdirs/squad_minilm \"Who wrote Hamlet?\""),
+    "serve": ("serve WORKDIR's Predictor over HTTP: a JSON endpoint and a page showing the answer "
+              "and its evidence: serve.serve",
+              "Reads WORKDIR/config.gin unless --gin_file is given; needs the serve extra\n"
+              "(aiohttp). POST /api/answer {\"question\": ..., \"top_k\": ...} answers with JSON;\n"
+              "GET / is the page.\n\n"
+              "example: realm-jax serve --workdir workdirs/squad_minilm --port 8000"),
     "pretrain": ("REALM pre-training (§3.4): training.pretrain.train",
                  "example: realm-jax pretrain --gin_file experiments/cpu/pretrain_minilm.gin"),
     "ict": ("ICT warm start of the retriever (ORQA §5): training.ict.train",
@@ -112,6 +120,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     elif name == "convert":
       p.add_argument("questions", nargs="*", metavar="CHECKPOINT",
                      help="the released checkpoint's directory (config.json + weights)")
+    elif name == "serve":
+      p.set_defaults(questions=[])
+      p.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+      p.add_argument("--port", type=int, default=8000,
+                     help="port to listen on (default 8000; 0 picks a free one, printed)")
     else:
       p.set_defaults(questions=[])
     _add_common_arguments(p)
@@ -226,7 +240,7 @@ def run(argv: Sequence[str]) -> Any:
   module, function, preset = COMMANDS[args.command]
   gin_files = list(preset) + list(args.gin_file)
   workdir = args.workdir
-  if args.command in ("predict",) and workdir and not args.gin_file:
+  if args.command in ("predict", "serve") and workdir and not args.gin_file:
     from realm_jax import fileio
     cfg = str(fileio.join(workdir, "config.gin"))  # Local or gs://.
     if not fileio.isfile(cfg):
@@ -239,6 +253,13 @@ def run(argv: Sequence[str]) -> Any:
   if "://" not in workdir:  # local work directories are used as absolute paths (orbax needs them)
     workdir = os.path.abspath(workdir)
   params = list(args.gin_param)
+  if args.command == "serve":  # The Predictor parses the configuration itself, once.
+    from realm_jax import serve  # pylint: disable=g-import-not-at-top
+    try:
+      return serve.serve(workdir, host=args.host, port=args.port, gin_files=gin_files,
+                         gin_params=params)
+    except serve.BindError as e:
+      raise UsageError(str(e)) from e
   parse_gin(gin_files, params)
   fn = configured(module, function)
   kwargs: dict[str, Any] = {"workdir": workdir}
