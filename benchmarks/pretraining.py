@@ -46,6 +46,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from realm_jax.data import corpus as corpus_data  # noqa: E402
 from realm_jax.data import corpus_config  # noqa: E402
 from realm_jax.data import featurize  # noqa: E402
 from realm_jax.data import tfds_builders  # noqa: E402
@@ -115,13 +116,12 @@ def main(argv=None) -> dict:
   logging.basicConfig(level=logging.WARNING)
   started = time.time()
   work = pathlib.Path(args.workdir)
-  subset = pretrain.embedded_dev_subset(args.articles, work / "squad_subsets")
+  subset = corpus_data.embedded_dev_subset(args.articles, work / "squad_subsets")
   # all-MiniLM-L6-v2 as in experiments/models/minilm.gin: mean pooling, cosine scores x 20.
   model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", share_embedders=True,
                             score_scale=20.0)
-  data = pretrain.PretrainDataConfig(corpus_sources=(str(subset),),
-                                     max_block_length=args.max_block_length,
-                                     data_dir=str(work / "tfds"))
+  data = corpus_config.CorpusConfig(sources=(str(subset),), max_block_length=args.max_block_length,
+                                    data_dir=str(work / "tfds"))
   tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), str(work))
   questions = tfds_builders.build_questions({"dev": str(subset)}, "squad_open", str(work / "tfds"))
   questions = [q for q in questions["dev"] if q.gold_doc_ids]
@@ -168,9 +168,7 @@ def main(argv=None) -> dict:
     t = time.time()
     run_dir = str(work / f"realm_{masking}")
     runs[masking] = pretrain.train(
-        run_dir, model=model, data=pretrain.PretrainDataConfig(
-            corpus_sources=(str(subset),), max_block_length=args.max_block_length,
-            data_dir=str(work / "tfds"), masking=masking),
+        run_dir, model=model, data=pretrain.PretrainDataConfig(corpus=data, masking=masking),
         task=task, optimizer=optim.OptimizerConfig(
             learning_rate=args.realm_lr, num_train_steps=args.realm_steps,
             warmup_steps=args.warmup_steps),

@@ -308,6 +308,7 @@ def _cli(args: list[str]) -> dict[str, Any]:
 
 _FINETUNE_GIN = """
 from __gin__ import dynamic_registration
+from realm_jax.data import corpus_config
 from realm_jax.training import finetune
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/finetune.gin'
@@ -317,11 +318,13 @@ LEARNING_RATE = 1e-4
 DATA = @finetune.OpenQADataConfig()
 TASK = @finetune.OpenQAConfig()
 finetune.OpenQADataConfig:
-  corpus_sources = ['{glob}']
-  data_dir = '{data_dir}'
+  corpus = @corpus_config.CorpusConfig()
   questions_format = 'squad_open'
-  max_block_length = 288
   max_eval_questions = 16
+corpus_config.CorpusConfig:
+  sources = ['{glob}']
+  data_dir = '{data_dir}'
+  max_block_length = 288
 finetune.OpenQAConfig:
   num_retrieved = 20
   num_read = 2
@@ -336,6 +339,7 @@ finetune.train_and_evaluate:
 
 _PRETRAIN_GIN = """
 from __gin__ import dynamic_registration
+from realm_jax.data import corpus_config
 from realm_jax.training import pretrain
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/pretrain.gin'
@@ -348,11 +352,13 @@ TASK = @pretrain.PretrainConfig()
 INDEX_REFRESH = '{refresh}'
 REFRESH_EVERY_STEPS = 2
 pretrain.PretrainDataConfig:
-  corpus_sources = ['{glob}']
+  corpus = @corpus_config.CorpusConfig()
   pretraining_sources = ['{text}']
+  masking = 'salient'
+corpus_config.CorpusConfig:
+  sources = ['{glob}']
   data_dir = '{data_dir}'
   max_block_length = 288
-  masking = 'salient'
 pretrain.PretrainConfig:
   num_candidates = 4
   query_length = 32

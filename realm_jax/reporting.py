@@ -32,8 +32,9 @@ def format_summary(summary: dict[str, Any]) -> str:
   ]
   for k in keys:
     lines.append(f"| {k:<22} | {_pct(zero.get(k)):>9} | {_pct(final.get(k)):>10} |")
-  train = summary.get("train") or {}
-  if train:
+  train = {k: v for k, v in (summary.get("train") or {}).items()
+           if k.startswith("train/") and k not in ("train/learning_rate", "train/nonfinite_steps")}
+  if train:  # Means over the last logging window (`training.loop`).
     lines += ["", "last training metrics: " + ", ".join(
         f"{k.split('/')[-1]}={v:.3f}" for k, v in sorted(train.items()))]
   timings = summary.get("timings") or {}

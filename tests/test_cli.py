@@ -60,7 +60,7 @@ def _cli(*args, cwd=ROOT):
 
 def test_missing_input_file_is_a_clear_error(tmp_path):
   r = _cli("finetune", "--gin_file", GIN, "--workdir", str(tmp_path / "w"),
-           "--gin_param", "finetune.OpenQADataConfig.corpus_sources=('/no/such/corpus.json',)")
+           "--gin_param", "corpus_config.CorpusConfig.sources=('/no/such/corpus.json',)")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
   assert "/no/such/corpus.json" in r.stderr
@@ -70,7 +70,7 @@ def test_malformed_input_file_names_file_and_line(tmp_path):
   bad = tmp_path / "corpus.jsonl"
   bad.write_text('{"title": "A", "text": "fine"}\n{"title": "B", "txt": "typo"}\n')
   r = _cli("finetune", "--gin_file", GIN, "--workdir", str(tmp_path / "w"),
-           "--gin_param", f"finetune.OpenQADataConfig.corpus_sources=('{bad}',)")
+           "--gin_param", f"corpus_config.CorpusConfig.sources=('{bad}',)")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
   assert "corpus.jsonl" in r.stderr and "2" in r.stderr and "text" in r.stderr

@@ -79,7 +79,7 @@ def test_experiment_builds_abstractly(path, monkeypatch):
     if "ccnews" in path:  # X = CC-News, Z = Wikipedia (REALM §4.2)
       data = _value("pretrain.train.data")
       assert data.pretraining_sources == ("unused_news.jsonl",)
-      assert data.corpus_sources == ("unused.jsonl",)
+      assert data.corpus.sources == ("unused.jsonl",)
   else:
     pytest.fail(f"{path}: no known run file included")
 

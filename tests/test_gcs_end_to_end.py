@@ -130,6 +130,7 @@ def _finetune_gin() -> str:
   fileio.write_atomic(path, f"""
 from __gin__ import dynamic_registration
 from realm_jax.models import realm
+from realm_jax.data import corpus_config
 from realm_jax.training import finetune
 include '{PROJECT_ROOT}/experiments/models/tiny.gin'
 include '{PROJECT_ROOT}/experiments/runs/finetune.gin'
@@ -141,10 +142,12 @@ SEARCHER = 'exact'
 DATA = @finetune.OpenQADataConfig()
 TASK = @finetune.OpenQAConfig()
 finetune.OpenQADataConfig:
-  corpus_sources = ('{CORPUS_GLOB}',)
+  corpus = @corpus_config.CorpusConfig()
   train_questions = '{TRAIN_QUESTIONS}'
   eval_questions = '{DEV_QUESTIONS}'
   questions_format = 'nq_open'
+corpus_config.CorpusConfig:
+  sources = ('{CORPUS_GLOB}',)
   max_block_length = 64
 finetune.OpenQAConfig:
   num_retrieved = 3
@@ -254,6 +257,7 @@ def _pretrain_gin() -> str:
   fileio.write_atomic(path, f"""
 from __gin__ import dynamic_registration
 from realm_jax.models import realm
+from realm_jax.data import corpus_config
 from realm_jax.training import pretrain
 include '{PROJECT_ROOT}/experiments/models/tiny.gin'
 include '{PROJECT_ROOT}/experiments/runs/pretrain.gin'
@@ -268,9 +272,11 @@ SEARCHER = 'exact'
 DATA = @pretrain.PretrainDataConfig()
 TASK = @pretrain.PretrainConfig()
 pretrain.PretrainDataConfig:
-  corpus_sources = ('{CORPUS_GLOB}',)
-  max_block_length = 64
+  corpus = @corpus_config.CorpusConfig()
   masking = 'random_token'
+corpus_config.CorpusConfig:
+  sources = ('{CORPUS_GLOB}',)
+  max_block_length = 64
 pretrain.PretrainConfig:
   num_candidates = 4
   query_length = 16

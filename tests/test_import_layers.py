@@ -24,7 +24,8 @@ LAYERS = {
     "retrieval": 3,
     "training": 4,
     # Jobs: entry points and what only they use.
-    "cli": 5, "index_builder": 5, "convert": 5, "predict": 5, "reporting": 5, "launch_local": 5,
+    "cli": 5, "index_builder": 5, "convert": 5, "predict": 5, "serve": 5, "reporting": 5,
+    "launch_local": 5,
     "config_check": 5, "__init__": 5,
 }
 LAYER_NAMES = ["fileio/tokenization/sharding/evaluation", "data", "models", "retrieval", "training",

@@ -164,23 +164,24 @@ def test_done_marker_round_trip(tmp_path):
 
 def test_as_corpus_config_accepts_a_trainer_data_config():
   from realm_jax.training import finetune
-  data = finetune.OpenQADataConfig(corpus_sources=("a.jsonl",), max_block_length=128,
-                                   data_dir="/d")
-  config = corpus_config.as_corpus_config(data)
-  assert config == corpus_config.CorpusConfig(sources=("a.jsonl",), max_block_length=128,
-                                              data_dir="/d")
-  with pytest.raises(TypeError, match="corpus_sources"):
+  corpus = corpus_config.CorpusConfig(sources=("a.jsonl",), max_block_length=128, data_dir="/d")
+  assert corpus_config.as_corpus_config(finetune.OpenQADataConfig(corpus=corpus)) is corpus
+  assert corpus_config.as_corpus_config(corpus) is corpus
+  with pytest.raises(TypeError, match="CorpusConfig"):
     corpus_config.as_corpus_config(object())
+  with pytest.raises(TypeError, match="CorpusConfig"):  # No duck typing of look-alike fields.
+    finetune.OpenQADataConfig(corpus={"sources": ("a.jsonl",)})
 
 
 def test_builder_and_trainer_block_the_same_embedded_subset(tmp_path):
   """`embedded_dev_articles` reaches the index builder: both jobs get the same corpus fingerprint."""
   from realm_jax.training import pretrain
-  data = pretrain.PretrainDataConfig(embedded_dev_articles=1, max_block_length=128,
-                                     data_dir=str(tmp_path / "tfds"))
+  data = pretrain.PretrainDataConfig(
+      corpus=corpus_config.CorpusConfig(embedded_dev_articles=1, max_block_length=128,
+                                        data_dir=str(tmp_path / "tfds")), masking="random_token")
   config = corpus_config.as_corpus_config(data)
   assert config.embedded_dev_articles == 1
-  sources = corpus_config.corpus_sources(config, data.data_dir)
+  sources = corpus_config.corpus_sources(config, config.data_dir)
   assert len(sources) == 1 and sources[0].endswith("squad-dev-first1.json")
   _, builder_corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(tmp_path),
                                                show_progress=False)

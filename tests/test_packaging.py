@@ -36,7 +36,7 @@ from realm_jax.training import index_source
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-EXTRAS = ("scann", "ssm", "gcs", "test", "bench")
+EXTRAS = ("scann", "ssm", "gcs", "test", "bench", "serve")
 # What the wheel is built from (the rest of the checkout is not part of it).
 BUILD_INPUTS = ("pyproject.toml", "README.md", "MANIFEST.in", "constraints.txt",
                 "requirements-models.txt", "realm_jax", "experiments", "data")
@@ -287,7 +287,7 @@ def test_tiny_main_on_the_embedded_data_from_the_wheel(installed):
   """`realm-jax main` (gin file and embedded SQuAD data from the wheel), tiny model (~60 s)."""
   bin_dir, elsewhere = installed
   params = ["TRAIN_STEPS=2", "BATCH_SIZE=8", "finetune.OpenQADataConfig.max_eval_questions=8",
-            "finetune.OpenQADataConfig.max_block_length=64",
+            "corpus_config.CorpusConfig.max_block_length=64",
             "finetune.OpenQAConfig.num_retrieved=4", "finetune.OpenQAConfig.num_read=2",
             "finetune.OpenQAConfig.reader_length=96", "finetune.OpenQAConfig.query_length=16",
             "finetune.OpenQAConfig.reader_query_length=16",

@@ -1,8 +1,10 @@
 """Which knowledge corpus a job uses: sources, block length, tokenizer (REALM §3.4).
 
 The trainer and the index-builder job must embed the same corpus (same fingerprint), so both resolve
-their sources here: `as_corpus_config` turns any job's data config into a `CorpusConfig`, and
-`corpus_sources` lists the files in blocking order.
+it here. `CorpusConfig` is THE corpus configuration: ICT's data configuration, and the `corpus` field
+of the fine-tuning (`finetune.OpenQADataConfig`) and pre-training (`pretrain.PretrainDataConfig`)
+data configurations; the index builder takes either. `corpus_sources` lists the files in blocking
+order and `load_corpus` resolves the tokenizer and opens the streamed corpus.
 """
 
 from __future__ import annotations
@@ -15,19 +17,15 @@ from realm_jax import fileio
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
-  """The knowledge corpus Z the index builder embeds: it must be the trainer's (same fingerprint).
-
-  `run` also accepts the trainer's own data config (`pretrain.PretrainDataConfig`,
-  `finetune.OpenQADataConfig`, or any object with `corpus_sources` and optionally `extra_sources`,
-  `max_block_length`, `tokenizer`, `tokenizer_path`, `data_dir`), so that one gin macro configures both
-  jobs and they block the same corpus; see `as_corpus_config`.
+  """The knowledge corpus Z: what the trainers train over and the index builder embeds.
 
   Attributes:
     sources: corpus files (SQuAD JSON, JSONL or text; `data.corpus`). Empty: the embedded SQuAD v1.1
       files (dev + the first 30 train articles, 3,997 blocks of ≤ 288 wordpieces).
-    extra_sources: files appended after `sources` (as `pretrain.PretrainDataConfig.extra_sources`).
+    extra_sources: files appended after `sources` (e.g. a WikiText `.tokens` file, JSONL pages).
     embedded_dev_articles: with empty `sources`, > 0 keeps only the first this many embedded SQuAD
-      dev articles (`data.corpus.embedded_dev_subset`, as `PretrainDataConfig.embedded_dev_articles`).
+      dev articles (`data.corpus.embedded_dev_subset`, about 43 paragraphs each): a corpus small
+      enough to embed in a minute on a CPU.
     max_block_length: `3 + title + body` wordpieces per block (288 in the paper).
     tokenizer: `"wordpiece"` or `"sentencepiece"`.
     tokenizer_path: vocab / model file; empty: the model checkpoint's `vocab.txt`, or the MiniLM
@@ -35,7 +33,7 @@ class CorpusConfig:
     data_dir: TFDS data directory; empty: `WORKDIR/tfds` (shared with the trainer).
 
   Raises:
-    ValueError: in `__post_init__` if `max_block_length < 8`.
+    ValueError: in `__post_init__` if `max_block_length < 8` or `embedded_dev_articles < 0`.
   """
 
   sources: tuple[str, ...] = ()
@@ -49,29 +47,29 @@ class CorpusConfig:
   def __post_init__(self):
     if self.max_block_length < 8:
       raise ValueError(f"CorpusConfig.max_block_length={self.max_block_length} is too small")
+    if self.embedded_dev_articles < 0:
+      raise ValueError(f"CorpusConfig.embedded_dev_articles={self.embedded_dev_articles} must be "
+                       ">= 0")
     object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
     object.__setattr__(self, "extra_sources", tuple(str(s) for s in self.extra_sources))
 
 
 def as_corpus_config(data: Any) -> CorpusConfig:
-  """A `CorpusConfig` from itself or from a trainer's data config (duck-typed, see `CorpusConfig`).
+  """The `CorpusConfig` of `data`: itself, or the `corpus` field of a trainer's data configuration.
+
+  The index builder takes the trainer's data configuration this way, so that one gin macro
+  configures both jobs and they block the same corpus.
 
   Raises:
-    TypeError: if `data` has neither `sources` nor `corpus_sources`.
+    TypeError: if `data` is neither a `CorpusConfig` nor has a `corpus` field holding one.
   """
   if isinstance(data, CorpusConfig):
     return data
-  sources = getattr(data, "corpus_sources", getattr(data, "sources", None))
-  if sources is None:
-    raise TypeError(f"index_builder: data must be a CorpusConfig or a data config with "
-                    f"corpus_sources, got {type(data).__name__}")
-  return CorpusConfig(sources=tuple(sources),
-                      extra_sources=tuple(getattr(data, "extra_sources", ())),
-                      embedded_dev_articles=getattr(data, "embedded_dev_articles", 0),
-                      max_block_length=getattr(data, "max_block_length", 288),
-                      tokenizer=getattr(data, "tokenizer", "wordpiece"),
-                      tokenizer_path=getattr(data, "tokenizer_path", ""),
-                      data_dir=getattr(data, "data_dir", ""))
+  corpus = getattr(data, "corpus", None)
+  if not isinstance(corpus, CorpusConfig):
+    raise TypeError(f"expected a CorpusConfig or a data config with a CorpusConfig `corpus` field, "
+                    f"got {type(data).__name__}")
+  return corpus
 
 
 def corpus_sources(config: CorpusConfig, data_dir: str) -> list[str]:

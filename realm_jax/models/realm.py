@@ -130,14 +130,16 @@ def _graft(tree: dict, path: tuple[str, ...], value: Any) -> dict:
   return tree
 
 
-def init_params(config: ModelConfig, rng: jax.Array, parts: tuple[str, ...] = ("retriever", "reader")
-                ) -> dict[str, Any]:
+def init_params(config: ModelConfig, rng: jax.Array, parts: tuple[str, ...] = ("retriever", "reader"),
+                pretrained: bool = True) -> dict[str, Any]:
   """Initial parameters of the requested parts, BERTs loaded from the checkpoint when given.
 
   Args:
     config: the model configuration.
     rng: PRNG key for the heads (and for everything when there is no checkpoint).
     parts: any of `"retriever"`, `"reader"`, `"encoder"`.
+    pretrained: load the BERTs from the checkpoint; False gives the random initialisation only
+      (traceable: what `jax.eval_shape` needs for the shapes of a train state).
 
   Returns:
     `{part: params}` with float32 arrays.
@@ -156,7 +158,7 @@ def init_params(config: ModelConfig, rng: jax.Array, parts: tuple[str, ...] = ("
     params["reader"] = init_reader(config.reader_config(), rngs["reader"])
   if "encoder" in parts:
     params["encoder"] = init_encoder(config.bert_config(), rngs["encoder"])
-  ckpt_dir = config.checkpoint_dir()
+  ckpt_dir = config.checkpoint_dir() if pretrained else None
   if ckpt_dir is None:
     return params
   ckpt = checkpoint_import.load_bert_checkpoint(ckpt_dir, config.bert_config())

@@ -27,6 +27,7 @@ import optax
 from realm_jax import evaluation
 from realm_jax import fileio
 from realm_jax import sharding
+from realm_jax.data import corpus_config
 from realm_jax.data import example_order
 from realm_jax.data import featurize
 from realm_jax.data.questions import Question
@@ -40,6 +41,7 @@ from realm_jax.training import optim
 from realm_jax.training import train_state
 
 Array = jax.Array
+PARTS = ("retriever", "reader")  # The params of an Open-QA run.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,11 @@ class OpenQAConfig:
     query_length: `[CLS] question [SEP]` length for the query embedder, in wordpieces.
     reader_length: `[CLS] question [SEP] block [SEP]` length (288 + 32 in the paper).
     reader_query_length: wordpieces of the question kept in the reader input (incl. [CLS], [SEP]).
+    gold_block_in_read: training only: when none of the `num_read` top retrieved blocks is a gold
+      block (of the question's `gold_doc_ids`, SQuAD-style) holding an answer, the gold block takes
+      the last read slot (and its retrieved rank, so the retriever's marginal sees it too). This is
+      DPR/ORQA-style reader training on a known positive; not in REALM's recipe, off by default.
+      Evaluation always reads the retrieved blocks only.
 
   Raises:
     ValueError: if `num_read > num_retrieved` or a length is too small.
@@ -62,6 +69,7 @@ class OpenQAConfig:
   query_length: int = 64
   reader_length: int = 320
   reader_query_length: int = 32
+  gold_block_in_read: bool = False
 
   def __post_init__(self):
     if not 0 < self.num_read <= self.num_retrieved:
@@ -101,6 +109,32 @@ class OpenQAFeaturizer:
     self.position_of_block = {int(b): i for i, b in enumerate(corpus.block_ids)}
     self.starts, self.ends = encoder_lib.span_candidates(config.reader_length, max_span_width)
     self._has_answer_cache: dict[tuple[int, str], bool] = {}
+    self._blocks_of_doc: dict[str, list[int]] | None = None
+
+  def gold_blocks(self, question: Question) -> list[int]:
+    """Block ids of the question's gold documents that hold an answer, in corpus order."""
+    if self._blocks_of_doc is None:  # Built on first use: one entry per document.
+      self._blocks_of_doc = {}
+      for position, doc_id in enumerate(self.corpus.doc_ids):
+        self._blocks_of_doc.setdefault(str(doc_id), []).append(
+            int(self.corpus.block_ids[position]))
+    return [b for doc in question.gold_doc_ids for b in self._blocks_of_doc.get(str(doc), ())
+            if b in self.row_of_block and self.has_answer(b, question)]
+
+  def with_gold_block(self, questions: Sequence[Question], retrieved_block_ids: np.ndarray
+                      ) -> np.ndarray:
+    """`retrieved_block_ids` `[n, K]` with a gold block at rank `num_read − 1` for each question
+    whose top `num_read` hold none (`OpenQAConfig.gold_block_in_read`); a later copy of it is
+    replaced by −1 (padding)."""
+    out = np.array(retrieved_block_ids, copy=True)
+    r = self.config.num_read
+    for i, q in enumerate(questions):
+      gold = self.gold_blocks(q)
+      if not gold or set(out[i, :r].tolist()) & set(gold):
+        continue
+      out[i, r:][out[i, r:] == gold[0]] = -1
+      out[i, r - 1] = gold[0]
+    return out
 
   def query_batch(self, questions: Sequence[Question]) -> dict[str, np.ndarray]:
     """`[n, query_length]` int32 query inputs."""
@@ -139,6 +173,8 @@ class OpenQAFeaturizer:
     n, k = retrieved_block_ids.shape
     if k != cfg.num_retrieved:
       raise ValueError(f"expected {cfg.num_retrieved} retrieved blocks per question, got {k}")
+    if with_labels and cfg.gold_block_in_read:
+      retrieved_block_ids = self.with_gold_block(questions, retrieved_block_ids)
     batch = {f"query_{k_}": v for k_, v in self.query_batch(questions).items()}
     valid = retrieved_block_ids >= 0
     rows = np.array([[self.row_of_block.get(int(b), 0) for b in row] for row in retrieved_block_ids])
@@ -427,34 +463,30 @@ class OpenQADataConfig:
   """Where the knowledge corpus and the questions come from.
 
   Attributes:
-    corpus_sources: files of the knowledge corpus Z (SQuAD JSON, JSONL or text; see `data.corpus`).
-      Empty means the embedded SQuAD v1.1 files (dev + 30 train articles).
+    corpus: the knowledge corpus Z (`data.corpus_config.CorpusConfig`: sources, block length,
+      tokenizer, data directory); its default is the embedded SQuAD v1.1 files (dev + 30 train
+      articles). The index builder reads the same field, so both jobs block the same corpus.
     train_questions / eval_questions: question files; empty means the embedded SQuAD train / dev.
     questions_format: `squad_open`, `nq_open`, `webquestions` or `curatedtrec`.
-    max_block_length: wordpieces per block, `3 + title + body` (288 in the paper).
-    tokenizer: `"wordpiece"` (the checkpoint's vocab.txt) or `"sentencepiece"`.
-    tokenizer_path: vocab / model file; empty means the checkpoint's `vocab.txt` (MiniLM's
-      uncased vocabulary for a randomly initialised model).
-    data_dir: TFDS data directory; empty means `WORKDIR/tfds`.
     max_train_questions / max_eval_questions: 0 for all; otherwise a seeded random sample.
+
+  Raises:
+    ValueError: on an unknown questions format.
   """
 
-  corpus_sources: tuple[str, ...] = ()
+  corpus: corpus_config.CorpusConfig = corpus_config.CorpusConfig()
   train_questions: str = ""
   eval_questions: str = ""
   questions_format: str = "squad_open"
-  max_block_length: int = 288
-  tokenizer: str = "wordpiece"
-  tokenizer_path: str = ""
-  data_dir: str = ""
   max_train_questions: int = 0
   max_eval_questions: int = 0
 
   def __post_init__(self):
     if self.questions_format not in ("squad_open", "nq_open", "webquestions", "curatedtrec"):
       raise ValueError(f"OpenQADataConfig.questions_format={self.questions_format!r} is unknown")
-    if self.max_block_length < 8:
-      raise ValueError(f"OpenQADataConfig.max_block_length={self.max_block_length} is too small")
+    if not isinstance(self.corpus, corpus_config.CorpusConfig):
+      raise TypeError(f"OpenQADataConfig.corpus must be a CorpusConfig, got "
+                      f"{type(self.corpus).__name__}")
 
 
 def _sample(questions: list[Question], limit: int, seed: int) -> list[Question]:
@@ -465,7 +497,7 @@ def _sample(questions: list[Question], limit: int, seed: int) -> list[Question]:
 
 
 def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: str, seed: int):
-  """Tokenizer, blocked corpus (TFDS) and question sets of an Open-QA run.
+  """Tokenizer, blocked corpus (`corpus_config.load_corpus`) and question sets of an Open-QA run.
 
   Returns:
     `(tokenizer, corpus, train_questions, eval_questions)`.
@@ -473,32 +505,22 @@ def load_openqa_data(data: OpenQADataConfig, model: realm.ModelConfig, workdir: 
   Raises:
     FileNotFoundError / data.corpus.DataFormatError: naming the bad file, line and field.
   """
-  from realm_jax import tokenization
-  from realm_jax.data import corpus as corpus_lib
-  from realm_jax.data import corpus_store
-  from realm_jax.data import tfds_builders
+  from realm_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
 
-  tokenizer = tokenization.resolve_tokenizer(data.tokenizer, data.tokenizer_path,
-                                             model.checkpoint_dir())
-  embedded = None
-  if not (data.corpus_sources and data.train_questions and data.eval_questions):
-    embedded = corpus_lib.embedded_squad_paths()
-  sources = list(data.corpus_sources) or [str(embedded["dev"]), str(embedded["train"])]
-  data_dir = data.data_dir or fileio.join(workdir, "tfds")
-  corpus = corpus_store.build_corpus(sources, tokenizer, data_dir, data.max_block_length,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  tokenizer, corpus = corpus_config.load_corpus(data.corpus, model.checkpoint_dir(), workdir,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
+  embedded = (corpus_lib.embedded_squad_paths()
+              if not (data.train_questions and data.eval_questions) else {})
   splits = {"train": data.train_questions or str(embedded["train"]),
             "eval": data.eval_questions or str(embedded["dev"])}
-  questions = tfds_builders.build_questions(splits, data.questions_format, data_dir)
+  questions = tfds_builders.build_questions(
+      splits, data.questions_format, data.corpus.data_dir or fileio.join(workdir, "tfds"))
   train = _sample(questions["train"], data.max_train_questions, seed)
   evals = _sample(questions["eval"], data.max_eval_questions, seed + 1)
-  logging.info("corpus: %d blocks (%s); %d train / %d eval questions", len(corpus),
-               corpus.fingerprint[:12], len(train), len(evals))
+  logging.info("%d train / %d eval questions", len(train), len(evals))
   return tokenizer, corpus, train, evals
-
-
-PARTS = ("retriever", "reader")
 
 
 def params_from_run(init_from: str, abstract_params: Any, model: realm.ModelConfig, seed: int = 0
@@ -732,17 +754,8 @@ def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
 
 def step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int,
                tx: optax.GradientTransformation | None = None) -> train_state.StepParts:
-  """The Open-QA step without weights or data (`train_state.StepParts`): random init of
-  `{"retriever", "reader"}`, `train_step` with its static arguments bound, the global batch's shapes
-  and the optimiser (default: BERT's AdamW with default settings)."""
-  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
-  retriever_cfg, reader_cfg = model.retriever_config(), model.reader_config()
-
-  def init_params(rng):
-    r1, r2 = jax.random.split(rng)
-    return {"retriever": realm.init_retriever(retriever_cfg, r1),
-            "reader": realm.init_reader(reader_cfg, r2)}
-
-  step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, reader_cfg=reader_cfg,
-                           num_read=task.num_read)
-  return train_state.StepParts(init_params, step, abstract_batch(task, model, batch_size), tx)
+  """The Open-QA step without weights or data (`train_state.make_step_parts`)."""
+  return train_state.make_step_parts(
+      train_step, model, PARTS, abstract_batch(task, model, batch_size), tx,
+      retriever_cfg=model.retriever_config(), reader_cfg=model.reader_config(),
+      num_read=task.num_read)

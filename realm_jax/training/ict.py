@@ -265,15 +265,10 @@ def step_parts(model: realm.ModelConfig, task: IctConfig, batch_size: int,
   """The ICT step without weights or data (`train_state.StepParts`): random init of
   `{"retriever"}`, `train_step` bound to `mesh` (default: a one-device mesh, for shapes and memory
   plans), the global batch's shapes and the optimiser (default: BERT's AdamW)."""
-  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
-  retriever_cfg = model.retriever_config()
-  mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-
-  def init_params(rng):
-    return {"retriever": realm.init_retriever(retriever_cfg, rng)}
-
-  step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, mesh=mesh)
-  return train_state.StepParts(init_params, step, abstract_batch(task, batch_size), tx)
+  return train_state.make_step_parts(
+      train_step, model, ("retriever",), abstract_batch(task, batch_size), tx,
+      retriever_cfg=model.retriever_config(),
+      mesh=mesh or sharding.make_mesh(devices=jax.devices()[:1]))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -270,40 +270,42 @@ class Trainer:
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(range(start, cfg.num_train_steps), desc=task.name, unit="step",
                     disable=not self.is_main)
-    for step in bar:
-      done = step + 1
-      with self._profiling(done):
-        t = time.perf_counter()
-        batch = sharding.global_batch_from_local(dict(task.next_batch(step, state)), self.mesh)
-        window_host_s += time.perf_counter() - t
-        state, metrics = step_fn(state, batch, rng)
-        window.append(metrics)
-      final = done == cfg.num_train_steps
-      if done % cfg.log_every_steps == 0 or final:
-        last, nonfinite = self._window_means(window, done)
-        nonfinite_total += nonfinite
-        wall = time.perf_counter() - t_window
-        last.update(self._perf(task, len(window), wall, window_host_s, done))
-        if task.host_metrics is not None:
-          last.update(task.host_metrics(step))
-        history.append(dict(last, step=done))
-        self.writer.write(done, last)
-        bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3f}" for k in task.progress if k in last})
-        logging.info("%s step %d: %s", task.name, done, last)
-        host_s += window_host_s
-        window, window_host_s, t_window = [], 0.0, time.perf_counter()
-      if cfg.eval_every_steps and task.evaluate is not None and done % cfg.eval_every_steps == 0:
-        result = task.evaluate(state.params, done)
-        evals.append(dict(result, step=done))
-        self.writer.write(done, result, prefix="eval")
-      if self.checkpoints.should_save(done) or final:
-        if window:  # A checkpoint never follows a non-finite loss under the "stop" policy.
-          self._check_finite(window, done)
-        self.checkpoints.save(done, state.params, state.opt_state,
-                              dict(task.checkpoint_meta, data=task.data_order.state()),
-                              force=final)
-    bar.close()
-    self.checkpoints.wait_until_finished()
+    try:
+      for step in bar:
+        done = step + 1
+        with self._profiling(done):
+          t = time.perf_counter()
+          batch = sharding.global_batch_from_local(dict(task.next_batch(step, state)), self.mesh)
+          window_host_s += time.perf_counter() - t
+          state, metrics = step_fn(state, batch, rng)
+          window.append(metrics)
+        final = done == cfg.num_train_steps
+        if done % cfg.log_every_steps == 0 or final:
+          last, nonfinite = self._window_means(window, done)
+          nonfinite_total += nonfinite
+          wall = time.perf_counter() - t_window
+          last.update(self._perf(task, len(window), wall, window_host_s, done))
+          if task.host_metrics is not None:
+            last.update(task.host_metrics(step))
+          history.append(dict(last, step=done))
+          self.writer.write(done, last)
+          bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3f}" for k in task.progress if k in last})
+          logging.info("%s step %d: %s", task.name, done, last)
+          host_s += window_host_s
+          window, window_host_s, t_window = [], 0.0, time.perf_counter()
+        if cfg.eval_every_steps and task.evaluate is not None and done % cfg.eval_every_steps == 0:
+          result = task.evaluate(state.params, done)
+          evals.append(dict(result, step=done))
+          self.writer.write(done, result, prefix="eval")
+        if self.checkpoints.should_save(done) or final:
+          if window:  # A checkpoint never follows a non-finite loss under the "stop" policy.
+            self._check_finite(window, done)
+          self.checkpoints.save(done, state.params, state.opt_state,
+                                dict(task.checkpoint_meta, data=task.data_order.state()),
+                                force=final)
+    finally:  # A failure (e.g. a non-finite loss) still commits the saves in flight.
+      bar.close()
+      self.checkpoints.wait_until_finished()
     train_s = time.perf_counter() - t_train
     host_s += window_host_s
     return state, {"train": last, "history": history, "evals": evals, "start_step": start,
@@ -318,7 +320,7 @@ class Trainer:
     bad = np.asarray([v[NONFINITE] for v in values]) > 0
     if bad.any() and self.config.nan_policy == "stop":
       raise FloatingPointError(f"step {step}: non-finite loss or gradient norm at step(s) "
-                               f"{[step - len(values) + 1 + i for i in np.flatnonzero(bad)]}")
+                               f"{[step - len(values) + 1 + int(i) for i in np.flatnonzero(bad)]}")
     good = [v for v, b in zip(values, bad) if not b] or values
     means = {k: float(np.mean([v[k] for v in good])) for k in values[-1] if k != NONFINITE}
     means[NONFINITE] = float(bad.sum())

@@ -51,7 +51,6 @@ import optax
 
 from realm_jax import fileio
 from realm_jax import sharding
-from realm_jax.data import corpus as corpus_data
 from realm_jax.data import corpus_config
 from realm_jax.data import example_order
 from realm_jax.data import featurize
@@ -66,7 +65,6 @@ from realm_jax.training import losses
 from realm_jax.training import optim
 from realm_jax.training import train_state
 
-embedded_dev_subset = corpus_data.embedded_dev_subset  # Kept here for callers of the old location.
 
 Array = jax.Array
 
@@ -74,6 +72,7 @@ NULL_BLOCK_ID = -1   # candidate 0: the null document ∅
 PAD_BLOCK_ID = -2    # a missing candidate (fewer than k − 1 non-trivial retrievals)
 INDEX_REFRESH_MODES = ("none", "inline", "async")
 MASKINGS = ("salient", "random_token", "random_span")
+PARTS = ("retriever", "encoder")  # The params of a REALM pre-training run.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,51 +128,39 @@ class PretrainDataConfig:
   """Where the knowledge corpus (also the pre-training corpus) and its masked queries come from.
 
   Attributes:
-    corpus_sources: corpus files (SQuAD JSON, JSONL or text, see `data.corpus`); empty means the
-      embedded SQuAD v1.1 paragraphs (dev + 30 train articles, 3,809 paragraphs).
-    embedded_dev_articles: with empty `corpus_sources`, > 0 keeps only the paragraphs of the first
-      this many embedded dev articles (about 43 paragraphs each): a corpus small enough to embed
-      in a minute on a CPU (`data.corpus.embedded_dev_subset`).
-    extra_sources: more files appended to the corpus (e.g. a WikiText `.tokens` file, JSONL pages).
+    corpus: the knowledge corpus Z (`data.corpus_config.CorpusConfig`: sources, extra sources, an
+      embedded-SQuAD subset, block length, tokenizer, data directory); its default is the embedded
+      SQuAD v1.1 paragraphs (dev + 30 train articles). The index builder reads the same field.
     pretraining_sources: files the masked sentences are cut from when they are not the knowledge
       corpus (REALM §4.2, "REALM (CC-News)": pre-training text X from CC-News, knowledge corpus Z
-      from Wikipedia). Empty means the sentences come from the knowledge corpus itself. Their
-      blocks are not in the index, so their `source_block_id` is -1 (no trivial-retrieval filter).
-    max_block_length: wordpieces per block, `3 + title + body` (288 in the paper).
+      from Wikipedia), blocked like `corpus`. Empty means the sentences come from the knowledge
+      corpus itself. Their blocks are not in the index, so their `source_block_id` is -1 (no
+      trivial-retrieval filter).
     masking: 'salient' (REALM §3.4), 'random_token' or 'random_span' (Table 2 ablations).
     masking_seed: seed of the masks (see `data.pretraining.sentence_rng`).
     max_examples: 0 uses every masked sentence; otherwise a seeded random subset of this size.
-    tokenizer: 'wordpiece' (the checkpoint's vocab.txt) or 'sentencepiece'.
-    tokenizer_path: vocab / model file; empty means `<init checkpoint>/vocab.txt`, or the MiniLM
-      package's `vocab.txt` for a randomly initialised model (as `models/tiny.gin`).
-    data_dir: TFDS data directory; empty means `WORKDIR/tfds`.
     spacy_n_process: spaCy worker processes for the salient-span pass.
 
   Raises:
-    ValueError: on an unknown masking or a too-small block length.
+    ValueError: on an unknown masking or a negative `max_examples`.
+    TypeError: if `corpus` is not a `CorpusConfig`.
   """
 
-  corpus_sources: tuple[str, ...] = ()
-  embedded_dev_articles: int = 0
-  extra_sources: tuple[str, ...] = ()
+  corpus: corpus_config.CorpusConfig = corpus_config.CorpusConfig()
   pretraining_sources: tuple[str, ...] = ()
-  max_block_length: int = 288
   masking: str = "salient"
   masking_seed: int = 0
   max_examples: int = 0
-  tokenizer: str = "wordpiece"
-  tokenizer_path: str = ""
-  data_dir: str = ""
   spacy_n_process: int = 1
 
   def __post_init__(self):
     if self.masking not in MASKINGS:
       raise ValueError(f"PretrainDataConfig.masking={self.masking!r}; expected one of {MASKINGS}")
-    if self.max_block_length < 8:
-      raise ValueError(f"PretrainDataConfig.max_block_length={self.max_block_length} is too small")
-    if self.max_examples < 0 or self.embedded_dev_articles < 0:
-      raise ValueError("PretrainDataConfig: max_examples and embedded_dev_articles must be >= 0, "
-                       f"got {self.max_examples}, {self.embedded_dev_articles}")
+    if self.max_examples < 0:
+      raise ValueError(f"PretrainDataConfig: max_examples must be >= 0, got {self.max_examples}")
+    if not isinstance(self.corpus, corpus_config.CorpusConfig):
+      raise TypeError(f"PretrainDataConfig.corpus must be a CorpusConfig, got "
+                      f"{type(self.corpus).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,19 +500,10 @@ def abstract_batch(task: PretrainConfig, batch_size: int) -> dict[str, jax.Shape
 
 def step_parts(model: realm.ModelConfig, task: PretrainConfig, batch_size: int,
                tx: optax.GradientTransformation | None = None) -> train_state.StepParts:
-  """The pre-training step without weights or data (`train_state.StepParts`): random init of
-  `{"retriever", "encoder"}`, `train_step` with its static arguments bound, the global batch's shapes
-  and the optimiser (default: BERT's AdamW with default settings)."""
-  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
-  retriever_cfg, encoder_cfg = model.retriever_config(), model.bert_config()
-
-  def init_params(rng):
-    r1, r2 = jax.random.split(rng)
-    return {"retriever": realm.init_retriever(retriever_cfg, r1),
-            "encoder": realm.init_encoder(encoder_cfg, r2)}
-
-  step = functools.partial(train_step, tx=tx, retriever_cfg=retriever_cfg, encoder_cfg=encoder_cfg)
-  return train_state.StepParts(init_params, step, abstract_batch(task, batch_size), tx)
+  """The REALM pre-training step without weights or data (`train_state.make_step_parts`)."""
+  return train_state.make_step_parts(
+      train_step, model, PARTS, abstract_batch(task, batch_size), tx,
+      retriever_cfg=model.retriever_config(), encoder_cfg=model.bert_config())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -546,15 +524,15 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
   """
   from realm_jax.data import pretraining as pretraining_data
 
-  tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
+  tokenizer, corpus = corpus_config.load_corpus(data.corpus, model.checkpoint_dir(), workdir,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())
-  data_dir = data.data_dir or fileio.join(workdir, "tfds")
+  data_dir = data.corpus.data_dir or fileio.join(workdir, "tfds")
   text_corpus = corpus
   if data.pretraining_sources:
     from realm_jax.data import corpus_store
     text_corpus = corpus_store.build_corpus(list(data.pretraining_sources), tokenizer, data_dir,
-                                            data.max_block_length,
+                                            data.corpus.max_block_length,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
     logging.info("pre-training text: %d blocks from %d files (%s), separate from the knowledge "
@@ -578,9 +556,6 @@ def load_pretraining_data(data: PretrainDataConfig, model: realm.ModelConfig, ta
         {k: v[keep] for k, v in examples.arrays.items()}, examples.masking)
   logging.info("%d %s-masked pre-training examples", len(examples), examples.masking)
   return tokenizer, corpus, examples
-
-
-PARTS = ("retriever", "encoder")
 
 
 def params_from_run(init_from: str, abstract_params: Any, model: realm.ModelConfig, seed: int = 0

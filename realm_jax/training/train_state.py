@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from realm_jax import sharding
+from realm_jax.models import realm
+from realm_jax.training import optim
 
 Array = jax.Array
 StepFn = Callable[..., tuple[Any, Mapping[str, Array]]]
@@ -107,6 +109,25 @@ class StepParts:
   train_step: StepFn
   batch: Mapping[str, jax.ShapeDtypeStruct]
   tx: optax.GradientTransformation
+
+
+def make_step_parts(train_step: StepFn, model: Any, parts: tuple[str, ...],
+                    batch: Mapping[str, jax.ShapeDtypeStruct],
+                    tx: optax.GradientTransformation | None = None, **static: Any) -> StepParts:
+  """A task's `StepParts`: the random init of `parts` of `model` (`realm.init_params`, no
+  checkpoint), `train_step` with `tx` and `static` bound, and the batch shapes.
+
+  Args:
+    train_step: the task's `train_step(state, batch, rng, *, tx, **static)`.
+    model: the `realm.ModelConfig`.
+    parts: the params' parts, e.g. `("retriever", "reader")`.
+    batch: `{name: jax.ShapeDtypeStruct}` of one global batch.
+    tx: the optimiser (default: BERT's AdamW with default settings).
+    **static: the step's other static arguments (configs, mesh).
+  """
+  tx = tx or optim.bert_adamw(optim.OptimizerConfig())
+  return StepParts(functools.partial(realm.init_params, model, parts=parts, pretrained=False),
+                   functools.partial(train_step, tx=tx, **static), batch, tx)
 
 
 def train_step_shapes(parts: StepParts) -> dict[str, Any]:

@@ -280,6 +280,7 @@ def test_cli_reports_a_truncated_corpus_in_one_line(tmp_path, tok, capsys):
   gin = tmp_path / "ft.gin"
   gin.write_text(f"""
 from __gin__ import dynamic_registration
+from realm_jax.data import corpus_config
 from realm_jax.training import finetune
 include '{REPO}/experiments/models/tiny.gin'
 include '{REPO}/experiments/runs/finetune.gin'
@@ -289,9 +290,11 @@ LEARNING_RATE = 1e-4
 DATA = @finetune.OpenQADataConfig()
 TASK = @finetune.OpenQAConfig()
 finetune.OpenQADataConfig:
-  corpus_sources = ['{SQUAD_TINY}']
+  corpus = @corpus_config.CorpusConfig()
   train_questions = '{SQUAD_TINY}'
   eval_questions = '{SQUAD_TINY}'
+corpus_config.CorpusConfig:
+  sources = ['{SQUAD_TINY}']
   data_dir = '{tmp_path / "data"}'
   max_block_length = 64
 """)

@@ -286,9 +286,9 @@ def test_index_sources(tmp_path, setup):
 @pytest.mark.skipif(not HAS_SPACY, reason="salient spans need a spaCy English model")
 def test_train_loop_inline_refresh_and_resume(tmp_path):
   source = fx.write_jsonl(tmp_path / "docs.jsonl")
-  data = pretrain.PretrainDataConfig(corpus_sources=(source,), max_block_length=64,
-                                     tokenizer_path=fx.vocab_path(),
-                                     data_dir=str(tmp_path / "tfds"))
+  data = pretrain.PretrainDataConfig(corpus=corpus_config.CorpusConfig(
+      sources=(source,), max_block_length=64, tokenizer_path=fx.vocab_path(),
+      data_dir=str(tmp_path / "tfds")))
   workdir = str(tmp_path / "run")
   kwargs = dict(model=MODEL, data=data, task=TASK, batch_size=8, log_every_steps=1,
                 checkpoint_every_steps=2, searcher="scann", index_refresh="inline",
@@ -314,8 +314,8 @@ def test_train_loop_async_refresh_uses_the_watcher(tmp_path):
   watcher = pytest.importorskip("realm_jax.retrieval.watcher")
   del watcher
   source = fx.write_jsonl(tmp_path / "docs.jsonl")
-  data = pretrain.PretrainDataConfig(corpus_sources=(source,), max_block_length=64,
-                                     data_dir=str(tmp_path / "tfds"))
+  data = pretrain.PretrainDataConfig(corpus=corpus_config.CorpusConfig(
+      sources=(source,), max_block_length=64, data_dir=str(tmp_path / "tfds")))
   workdir = tmp_path / "run"
   # The index-builder job's first index (here built in the test instead of by the job).
   tok, corp = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(workdir))
@@ -345,11 +345,11 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   from realm_jax.training import checkpointing
   from realm_jax.training import ict
   source = fx.write_jsonl(tmp_path / "docs.jsonl")
-  data = pretrain.PretrainDataConfig(corpus_sources=(source,), max_block_length=64,
-                                     tokenizer_path=fx.vocab_path(),
-                                     data_dir=str(tmp_path / "tfds"))
+  data = pretrain.PretrainDataConfig(corpus=corpus_config.CorpusConfig(
+      sources=(source,), max_block_length=64, tokenizer_path=fx.vocab_path(),
+      data_dir=str(tmp_path / "tfds")))
   ict_dir = str(tmp_path / "ict")
-  ict.train(ict_dir, model=MODEL, data=data,
+  ict.train(ict_dir, model=MODEL, data=data.corpus,
             task=ict.IctConfig(query_length=16, block_length=32), batch_size=8,
             num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
   params = _params_from_run(ict_dir, seed=3)
@@ -383,8 +383,9 @@ def test_pretraining_text_separate_from_the_knowledge_corpus(tmp_path):
       "Reuters reported on Monday that Marseille opened a new harbour terminal in 2017.",
       "The mayor of Toronto, John Tory, announced the budget in Ottawa on Friday.",
   ])) + "\n")
-  kw = dict(corpus_sources=(knowledge,), max_block_length=64, tokenizer_path=fx.vocab_path(),
-            data_dir=str(tmp_path / "tfds"))
+  kw = dict(corpus=corpus_config.CorpusConfig(sources=(knowledge,), max_block_length=64,
+                                              tokenizer_path=fx.vocab_path(),
+                                              data_dir=str(tmp_path / "tfds")))
   only_wiki = pretrain.PretrainDataConfig(**kw)
   with_news = pretrain.PretrainDataConfig(pretraining_sources=(str(news),), **kw)
   _, wiki_corpus, wiki_examples = pretrain.load_pretraining_data(only_wiki, MODEL, TASK,
