@@ -42,9 +42,12 @@ class OptimizerConfig:
     weight_decay: decoupled weight decay (not applied to LayerNorm and biases).
     b1, b2, eps: Adam moments.
     clip_norm: global gradient-norm clip; 0 disables it.
+    part_learning_rate_scales: `((part, scale), ...)`: the updates of the top-level params part
+      `part` (e.g. `"retriever"`) are multiplied by `scale`, i.e. that part trains with
+      `scale × learning_rate` (0 freezes it). Empty: one rate for every part.
 
   Raises:
-    ValueError: on non-positive steps or learning rate.
+    ValueError: on a negative step count, a non-positive learning rate or a negative scale.
   """
 
   learning_rate: float = 1e-5
@@ -55,12 +58,18 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-6
   clip_norm: float = 1.0
+  part_learning_rate_scales: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     if self.learning_rate <= 0:
       raise ValueError(f"OptimizerConfig.learning_rate must be positive, got {self.learning_rate}")
-    if self.num_train_steps <= 0:
-      raise ValueError(f"OptimizerConfig.num_train_steps must be positive, got {self.num_train_steps}")
+    if self.num_train_steps < 0:  # 0: an evaluation-only run (`realm-jax evaluate`).
+      raise ValueError(f"OptimizerConfig.num_train_steps must be >= 0, got {self.num_train_steps}")
+    object.__setattr__(self, "part_learning_rate_scales",
+                       tuple((str(p), float(s)) for p, s in self.part_learning_rate_scales))
+    if any(s < 0 for _, s in self.part_learning_rate_scales):
+      raise ValueError(f"OptimizerConfig.part_learning_rate_scales must be >= 0, got "
+                       f"{self.part_learning_rate_scales}")
 
   @property
   def resolved_warmup_steps(self) -> int:
@@ -80,7 +89,7 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     An `optax.Schedule`: step (int) → learning rate (float32 scalar).
   """
   warmup = config.resolved_warmup_steps
-  total = config.num_train_steps
+  total = max(config.num_train_steps, 1)
   return optax.join_schedules([
       optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
       optax.linear_schedule(config.learning_rate * (1.0 - warmup / total), 0.0,
@@ -124,6 +133,8 @@ def bert_adamw(config: OptimizerConfig,
     chain.append(optax.clip_by_global_norm(config.clip_norm))
   chain.append(optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
                            eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask))
+  if config.part_learning_rate_scales:
+    chain.append(_scale_parts(dict(config.part_learning_rate_scales)))
   tx = optax.chain(*chain)
   if trainable is None:
     return tx
@@ -132,3 +143,18 @@ def bert_adamw(config: OptimizerConfig,
     return jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable(params))
 
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def _scale_parts(scales: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of each top-level params part named in `scales` by its scale."""
+
+  def update(updates, state, params=None):
+    del params
+    missing = set(scales) - set(updates)
+    if missing:
+      raise ValueError(f"part_learning_rate_scales names parts {sorted(missing)} that the params "
+                       f"do not have ({sorted(updates)})")
+    return {k: (jax.tree_util.tree_map(lambda u, s=scales[k]: u * s, v) if k in scales else v)
+            for k, v in updates.items()}, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -169,3 +169,24 @@ def test_checkpoint_manager_accepts_a_relative_directory(tmp_path, monkeypatch):
                                                         checkpointing.abstract_like(params))
   assert step == 1 and np.array_equal(restored["w"], np.arange(3.0))
   assert checkpointing.saved_param_parts("rel/checkpoints") == (["w"], 1)
+
+
+def test_gold_block_takes_the_last_read_slot_when_not_retrieved(setup):
+  tok, corpus, featurizer, _, _ = setup
+  gold_featurizer = finetune.OpenQAFeaturizer(
+      tok, corpus, corpus.block_ids, featurizer.embeddings,
+      dataclasses.replace(TASK, gold_block_in_read=True), MODEL.max_span_width)
+  paris = int(corpus.block_ids[list(corpus.doc_ids).index("paris#0")])
+  assert gold_featurizer.gold_blocks(QUESTIONS[0]) == [paris]
+  # q0 retrieved Paris only at rank 4 (of 4), q1 has no gold documents.
+  retrieved = np.array([[1, 2, 3, paris], [1, 0, 2, 3]], np.int64)
+  moved = gold_featurizer.with_gold_block(QUESTIONS[:2], retrieved)
+  np.testing.assert_array_equal(moved, [[1, paris, 3, -1], [1, 0, 2, 3]])
+  batch, reads = gold_featurizer.batch(QUESTIONS[:2], retrieved, with_labels=True)
+  assert reads[0][1]["block_id"] == paris and batch["retrieved_has_answer"][0, 1]
+  assert batch["span_is_answer"][0, 1].any() and not batch["retrieved_valid"][0, 3]
+  # Already read: unchanged. Evaluation (no labels) never moves blocks.
+  np.testing.assert_array_equal(gold_featurizer.with_gold_block(QUESTIONS[:1], retrieved[:1, ::-1]),
+                                retrieved[:1, ::-1])
+  _, reads = gold_featurizer.batch(QUESTIONS[:2], retrieved, with_labels=False)
+  assert reads[0][1]["block_id"] == 2

@@ -7,6 +7,8 @@ replaced by `lr · step / num_warmup_steps` while `step < num_warmup_steps`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,27 @@ def test_schedule_is_the_one_the_optimizer_applies():
   expected = [_bert_learning_rate(s, 1.0, 8, 4) for s in range(9)]
   np.testing.assert_allclose(seen, expected, rtol=1e-5, atol=1e-7)
   assert expected[3] == pytest.approx(0.75) and expected[4] == pytest.approx(0.5)
+
+
+def test_part_learning_rate_scales_scale_one_part_only():
+  config = optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10, warmup_steps=0,
+                                 weight_decay=0.0,
+                                 part_learning_rate_scales=(("retriever", 0.1),))
+  tx = optim.bert_adamw(config)
+  params = {"retriever": {"kernel": jnp.ones((3,))}, "reader": {"kernel": jnp.ones((3,))}}
+  grads = {"retriever": {"kernel": jnp.full((3,), 0.5)}, "reader": {"kernel": jnp.full((3,), 0.5)}}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["retriever"]["kernel"], 0.1 * updates["reader"]["kernel"],
+                             rtol=1e-6)
+  assert float(jnp.abs(updates["reader"]["kernel"]).min()) > 0
+  bad = optim.bert_adamw(dataclasses.replace(config, part_learning_rate_scales=(("encoder", 0.),)))
+  with pytest.raises(ValueError, match="encoder"):
+    bad.update(grads, bad.init(params), params)
+
+
+def test_zero_train_steps_is_an_evaluation_only_config():
+  config = optim.OptimizerConfig(num_train_steps=0)  # `realm-jax finetune` with TRAIN_STEPS=0
+  assert config.resolved_warmup_steps == 0
+  assert np.isfinite(float(optim.learning_rate_schedule(config)(0)))
+  with pytest.raises(ValueError, match=">= 0"):
+    optim.OptimizerConfig(num_train_steps=-1)
