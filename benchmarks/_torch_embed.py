@@ -1,21 +1,26 @@
-"""PyTorch half of `embed_throughput.py`: times `transformers.BertModel` on given blocks.
+"""PyTorch half of `embed_throughput.py`: runs `transformers.BertModel` on given batches.
 
-Run by `embed_throughput.py` (in the PyTorch venv when the project venv has no torch); it needs only
-torch, transformers, safetensors and numpy, not realm_jax. Usage:
+`embed_throughput.py` drives a `TorchEmbedder` batch by batch, interleaved with the Flax encoder:
+in-process when its interpreter has torch, else through this script as a subprocess (in a PyTorch
+venv; it needs only torch, transformers, safetensors and numpy, not realm_jax):
 
-    .torchvenv/bin/python benchmarks/_torch_embed.py --model-dir DIR --inputs in.npz \
-        --output out.npz --batch-sizes 16,64 --num-batches 2
+    .torchvenv/bin/python benchmarks/_torch_embed.py --model-dir DIR --inputs batches.npz
 
-`in.npz` holds `input_ids`, `segment_ids`, `input_mask` ([num_blocks, seq_len] int32). `out.npz`
-receives `cls_{batch}` ([batch, hidden] float32 [CLS] vectors of the first timed batch); the last
-line of stdout is a JSON object with the timings and the thread settings.
+`batches.npz` holds `input_ids_{j}`, `segment_ids_{j}`, `input_mask_{j}` (`[batch, length]` int32)
+for batches j = 0 .. n-1. The subprocess prints one JSON line (versions, thread settings), then
+reads commands from stdin, one a line, and answers each with one JSON line on stdout:
+
+    run J        -> {"s": seconds}   forward pass of batch J ([CLS] kept from its first run)
+    matmul N     -> {"s": seconds}   best of 5 [N, N] x [N, N] float32 matmuls
+    dump PATH    -> {"ok": true}     writes `cls_{j}` ([batch, hidden] float32) of the run batches
+    quit
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 
 import numpy as np
@@ -23,82 +28,80 @@ import torch
 import transformers
 
 
-def peak_rss_mb() -> float:
-  """Peak resident set size of this process (VmHWM), in MiB.
+class TorchEmbedder:
+  """`BertModel` in inference mode over fixed batches; times one batch per call.
 
-  `getrusage(...).ru_maxrss` would be wrong in a subprocess: Linux carries it over fork and exec,
-  so a child would report its parent's peak.
+  Args:
+    model_dir: a Hugging Face BERT checkpoint directory.
+    batches: `{"input_ids_{j}", "segment_ids_{j}", "input_mask_{j}"}` int arrays.
+    num_threads: `torch.set_num_threads` when positive; 0 keeps torch's default (one per core).
   """
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
+  def __init__(self, model_dir: str, batches: dict[str, np.ndarray], num_threads: int = 0):
+    if num_threads > 0:
+      torch.set_num_threads(num_threads)
+    self.model = transformers.BertModel.from_pretrained(model_dir, local_files_only=True).eval()
+    self.batches = {}
+    for key, value in batches.items():
+      name, j = key.rsplit("_", 1)
+      self.batches.setdefault(int(j), {})[name] = torch.from_numpy(value.astype(np.int64))
+    self.cls: dict[str, np.ndarray] = {}
+    self.info = {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "attn_implementation": getattr(self.model.config, "_attn_implementation", "eager"),
+    }
 
-def run(model_dir: str, inputs: dict[str, np.ndarray], batch_sizes: list[int],
-        num_batches: int, num_threads: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
-  """Times [CLS] embedding of `num_batches` batches per batch size.
+  def run(self, j: int) -> float:
+    """Seconds for one forward pass of batch `j` ([CLS] copied out to numpy inside the timing)."""
+    b = self.batches[j]
+    with torch.inference_mode():
+      start = time.perf_counter()
+      out = self.model(input_ids=b["input_ids"], token_type_ids=b["segment_ids"],
+                       attention_mask=b["input_mask"])
+      first = out.last_hidden_state[:, 0].numpy().copy()
+      seconds = time.perf_counter() - start
+    self.cls.setdefault(f"cls_{j}", first.astype(np.float32))
+    return seconds
 
-  One warm-up forward pass on 2 blocks precedes the timing. Batch `i` of size `b` is blocks
-  `[i * b, (i + 1) * b)`. `num_threads > 0` calls `torch.set_num_threads(num_threads)`; 0 keeps
-  torch's default (one intra-op thread per core).
-
-  Returns:
-    (report, cls): `report` has the torch/transformers versions, thread settings, attention
-    implementation and, per batch size, the per-batch seconds and peak RSS; `cls[f"cls_{b}"]` is the
-    [b, hidden] float32 [CLS] output of the first batch.
-
-  Raises:
-    ValueError: if the inputs hold fewer than `max(batch_sizes) * num_batches` blocks.
-  """
-  if num_threads > 0:
-    torch.set_num_threads(num_threads)
-  model = transformers.BertModel.from_pretrained(model_dir, local_files_only=True).eval()
-  ids, segs, mask = (torch.from_numpy(inputs[k].astype(np.int64))
-                     for k in ("input_ids", "segment_ids", "input_mask"))
-  report = {
-      "torch": torch.__version__, "transformers": transformers.__version__,
-      "num_threads": torch.get_num_threads(),
-      "num_interop_threads": torch.get_num_interop_threads(),
-      "attn_implementation": model.config._attn_implementation, "results": {},
-  }
-  cls = {}
-  with torch.inference_mode():
-    model(input_ids=ids[:2], token_type_ids=segs[:2], attention_mask=mask[:2])  # warm-up
-    for b in batch_sizes:
-      if b * num_batches > ids.shape[0]:
-        raise ValueError(f"_torch_embed: batch size {b} x {num_batches} batches needs "
-                         f"{b * num_batches} blocks, the inputs have {ids.shape[0]}")
-      times = []
-      for i in range(num_batches):
-        sl = slice(i * b, (i + 1) * b)
+  def matmul(self, n: int) -> float:
+    """Best of 5 seconds for an `[n, n] x [n, n]` float32 matmul."""
+    a = torch.randn(n, n)
+    times = []
+    with torch.inference_mode():
+      a @ a  # pylint: disable=pointless-statement
+      for _ in range(5):
         start = time.perf_counter()
-        out = model(input_ids=ids[sl], token_type_ids=segs[sl], attention_mask=mask[sl])
-        first = out.last_hidden_state[:, 0].numpy().copy()
+        a @ a  # pylint: disable=pointless-statement
         times.append(time.perf_counter() - start)
-        if i == 0:
-          cls[f"cls_{b}"] = first.astype(np.float32)
-      report["results"][str(b)] = {"seconds_per_batch": times, "median_s": statistics.median(times),
-                                   "peak_rss_mb": peak_rss_mb()}
-  return report, cls
+    return min(times)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model-dir", required=True)
   parser.add_argument("--inputs", required=True)
-  parser.add_argument("--output", required=True)
-  parser.add_argument("--batch-sizes", default="16,64")
-  parser.add_argument("--num-batches", type=int, default=2)
   parser.add_argument("--num-threads", type=int, default=0, help="0: torch's default")
   args = parser.parse_args()
   with np.load(args.inputs) as f:
-    inputs = {k: f[k] for k in f.files}
-  report, cls = run(args.model_dir, inputs, [int(b) for b in args.batch_sizes.split(",")],
-                    args.num_batches, args.num_threads)
-  np.savez(args.output, **cls)
-  print(json.dumps(report))
+    batches = {k: f[k] for k in f.files}
+  embedder = TorchEmbedder(args.model_dir, batches, args.num_threads)
+  print(json.dumps(embedder.info), flush=True)
+  for line in sys.stdin:
+    command, _, arg = line.strip().partition(" ")
+    if command == "run":
+      reply = {"s": embedder.run(int(arg))}
+    elif command == "matmul":
+      reply = {"s": embedder.matmul(int(arg))}
+    elif command == "dump":
+      np.savez(arg, **embedder.cls)
+      reply = {"ok": True}
+    elif command == "quit":
+      break
+    else:
+      reply = {"error": f"unknown command {command!r}"}
+    print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,31 @@
-"""Corpus-embedding throughput: Flax `BertEncoder` vs PyTorch `BertModel` on the same weights.
+"""Corpus-embedding throughput: Flax `BertEncoder` vs PyTorch `BertModel`, same weights and batches.
 
-REALM (Guu et al., 2020, §3.4) re-embeds the whole knowledge corpus (blocks of up to 288
-wordpieces) at every asynchronous index refresh, so document-embedding throughput bounds how fresh
-the MIPS index can be. This benchmark embeds synthetic 288-token blocks (lengths 200..288, the rest
-padding; segment ids 0 for a short "title", 1 for the "body") with the all-MiniLM-L6-v2 weights in
-float32 and reports blocks/s, ms/batch and peak RSS for each batch size, for both frameworks, plus
-the [CLS] agreement between them. Blocks and batches are the same for both.
+REALM (Guu et al., 2020, §3.4) re-embeds the whole knowledge corpus (blocks of up to 288 wordpieces)
+at every asynchronous index refresh, so document-embedding throughput bounds how fresh the MIPS
+index can be. This benchmark takes real blocks of the embedded SQuAD corpus (`data/squad`, blocked
+as the jobs block it), cuts them into batches exactly as `retrieval/embedding.py` does
+(`plan_batches`), and gives both frameworks the same batches, interleaved batch by batch and
+repeated `--rounds` times, so that the ratio measures the encoders and a busy host slows both.
 
-Run from the repository root with the project venv (1-2 minutes on 2 idle CPU cores, up to ~4 when
-the cores are shared):
+Layouts (one table row per layout and batch size):
+  fixed     every block padded to 288 tokens, corpus order (the batching before length buckets);
+  bucketed  longest first, each batch padded to the next multiple of `--bucket` (the default).
 
-    .venv/bin/python benchmarks/embed_throughput.py
+It prints, per row, blocks/s of each side (median round), the ratio, the model FLOP/s of the Flax
+side (matmul FLOPs of the shapes executed, padding included) against the float32 matmul peak of
+XLA measured in the same run (a 2048^3 matmul, best of 5, before and after), the share of padded
+token positions and the number of compiled shapes; then the [CLS] agreement, and a plot of blocks/s
+against the padded sequence length (one point per bucket, from the timed batches).
 
-If this interpreter cannot import torch, the PyTorch half runs in `--torch-python`
-(default `.torchvenv/bin/python`, see `benchmarks/_torch_embed.py`) as a subprocess, and the output
-says so. `--skip-torch` times the Flax encoder alone.
+Run from the repository root with the project venv (about 5 minutes on 2 idle cores; `--quick`
+about 1):
+
+    .venv/bin/python benchmarks/embed_throughput.py [--quick] [--torch-python PATH]
+
+If this interpreter cannot import torch, the PyTorch half runs in `--torch-python` (default
+`.torchvenv/bin/python`; create it with `python3 -m venv .torchvenv && .torchvenv/bin/pip install
+torch transformers==4.40.2 safetensors numpy`) as a subprocess driven over a pipe
+(`benchmarks/_torch_embed.py`). `--skip-torch` times the Flax encoder alone.
 """
 
 from __future__ import annotations
@@ -35,186 +46,360 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_config
 from realm_jax.models.bert import BertEncoder
 from realm_jax.models.checkpoint_import import load_bert_checkpoint, minilm_checkpoint_dir
+from realm_jax.retrieval import embedding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CLS_ID, SEP_ID = 101, 102
+HERE = pathlib.Path(__file__).resolve().parent
+PEAK_N = 2048
 
 
-def make_blocks(num_blocks: int, seq_len: int, vocab_size: int,
-                seed: int = 0) -> dict[str, np.ndarray]:
-  """Synthetic corpus blocks `[CLS] title [SEP] body [SEP] pad...` (REALM §3.4 document input).
-
-  Returns:
-    `input_ids`, `segment_ids`, `input_mask`: `[num_blocks, seq_len]` int32.
-  """
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(min(200, seq_len), seq_len + 1, size=num_blocks)
-  lengths[0] = seq_len
-  title_len = rng.integers(2, 12, size=num_blocks)
-  pos = np.arange(seq_len)[None, :]
-  mask = pos < lengths[:, None]
-  ids = rng.integers(1000, vocab_size, size=(num_blocks, seq_len))
-  ids[:, 0] = CLS_ID
-  ids[pos == title_len[:, None] + 1] = SEP_ID
-  ids[pos == lengths[:, None] - 1] = SEP_ID
-  segs = (pos > title_len[:, None] + 1) & mask
-  return {"input_ids": np.where(mask, ids, 0).astype(np.int32),
-          "segment_ids": segs.astype(np.int32), "input_mask": mask.astype(np.int32)}
-
-
-def peak_rss_mb() -> float:
-  """Peak resident set size (VmHWM) of this process in MiB (`getrusage` would be inherited by the
-  torch subprocess across fork/exec)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
-
-
-def time_flax(model_dir: pathlib.Path, blocks: dict[str, np.ndarray], batch_sizes: list[int],
-              num_batches: int) -> tuple[dict, dict[str, np.ndarray]]:
-  """Times the jitted Flax encoder's [CLS] output, compiled ahead of time for each batch size.
-
-  Batch `i` of size `b` is blocks `[i * b, (i + 1) * b)`, as in `_torch_embed.run`.
+def load_blocks(num_blocks: int, data_dir: str) -> dict[str, np.ndarray]:
+  """`num_blocks` blocks spread evenly over the embedded SQuAD corpus (all of them for 0).
 
   Returns:
-    (report, cls) in the format of `_torch_embed.run`, plus `report["compile_s"]`.
+    `input_ids`, `segment_ids`, `input_mask`: `[num_blocks, 288]` int32 document-tower inputs.
   """
-  ckpt = load_bert_checkpoint(model_dir)
-  model = BertEncoder(ckpt.config)
-  params = jax.device_put(ckpt.params)
+  paths = corpus_lib.embedded_squad_paths()
+  config = corpus_config.CorpusConfig(sources=(str(paths["dev"]), str(paths["train"])),
+                                      data_dir=data_dir)
+  _, corpus = corpus_config.load_corpus(config, str(minilm_checkpoint_dir()), data_dir,
+                                        show_progress=False)
+  n = len(corpus)
+  rows = np.arange(n) if num_blocks <= 0 or num_blocks >= n else (
+      np.linspace(0, n - 1, num_blocks).round().astype(np.int64))
+  return corpus.retrieval_inputs(rows)
 
-  def embed_cls(p, ids, segs, mask):
-    return model.apply({"params": p}, input_ids=ids, input_mask=mask, segment_ids=segs,
-                       deterministic=True)[:, 0]
 
-  report = {"results": {}, "compile_s": {}}
-  cls = {}
-  for b in batch_sizes:
+def encoder_flops(batch: int, length: int, hidden: int, intermediate: int, layers: int) -> float:
+  """Matmul FLOPs of one BERT forward pass over `[batch, length]` (projections, FFN, attention)."""
+  per_layer = 2 * batch * length * (4 * hidden * hidden + 2 * hidden * intermediate)
+  return layers * (per_layer + 4 * batch * length * length * hidden)
+
+
+def jax_matmul_seconds(n: int = PEAK_N) -> float:
+  """Best of 5 seconds for a jitted `[n, n] x [n, n]` float32 matmul."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(5):
     start = time.perf_counter()
-    spec = jax.ShapeDtypeStruct((b, blocks["input_ids"].shape[1]), jnp.int32)
-    compiled = jax.jit(embed_cls).lower(params, spec, spec, spec).compile()
-    report["compile_s"][str(b)] = time.perf_counter() - start
-    times = []
-    for i in range(num_batches):
-      sl = slice(i * b, (i + 1) * b)
-      start = time.perf_counter()
-      first = np.asarray(compiled(params, blocks["input_ids"][sl], blocks["segment_ids"][sl],
-                                  blocks["input_mask"][sl]))
-      times.append(time.perf_counter() - start)
-      if i == 0:
-        cls[f"cls_{b}"] = first
-    report["results"][str(b)] = {"seconds_per_batch": times, "median_s": statistics.median(times),
-                                 "peak_rss_mb": peak_rss_mb()}
-  return report, cls
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return min(times)
 
 
-def time_torch(args, model_dir: pathlib.Path, blocks: dict[str, np.ndarray],
-               batch_sizes: list[int]) -> tuple[dict, dict[str, np.ndarray], str]:
-  """Runs `_torch_embed.py` in this interpreter if it has torch, else in `args.torch_python`."""
+class TorchProcess:
+  """`_torch_embed.TorchEmbedder`'s interface over a pipe to a subprocess in another venv."""
+
+  def __init__(self, python: str, model_dir: str, batches_path: str, num_threads: int):
+    self.proc = subprocess.Popen(
+        [python, str(HERE / "_torch_embed.py"), "--model-dir", model_dir, "--inputs",
+         batches_path, "--num-threads", str(num_threads)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    self.info = self._reply()
+
+  def _reply(self) -> dict:
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"embed_throughput.py: the PyTorch subprocess exited "
+                           f"({self.proc.wait()}); see its stderr above")
+      if line.startswith("{"):
+        return json.loads(line)
+
+  def _ask(self, command: str) -> dict:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._reply()
+
+  def run(self, j: int) -> float:
+    return self._ask(f"run {j}")["s"]
+
+  def matmul(self, n: int) -> float:
+    return self._ask(f"matmul {n}")["s"]
+
+  def cls_arrays(self) -> dict[str, np.ndarray]:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "cls.npz")
+      self._ask(f"dump {path}")
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+  def close(self) -> None:
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.flush()
+    self.proc.wait(timeout=60)
+
+
+def start_torch(args, model_dir: pathlib.Path, batches: dict[str, np.ndarray], tmp: str):
+  """The PyTorch side: in-process if this interpreter has torch, else a `TorchProcess`."""
   if importlib.util.find_spec("torch") is not None:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    sys.path.insert(0, str(HERE))
     import _torch_embed  # pylint: disable=g-import-not-at-top
-    report, cls = _torch_embed.run(str(model_dir), blocks, batch_sizes, args.num_batches,
-                                   args.torch_threads)
-    return report, cls, f"in-process ({sys.executable})"
+    side = _torch_embed.TorchEmbedder(str(model_dir), batches, args.torch_threads)
+    side.cls_arrays = lambda: side.cls
+    side.close = lambda: None
+    return side, f"in-process ({sys.executable})"
   python = pathlib.Path(args.torch_python)
   if not python.exists():
     raise FileNotFoundError(
         f"embed_throughput.py: --torch-python={str(python)!r} does not exist and this interpreter "
         "has no torch; create it with `python3 -m venv .torchvenv && .torchvenv/bin/pip install "
-        "torch==2.13.0 transformers safetensors numpy`, or pass --skip-torch")
-  with tempfile.TemporaryDirectory() as tmp:
-    inputs, output = pathlib.Path(tmp) / "in.npz", pathlib.Path(tmp) / "out.npz"
-    np.savez(inputs, **blocks)
-    cmd = [str(python), str(pathlib.Path(__file__).resolve().parent / "_torch_embed.py"),
-           "--model-dir", str(model_dir), "--inputs", str(inputs), "--output", str(output),
-           "--batch-sizes", ",".join(map(str, batch_sizes)),
-           "--num-batches", str(args.num_batches), "--num-threads", str(args.torch_threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-      raise RuntimeError(f"embed_throughput.py: the PyTorch subprocess failed "
-                         f"({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    with np.load(output) as f:
-      cls = {k: f[k] for k in f.files}
-  return report, cls, f"subprocess ({python})"
+        "torch transformers==4.40.2 safetensors numpy`, or pass --skip-torch")
+  path = os.path.join(tmp, "batches.npz")
+  np.savez(path, **batches)
+  side = TorchProcess(str(python), str(model_dir), path, args.torch_threads)
+  return side, f"subprocess ({python})"
+
+
+def plot(rows_by_length: dict[int, dict[str, float]], path: pathlib.Path, title: str) -> None:
+  """blocks/s against the padded sequence length, one line per framework."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  lengths = sorted(rows_by_length)
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for side, style in (("flax", "o-"), ("torch", "s--")):
+    ys = [rows_by_length[n].get(side) for n in lengths]
+    if any(y is not None for y in ys):
+      ax.plot(lengths, ys, style, label={"flax": "Flax BertEncoder (jit)",
+                                         "torch": "PyTorch BertModel"}[side])
+  for n in lengths:
+    r = rows_by_length[n]
+    if r.get("torch"):
+      ax.annotate(f"{r['flax'] / r['torch']:.2f}x", (n, r["flax"]), textcoords="offset points",
+                  xytext=(0, 6), ha="center", fontsize=8)
+  ax.set_xlabel("padded sequence length (bucket, tokens)")
+  ax.set_ylabel("blocks / s")
+  ax.set_yscale("log")
+  ax.set_xticks(lengths)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch-sizes", default="16,64", help="comma-separated batch sizes")
-  parser.add_argument("--seq-len", type=int, default=288, help="block length in wordpieces")
-  parser.add_argument("--num-batches", type=int, default=2,
-                      help="timed batches per batch size (JAX compiles ahead of time; torch warms "
-                      "up on 2 blocks first)")
+  parser.add_argument("--num-blocks", type=int, default=1024,
+                      help="real SQuAD blocks, spread over the corpus (0: all 3,997)")
+  parser.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes")
+  parser.add_argument("--bucket", type=int, default=embedding.DEFAULT_BUCKET,
+                      help="bucketed layout: pad each batch to a multiple of this")
+  parser.add_argument("--layouts", default="fixed,bucketed",
+                      help="comma-separated: fixed (288, corpus order), bucketed")
+  parser.add_argument("--fixed-blocks", type=int, default=256,
+                      help="blocks of the fixed layout (a prefix of the sample; it is ~2x slower)")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
+  parser.add_argument("--quick", action="store_true",
+                      help="256 blocks (64 for fixed), batch 32, 2 rounds")
   parser.add_argument("--model-dir", default=None,
                       help="HF BERT checkpoint directory (default: the installed MiniLM)")
+  parser.add_argument("--data-dir", default=None, help="corpus cache (default: a temp dir)")
   parser.add_argument("--torch-python", default=str(REPO / ".torchvenv" / "bin" / "python"))
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads for the PyTorch half; 0 keeps torch's default")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--plot", default=str(REPO / "docs" / "embed_throughput.png"),
+                      help="PNG of blocks/s against sequence length ('' for none)")
+  parser.add_argument("--json", default=None, help="also write the figures here")
   args = parser.parse_args()
+  if args.quick:
+    args.num_blocks, args.fixed_blocks, args.batch_sizes, args.rounds = 256, 64, "32", 2
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-  if any(b <= 0 for b in batch_sizes) or args.num_batches <= 0 or args.seq_len <= 0:
-    parser.error("--batch-sizes, --num-batches and --seq-len must be positive")
-  if args.torch_threads < 0:
-    parser.error("--torch-threads must be >= 0")
+  layouts = [s for s in args.layouts.split(",") if s]
+  if any(b <= 0 for b in batch_sizes) or args.rounds <= 0 or args.bucket <= 0:
+    parser.error("--batch-sizes, --rounds and --bucket must be positive")
+  if not set(layouts) <= {"fixed", "bucketed"}:
+    parser.error("--layouts: fixed and/or bucketed")
   model_dir = pathlib.Path(args.model_dir) if args.model_dir else minilm_checkpoint_dir()
-
   t0 = time.perf_counter()
-  vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
   load_before = os.getloadavg()
-  blocks = make_blocks(max(batch_sizes) * args.num_batches, args.seq_len, vocab)
-  flax_report, flax_cls = time_flax(model_dir, blocks, batch_sizes, args.num_batches)
-  torch_report, torch_cls, where = None, None, "skipped (--skip-torch)"
-  if not args.skip_torch:
-    torch_report, torch_cls, where = time_torch(args, model_dir, blocks, batch_sizes)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    blocks = load_blocks(args.num_blocks, args.data_dir or os.path.join(tmp, "data"))
+    num, max_length = blocks["input_ids"].shape
+    lengths = blocks["input_mask"].sum(axis=1)
+    # The batches of every (layout, batch size), numbered j = 0, 1, ... for both sides.
+    cases, batches, meta = [], {}, []
+    for layout in layouts:
+      for b in batch_sizes:
+        count = min(num, args.fixed_blocks) if layout == "fixed" else num
+        plan = embedding.plan_batches(lengths[:count], b, max_length,
+                                      bucket=None if layout == "fixed" else args.bucket,
+                                      sort=layout != "fixed")
+        ids = []
+        for rows, length in plan.batches:
+          j = len(meta)
+          for k, v in embedding.take_batch(blocks, rows, length, b).items():
+            batches[f"{k}_{j}"] = v
+          meta.append({"rows": len(rows), "length": length, "batch": b})
+          ids.append(j)
+        cases.append({"layout": layout, "batch": b, "plan": plan, "ids": ids, "blocks": count})
+
+    ckpt = load_bert_checkpoint(model_dir)
+    cfg = ckpt.config
+    model = BertEncoder(cfg)
+    params = jax.device_put(ckpt.params)
+    embed_cls = jax.jit(lambda p, ids, segs, mask: model.apply(
+        {"params": p}, input_ids=ids, input_mask=mask, segment_ids=segs)[:, 0])
+    compile_s = {}
+    for case in cases:  # compile (and warm) each shape before any timing
+      start = time.perf_counter()
+      before = embed_cls._cache_size()  # pylint: disable=protected-access
+      for j in case["ids"]:
+        embed_cls(params, batches[f"input_ids_{j}"], batches[f"segment_ids_{j}"],
+                  batches[f"input_mask_{j}"]).block_until_ready()
+      case["compiles"] = embed_cls._cache_size() - before  # pylint: disable=protected-access
+      compile_s[f"{case['layout']}/b{case['batch']}"] = time.perf_counter() - start
+
+    torch_side, where = None, "skipped (--skip-torch)"
+    if not args.skip_torch:
+      torch_side, where = start_torch(args, model_dir, batches, tmp)
+      for case in cases:  # warm-up: one pass over each case's distinct shapes
+        seen = set()
+        for j in case["ids"]:
+          if meta[j]["length"] not in seen:
+            seen.add(meta[j]["length"])
+            torch_side.run(j)
+
+    peaks = {"jax": [jax_matmul_seconds()], "torch": []}
+    if torch_side:
+      peaks["torch"].append(torch_side.matmul(PEAK_N))
+    flax_s = {j: [] for j in range(len(meta))}
+    torch_s = {j: [] for j in range(len(meta))}
+    flax_cls = {}
+    for r in range(args.rounds):
+      for case in cases:
+        for j in case["ids"]:
+          inputs = (batches[f"input_ids_{j}"], batches[f"segment_ids_{j}"],
+                    batches[f"input_mask_{j}"])
+          for side in (("flax", "torch") if (r + j) % 2 == 0 else ("torch", "flax")):
+            if side == "torch":
+              if torch_side:
+                torch_s[j].append(torch_side.run(j))
+              continue
+            start = time.perf_counter()
+            out = np.asarray(embed_cls(params, *inputs))
+            flax_s[j].append(time.perf_counter() - start)
+            flax_cls.setdefault(f"cls_{j}", out)
+    peaks["jax"].append(jax_matmul_seconds())
+    torch_cls = {}
+    if torch_side:
+      peaks["torch"].append(torch_side.matmul(PEAK_N))
+      torch_cls = torch_side.cls_arrays()
+      info = torch_side.info
+      torch_side.close()
+
+  peak_flops = 2 * PEAK_N ** 3 / min(peaks["jax"])
+  torch_peak = 2 * PEAK_N ** 3 / min(peaks["torch"]) if peaks["torch"] else None
+  rows = []
+  for case in cases:
+    ids = case["ids"]
+    flops = sum(encoder_flops(meta[j]["batch"], meta[j]["length"], cfg.hidden_size,
+                              cfg.intermediate_size, cfg.num_layers) for j in ids)
+    flax_round = statistics.median(sum(flax_s[j][r] for j in ids) for r in range(args.rounds))
+    row = {"layout": case["layout"], "batch": case["batch"], "blocks": case["blocks"],
+           "flax_blocks_s": case["blocks"] / flax_round,
+           "flax_gflops": flops / flax_round / 1e9, "peak_share": flops / flax_round / peak_flops,
+           "padded_share": case["plan"].padded_share, "shapes": list(case["plan"].shapes),
+           "compiles": case["compiles"]}
+    if torch_side:
+      torch_round = statistics.median(sum(torch_s[j][r] for j in ids) for r in range(args.rounds))
+      row.update(torch_blocks_s=case["blocks"] / torch_round,
+                 ratio=torch_round / flax_round, torch_gflops=flops / torch_round / 1e9)
+    rows.append(row)
+  # blocks/s per bucket length (the largest batch size's bucketed batches).
+  by_length: dict[int, dict[str, float]] = {}
+  curve = [c for c in cases if c["layout"] == "bucketed"]
+  if curve:
+    case = max(curve, key=lambda c: c["batch"])
+    for length in case["plan"].shapes:
+      ids = [j for j in case["ids"] if meta[j]["length"] == length]
+      n = sum(meta[j]["rows"] for j in ids)
+      entry = {"flax": n / statistics.median(sum(flax_s[j][r] for j in ids)
+                                             for r in range(args.rounds)), "blocks": n}
+      if torch_side:
+        entry["torch"] = n / statistics.median(sum(torch_s[j][r] for j in ids)
+                                               for r in range(args.rounds))
+      by_length[length] = entry
 
   dev = jax.devices()[0]
-  print(f"model: {model_dir} (float32), blocks of {args.seq_len} tokens "
-        f"(mean real length {blocks['input_mask'].sum(1).mean():.0f}), "
-        f"{args.num_batches} timed batches per batch size")
-  print(f"host: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-        f"usable cores={len(os.sched_getaffinity(0))}, load average (1 min) "
-        f"{load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+  print(f"model: {model_dir} (float32, {cfg.num_layers} layers, hidden {cfg.hidden_size}); "
+        f"{num} real SQuAD blocks (mean length {lengths.mean():.0f} of {max_length} tokens), "
+        f"{args.rounds} interleaved rounds")
+  print(f"host: {platform.processor() or platform.machine()}, usable cores="
+        f"{len(os.sched_getaffinity(0))}, load average (1 min) {load_before[0]:.2f} at start, "
+        f"{os.getloadavg()[0]:.2f} at end")
   print(f"flax: jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (XLA:CPU uses one intra-op thread per "
-        f"usable core by default); compile s: "
-        + ", ".join(f"b{b}={s:.1f}" for b, s in flax_report["compile_s"].items()))
-  if torch_report:
-    print(f"torch: {where}; torch {torch_report['torch']}, transformers "
-          f"{torch_report['transformers']}, attn_implementation="
-          f"{torch_report['attn_implementation']}, torch.get_num_threads()="
-          f"{torch_report['num_threads']}, interop threads={torch_report['num_interop_threads']}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; compile+warm-up s: "
+        + ", ".join(f"{k}={s:.1f}" for k, s in compile_s.items()))
+  if torch_side:
+    print(f"torch: {where}; torch {info['torch']}, transformers {info['transformers']}, "
+          f"attn_implementation={info['attn_implementation']}, threads={info['num_threads']}")
   else:
     print(f"torch: {where}")
+  print(f"float32 matmul peak ({PEAK_N}^3, best of 5, before/after): XLA "
+        f"{peak_flops / 1e9:.0f} GFLOP/s"
+        + (f"; torch {torch_peak / 1e9:.0f} GFLOP/s" if torch_peak else ""))
   print()
-  header = (f"| {'framework':<24} | {'batch':>5} | {'ms/batch (median)':>17} | "
-            f"{'ms/batch (min..max)':>19} | {'blocks/s':>8} | {'peak RSS MiB':>12} |")
-  print(header)
-  print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-  rows = [("flax BertEncoder (jit)", flax_report)]
-  if torch_report:
-    rows.append(("torch BertModel", torch_report))
-  for b in batch_sizes:
-    for name, rep in rows:
-      r = rep["results"][str(b)]
-      spread = f"{1000 * min(r['seconds_per_batch']):.0f}..{1000 * max(r['seconds_per_batch']):.0f}"
-      print(f"| {name:<24} | {b:>5} | {1000 * r['median_s']:>17.1f} | {spread:>19} | "
-            f"{b / r['median_s']:>8.2f} | {r['peak_rss_mb']:>12.0f} |")
+  table = markdown_table(rows)
+  print(table)
   print()
-  print("peak RSS = the process's high-water mark (VmHWM) after that batch size, weights and "
-        "inputs included; flax and torch run in separate processes only when torch is a "
-        "subprocess.")
+  print("blocks/s: median round; ratio = flax / torch blocks/s; GFLOP/s = matmul FLOPs of the "
+        "executed (padded) shapes / flax time; % peak = of the XLA matmul peak above; padded = "
+        "padding share of the computed token positions; compiles = shapes compiled (one per bucket "
+        "length).")
+  if by_length:
+    print()
+    print("| bucket length | blocks | flax blocks/s | torch blocks/s | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    for length, e in by_length.items():
+      t = e.get("torch")
+      torch_col, ratio = (f"{t:.1f}", f"{e['flax'] / t:.2f}x") if t else ("-", "-")
+      print(f"| {length} | {e['blocks']} | {e['flax']:.1f} | {torch_col} | {ratio} |")
+  agreement = None
   if torch_cls:
-    for b in batch_sizes:
-      diff = np.max(np.abs(flax_cls[f"cls_{b}"] - torch_cls[f"cls_{b}"]))
-      print(f"[CLS] agreement, batch {b}: max |flax - torch| = {diff:.2e}")
-  print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    diffs = [np.max(np.abs(flax_cls[k][:meta[int(k[4:])]["rows"]]
+                           - torch_cls[k][:meta[int(k[4:])]["rows"]]))
+             for k in torch_cls if k in flax_cls]
+    agreement = float(max(diffs))
+    print(f"\n[CLS] agreement over {len(diffs)} batches: max |flax - torch| = {agreement:.2e}")
+  if args.plot and by_length:
+    title = (f"MiniLM-L6 corpus embedding, real SQuAD blocks, batch "
+             f"{max(c['batch'] for c in curve)}, {len(os.sched_getaffinity(0))} CPU cores")
+    plot(by_length, pathlib.Path(args.plot), title)
+    print(f"plot: {args.plot}")
+  wall = time.perf_counter() - t0
+  print(f"total wall time {wall:.0f} s")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({
+        "rows": rows, "by_length": {str(k): v for k, v in by_length.items()},
+        "matmul_peak_gflops": peak_flops / 1e9,
+        "torch_matmul_peak_gflops": torch_peak / 1e9 if torch_peak else None,
+        "cls_agreement": agreement, "wall_s": wall, "table": table}, indent=1))
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """The side-by-side table of `main`'s rows."""
+  lines = ["| layout | batch | blocks | flax blocks/s | torch blocks/s | ratio | flax GFLOP/s | "
+           "% of matmul peak | padded tokens | compiles |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    torch_s = f"{r['torch_blocks_s']:.1f}" if "torch_blocks_s" in r else "-"
+    ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+    lines.append(f"| {r['layout']} | {r['batch']} | {r['blocks']} | {r['flax_blocks_s']:.1f} | "
+                 f"{torch_s} | {ratio} | {r['flax_gflops']:.0f} | {100 * r['peak_share']:.0f} % | "
+                 f"{100 * r['padded_share']:.1f} % | {r['compiles']} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
