@@ -299,9 +299,16 @@ def run(argv: Sequence[str]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point: exit code 0 on success, 2 with a one-line message on bad input."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  from realm_jax import tokenization
   from realm_jax.data import corpus as corpus_lib
-  known_errors: tuple[type[BaseException], ...] = (UsageError, FileNotFoundError,
-                                                   corpus_lib.DataFormatError)
+  from realm_jax.models import checkpoint_import
+  from realm_jax.retrieval import snapshot
+  from realm_jax.retrieval import watcher
+  # Errors a user can fix (their message names the file, field or setting): one line, exit code 2.
+  known_errors: tuple[type[BaseException], ...] = (
+      UsageError, FileNotFoundError, corpus_lib.DataFormatError, snapshot.SnapshotError,
+      checkpoint_import.CheckpointMismatchError, tokenization.TokenizerError,
+      watcher.IndexStalenessError)
   try:
     run(argv)
   except known_errors as e:

@@ -890,7 +890,7 @@ def _build_part(spec: CorpusSpec, index: int, directory: fileio.Path,
     description = write_part(fileio.join(directory, part_name(index)), blocks, tokenizer,
                              extra={"source": path, "source_sha256": digest, **extra})
   except ValueError as e:
-    if isinstance(e, CorpusStoreError):
+    if isinstance(e, corpus_lib.DataFormatError):  # Already names the file, line and field.
       raise
     raise corpus_lib.DataFormatError(f"{path}: {e}") from e
   finally:

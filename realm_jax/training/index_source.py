@@ -125,13 +125,18 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
                           retriever_cfg: retriever_lib.RetrieverConfig, retriever_params: Any,
                           params_step: int, batch_size: int = 64,
                           mesh: jax.sharding.Mesh | None = None) -> fileio.Path:
-  """The newest committed snapshot of `corpus` under `snapshots_root`; builds one if there is none.
+  """The newest committed snapshot of `corpus` no newer than `params_step`; builds one if none.
+
+  A resumed trainer (`params_step` = its checkpoint's step) never starts on a snapshot embedded by
+  params it no longer has (a refresh committed after its last checkpoint, before a preemption):
+  it starts where the uninterrupted run was, and re-embeds the newer step when it gets there.
 
   Args:
     snapshots_root: `WORKDIR/snapshots` (local path or URL, e.g. `gs://bucket/work/snapshots`).
     corpus: the knowledge corpus (`data.corpus_store.Corpus`).
     retriever_cfg / retriever_params: the document embedder used when a snapshot must be built.
-    params_step: the train step of `retriever_params` (the new snapshot's name).
+    params_step: the train step of `retriever_params` (the new snapshot's name), and the newest
+      snapshot step accepted.
     batch_size: blocks per embedding forward pass.
     mesh: devices to embed on (default: this process's devices).
 
@@ -142,7 +147,8 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
     snapshot.SnapshotError: if the newest snapshot was built for another corpus.
   """
   root = fileio.as_path(snapshots_root)
-  path = snapshot_lib.latest_snapshot(root)
+  usable = [p for step, p in snapshot_lib.list_snapshots(root) if step <= params_step]
+  path = usable[-1] if usable else None
   if path is not None:
     found = snapshot_lib.read_manifest(path)["corpus_fingerprint"]
     if found != corpus.fingerprint:

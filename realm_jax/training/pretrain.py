@@ -590,8 +590,11 @@ def params_from_run(init_from: str, abstract_params: Any, model: realm.ModelConf
 
 def make_index_source(mode: str, *, snapshots_root: str, corpus, retriever_cfg, params_fn,
                       make_searcher, refresh_every_steps: int, max_index_staleness_steps: int,
-                      poll_interval_s: float, index_batch_size: int):
+                      poll_interval_s: float, index_batch_size: int, initial_path=None):
   """The index source of `index_refresh=mode` (see `training/index_source.py`).
+
+  `initial_path` is the snapshot to start from ('none', 'inline'; default: the newest); a resumed
+  run passes the newest one no newer than its checkpoint (`index_source.ensure_first_snapshot`).
 
   Raises:
     ValueError: on an unknown mode.
@@ -600,12 +603,13 @@ def make_index_source(mode: str, *, snapshots_root: str, corpus, retriever_cfg, 
   from realm_jax.retrieval import snapshot as snapshot_lib
   from realm_jax.training import index_source
   if mode == "none":
-    return index_source.StaticIndexSource(snapshot_lib.latest_snapshot(snapshots_root),
-                                          make_searcher, corpus.fingerprint)
+    return index_source.StaticIndexSource(
+        initial_path or snapshot_lib.latest_snapshot(snapshots_root), make_searcher,
+        corpus.fingerprint)
   if mode == "inline":
     return index_source.InlineRefreshIndexSource(
         snapshots_root, corpus, retriever_cfg, params_fn, make_searcher, refresh_every_steps,
-        batch_size=index_batch_size)
+        initial_path=initial_path, batch_size=index_batch_size)
   if mode == "async":
     from realm_jax.retrieval import watcher  # pylint: disable=g-import-not-at-top
     return watcher.IndexWatcher(snapshots_root, corpus.fingerprint, make_searcher,
@@ -774,19 +778,19 @@ def train(workdir: str,
   snapshots_root = os.path.join(workdir, "snapshots")
   latest = {"state": state}  # The state the inline refresh re-embeds with (set before each step).
   host_retriever_params = lambda: jax.device_get(latest["state"].params["retriever"])  # noqa: E731
-  if index_refresh == "async":
-    if trainer.is_main:  # The index-builder job builds the first index too; the watcher waits.
-      trainer_done.clear_trainer_done(workdir)
-  else:
-    index_source_lib.ensure_first_snapshot(snapshots_root, corpus, retriever_cfg,
-                                           host_retriever_params(), params_step=start_step,
-                                           batch_size=index_batch_size)
+  if index_refresh == "async" and trainer.is_main:
+    trainer_done.clear_trainer_done(workdir)  # The index-builder job builds the first index too.
+  first = None
+  if index_refresh != "async":  # The newest snapshot no newer than this state's params.
+    first = index_source_lib.ensure_first_snapshot(snapshots_root, corpus, retriever_cfg,
+                                                   host_retriever_params(), params_step=start_step,
+                                                   batch_size=index_batch_size)
   source = make_index_source(
       index_refresh, snapshots_root=snapshots_root, corpus=corpus, retriever_cfg=retriever_cfg,
       params_fn=host_retriever_params,
       make_searcher=index_source_lib.make_searcher_factory(searcher, mesh),
       refresh_every_steps=refresh_every_steps, max_index_staleness_steps=max_index_staleness_steps,
-      poll_interval_s=poll_interval_s, index_batch_size=index_batch_size)
+      poll_interval_s=poll_interval_s, index_batch_size=index_batch_size, initial_path=first)
   timings["first_index_s"] = time.time() - t1
 
   query_embed_fn = embedding.make_query_embed_fn(retriever_cfg, mesh)

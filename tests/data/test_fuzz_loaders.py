@@ -441,9 +441,6 @@ def test_fuzz_jsonl_corpus_through_the_store(fuzz_dir, tok, data):
   assert list(dict.fromkeys(store.doc_ids)) == [d.doc_id for d in blocked]
 
 
-@pytest.mark.xfail(strict=True, reason="corpus_store._build_part re-wraps the reader's "
-                   "DataFormatError (a ValueError) as f'{path}: {e}', naming the file twice; fix: "
-                   "re-raise DataFormatError unchanged there (corpus_store.py, not owned here)")
 def test_store_names_the_file_once(fuzz_dir, tok):
   from realm_jax.data import corpus_store  # pylint: disable=g-import-not-at-top
   path = _write(fuzz_dir, "twice.jsonl", b'{"title": "A", "text": "x"}\n{"title": 3, "text": "y"}')

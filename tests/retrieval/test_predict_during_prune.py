@@ -172,10 +172,6 @@ def test_long_lived_predictor_after_its_snapshot_is_pruned(tmp_path, run):
   assert _consistent_snapshot(fresh, query, range(3), block_ids) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=snapshot_lib.SnapshotError, reason=(
-    "issue #14 §1: `realm-jax predict` prints a raw traceback (exit 1) when its snapshot is "
-    "pruned between choosing and reading it: the SnapshotError is clear, but cli.main reports only "
-    "UsageError, FileNotFoundError and DataFormatError as one-line errors (exit 2)"))
 def test_cli_predict_when_its_snapshot_is_pruned_while_loading(tmp_path, run, monkeypatch):
   _, block_ids, fingerprint, _, _ = run
   workdir = tmp_path / "run"

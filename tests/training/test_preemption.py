@@ -370,13 +370,6 @@ def _index_ahead_of_checkpoint(workdir: pathlib.Path) -> bool:
   return bool(snapshots) and bool(checkpoints) and snapshots[-1] > checkpoints[-1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue #14 §1: killed after the inline refresh at step 3 committed snapshot 3 but before "
-    "checkpoint 4 was committed, the restart resumes at step 2 and keeps the newest snapshot (3, "
-    "embedded with the params of step 3) as its index: step 3 retrieves with index params_step 3 "
-    "(staleness -1) where the uninterrupted run used snapshot 0, and the losses differ from there "
-    "(pretrain.train: ensure_first_snapshot / InlineRefreshIndexSource take the newest snapshot, "
-    "not the newest one at or before the resumed step)"))
 def test_pretrain_killed_between_refresh_and_checkpoint(harness):
   """The kill lands after an inline refresh committed snapshot s, before checkpoint >= s."""
   reference = harness.reference("pretrain")
