@@ -344,7 +344,7 @@ def train(workdir: str,
       global_batch_size=batch_size,
       checkpoint_meta={"model": dataclasses.asdict(model), "task": dataclasses.asdict(task)},
       learning_rate=optim.learning_rate_schedule(optimizer),
-      progress=("train/loss", "train/accuracy")), state, jax.random.key(seed + 1))
+      progress=("train/loss", "train/accuracy"), batch_needs_params=False), state, jax.random.key(seed + 1))
   timings.update(fit.pop("timings"))
   return trainer.finish(dict(fit, num_blocks=len(corpus), num_examples=batcher.num_examples,
                              batch_size=batch_size, init=trainer.origin, timings=timings))

@@ -147,14 +147,16 @@ def ensure_first_snapshot(snapshots_root: str | os.PathLike, corpus,
     snapshot.SnapshotError: if the newest snapshot was built for another corpus.
   """
   root = fileio.as_path(snapshots_root)
-  usable = [p for step, p in snapshot_lib.list_snapshots(root) if step <= params_step]
+  committed = snapshot_lib.list_snapshots(root)
+  usable = [p for step, p in committed if step <= params_step]
   path = usable[-1] if usable else None
-  if path is not None:
-    found = snapshot_lib.read_manifest(path)["corpus_fingerprint"]
+  for checked in {path, committed[-1][1] if committed else None} - {None}:
+    found = snapshot_lib.read_manifest(checked)["corpus_fingerprint"]
     if found != corpus.fingerprint:
       raise snapshot_lib.SnapshotError(
-          f"{path}: field 'corpus_fingerprint' is {found[:12]}… but the corpus is "
+          f"{checked}: field 'corpus_fingerprint' is {found[:12]}… but the corpus is "
           f"{corpus.fingerprint[:12]}…; the snapshot was built for another corpus (new workdir?)")
+  if path is not None:
     return path
   logging.info("no snapshot under %s: embedding %d blocks with the step-%d document embedder",
                root, len(corpus), params_step)

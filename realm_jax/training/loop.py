@@ -153,6 +153,10 @@ class Task:
     checkpoint_meta: JSON-ready metadata stored with every checkpoint (model and task configs).
     learning_rate: the optimiser's schedule (`step -> lr`), logged as `train/learning_rate`.
     progress: metric keys shown on the progress bar.
+    batch_needs_params: `next_batch` reads `state.params` (retrieval with the current query
+      tower), so it cannot start before the previous step ends; the loop then waits for that step
+      first and logs the wait as `perf/device_wait_fraction` (the rest is host work,
+      `perf/host_fraction`). False (ICT): the next batch is built while the step runs.
   """
 
   name: str
@@ -165,6 +169,7 @@ class Task:
   checkpoint_meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   learning_rate: optax.Schedule | None = None
   progress: Sequence[str] = (LOSS,)
+  batch_needs_params: bool = True
 
 
 class Trainer:
@@ -264,7 +269,8 @@ class Trainer:
     window: list[Mapping[str, jax.Array]] = []
     history, evals = [], []
     last: dict[str, float] = {}
-    host_s = window_host_s = 0.0
+    host_s = window_host_s = window_wait_s = 0.0
+    previous = None
     nonfinite_total = 0
     t_train = t_window = time.perf_counter()
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -275,16 +281,22 @@ class Trainer:
         done = step + 1
         with self._profiling(done):
           t = time.perf_counter()
+          if task.batch_needs_params and previous is not None:
+            jax.block_until_ready(previous)  # The previous step, whose params next_batch reads.
+            window_wait_s += time.perf_counter() - t
+            t = time.perf_counter()
           batch = sharding.global_batch_from_local(dict(task.next_batch(step, state)), self.mesh)
           window_host_s += time.perf_counter() - t
           state, metrics = step_fn(state, batch, rng)
           window.append(metrics)
+          previous = metrics
         final = done == cfg.num_train_steps
         if done % cfg.log_every_steps == 0 or final:
           last, nonfinite = self._window_means(window, done)
           nonfinite_total += nonfinite
           wall = time.perf_counter() - t_window
           last.update(self._perf(task, len(window), wall, window_host_s, done))
+          last["perf/device_wait_fraction"] = window_wait_s / max(wall, 1e-9)
           if task.host_metrics is not None:
             last.update(task.host_metrics(step))
           history.append(dict(last, step=done))
@@ -292,7 +304,7 @@ class Trainer:
           bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3f}" for k in task.progress if k in last})
           logging.info("%s step %d: %s", task.name, done, last)
           host_s += window_host_s
-          window, window_host_s, t_window = [], 0.0, time.perf_counter()
+          window, window_host_s, window_wait_s, t_window = [], 0.0, 0.0, time.perf_counter()
         if cfg.eval_every_steps and task.evaluate is not None and done % cfg.eval_every_steps == 0:
           result = task.evaluate(state.params, done)
           evals.append(dict(result, step=done))
