@@ -67,7 +67,7 @@ def main(argv=None) -> int:
   model_cfg: realm.ModelConfig = bindings["model"].scoped_configurable_fn()
   data_cfg = bindings["data"].scoped_configurable_fn()
   data_cfg = finetune.OpenQADataConfig(**{**data_cfg.__dict__, "max_eval_questions": 0})
-  _, corpus, _, questions = finetune.load_openqa_data(data_cfg, model_cfg, args.workdir, 0)
+  tokenizer, corpus, _, questions = finetune.load_openqa_data(data_cfg, model_cfg, args.workdir, 0)
   if args.max_questions:
     questions = finetune._sample(questions, args.max_questions, 1)  # pylint: disable=protected-access
   snapshot = snapshot_lib.read_snapshot(snapshot_lib.latest_snapshot(
@@ -97,9 +97,6 @@ def main(argv=None) -> int:
     tuned, step = checkpointing.restore_partial_params(ckpt_dir,
                                                        checkpointing.abstract_like(init))
     variants.append((f"MiniLM fine-tuned ({step} steps)", tuned))
-  tok_path = data_cfg.tokenizer_path or os.path.join(model_cfg.checkpoint_dir(), "vocab.txt")
-  from realm_jax import tokenization
-  tokenizer = tokenization.load_tokenizer(data_cfg.tokenizer, tok_path)
   task = bindings["task"].scoped_configurable_fn()
   featurizer = finetune.OpenQAFeaturizer(tokenizer, corpus, snapshot.block_ids,
                                          snapshot.embeddings, task, model_cfg.max_span_width)
