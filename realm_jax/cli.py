@@ -287,7 +287,7 @@ def run(argv: Sequence[str]) -> Any:
     write_config(workdir)
   else:
     result = fn(**kwargs)
-  if args.command == "main":
+  if args.command in ("main", "evaluate"):  # The same summary table for both.
     from realm_jax import reporting
     print(reporting.format_summary(result))
   elif args.command == "predict":

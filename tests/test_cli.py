@@ -46,6 +46,19 @@ def test_finetune_resume_and_predict(tmp_path, capsys):
   assert summary["steps"] == 4 and "zero_shot" not in summary
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == 4
+  capsys.readouterr()
+
+  # `evaluate` re-evaluates the newest checkpoint: the resumed run's final metrics, the same table.
+  evaluated = cli.run(["evaluate", "--gin_file", GIN, "--workdir", workdir])
+  assert evaluated["steps"] == 4 and evaluated["final"] == summary["final"]
+  out = capsys.readouterr().out
+  assert "REALM Open-QA" in out and "4 steps" in out and "exact_match" in out
+  # Your own corpus: a new work directory evaluates the fine-tuned run's params (init_from) on a
+  # corpus and questions given on the command line, with the index embedded by its retriever.
+  own = cli.run(["evaluate", "--gin_file", GIN, "--workdir", str(tmp_path / "own"),
+                 "--gin_param", f"finetune.train_and_evaluate.init_from='{workdir}'"])
+  assert own["init"] == f"params from {workdir}" and own["steps"] == 0
+  assert own["final"]["num_questions"] == 9 and "zero_shot" in own
 
   preds = cli.run(["predict", "--workdir", workdir, "Where is the Vistula?"])
   assert len(preds) == 1 and preds[0]["top_blocks"]

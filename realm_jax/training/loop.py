@@ -321,7 +321,7 @@ class Trainer:
     train_s = time.perf_counter() - t_train
     host_s += window_host_s
     return state, {"train": last, "history": history, "evals": evals, "start_step": start,
-                   "steps": cfg.num_train_steps, "nonfinite_steps": nonfinite_total,
+                   "steps": max(cfg.num_train_steps, start), "nonfinite_steps": nonfinite_total,
                    "timings": {"train_s": train_s, "host_s": host_s,
                                "device_s": max(train_s - host_s, 0.0)}}
 
