@@ -277,4 +277,4 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000,
   try:
     asyncio.run(run_app(app, sock, on_ready=ready))
   except KeyboardInterrupt:
-    pass
+    pass  # Ctrl-C is how a user stops the server: a normal exit, no traceback.

@@ -304,7 +304,7 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
       fileio.write_atomic(fileio.join(directory, PART_FILE), manifest)
     return description
   finally:
-    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)  # The local staging directory (tempfile).
 
 
 def _same_part_committed(directory: pathlib.Path, description: dict[str, Any]) -> bool:

@@ -587,30 +587,6 @@ def _check_shape(value, target) -> None:
                      f"{target.shape}")
 
 
-def first_snapshot(workdir: str, corpus, retriever_cfg: retriever_lib.RetrieverConfig,
-                   retriever_params: Any, params_step: int, batch_size: int):
-  """The document index of fine-tuning: `WORKDIR/snapshots`' newest, built first if there is none.
-
-  The index stays frozen while fine-tuning (REALM §3.4: only the query tower and the reader train).
-
-  Returns:
-    `(path, snapshot)` (`retrieval.snapshot.Snapshot`).
-
-  Raises:
-    ValueError: if the newest snapshot was built for another corpus.
-  """
-  from realm_jax.retrieval import snapshot as snapshot_lib  # pylint: disable=g-import-not-at-top
-  root = fileio.join(workdir, "snapshots")
-  path = snapshot_lib.latest_snapshot(root)  # None without one (local or gs://).
-  if path is not None and (snapshot_lib.read_manifest(path)["corpus_fingerprint"]
-                           != corpus.fingerprint):
-    raise ValueError(f"{path}: snapshot was built for another corpus; use a new workdir")
-  if path is None:
-    path = embedding.build_snapshot(str(root), corpus, retriever_cfg, retriever_params,
-                                    params_step=params_step, batch_size=batch_size)
-  return path, snapshot_lib.read_snapshot(path)
-
-
 def train_and_evaluate(workdir: str,
                        model: realm.ModelConfig = realm.ModelConfig(),
                        data: OpenQADataConfig = OpenQADataConfig(),
@@ -655,10 +631,13 @@ def train_and_evaluate(workdir: str,
 
   Raises:
     ValueError: on inconsistent configuration (e.g. a batch that does not split over the mesh).
+    retrieval.snapshot.SnapshotError: if `WORKDIR/snapshots` was built for another corpus.
     FloatingPointError: on a non-finite loss with `nan_policy="stop"`.
   """
   import time  # pylint: disable=g-import-not-at-top
   from realm_jax.retrieval import searchers as searchers_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.retrieval import snapshot as snapshot_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.training import index_source  # pylint: disable=g-import-not-at-top
 
   optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
   trainer = loop.Trainer(workdir, loop.LoopConfig(
@@ -683,8 +662,10 @@ def train_and_evaluate(workdir: str,
   start_step = int(jax.device_get(state.step))
 
   t1 = time.time()  # The first index: the document embedder's snapshot, frozen while fine-tuning.
-  path, snapshot = first_snapshot(workdir, corpus, model.retriever_config(),
-                                  state.params["retriever"], start_step, index_batch_size)
+  path = index_source.ensure_first_snapshot(fileio.join(workdir, "snapshots"), corpus,
+                                            model.retriever_config(), state.params["retriever"],
+                                            params_step=start_step, batch_size=index_batch_size)
+  snapshot = snapshot_lib.read_snapshot(path)
   timings["index_s"] = time.time() - t1
   t2 = time.time()
   search = searchers_lib.searcher_from_snapshot(
