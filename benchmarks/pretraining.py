@@ -53,6 +53,7 @@ from realm_jax.data import tfds_builders  # noqa: E402
 from realm_jax.models import realm  # noqa: E402
 from realm_jax.training import checkpointing  # noqa: E402
 from realm_jax.training import ict  # noqa: E402
+from realm_jax.training import loop  # noqa: E402
 from realm_jax.training import optim  # noqa: E402
 from realm_jax.training import pretrain  # noqa: E402
 from realm_jax import sharding  # noqa: E402
@@ -151,8 +152,9 @@ def main(argv=None) -> dict:
       task=ict.IctConfig(query_length=args.query_length, block_length=args.max_block_length),
       optimizer=optim.OptimizerConfig(learning_rate=args.ict_lr, num_train_steps=args.ict_steps,
                                       warmup_steps=args.warmup_steps),
-      batch_size=args.ict_batch, num_train_steps=args.ict_steps, log_every_steps=1,
-      checkpoint_every_steps=args.ict_steps)
+      loop=loop.LoopConfig(num_train_steps=args.ict_steps, log_every_steps=1,
+                           checkpoint_every_steps=args.ict_steps),
+      batch_size=args.ict_batch)
   results["ict"] = {"seconds": time.time() - t, "history": ict_summary["history"]}
   ict_params, _ = restore_retriever(ict_dir, params)
   recall["after ICT"], _ = gold_recall(ict_params, model, tokenizer, corpus, questions,
@@ -172,8 +174,9 @@ def main(argv=None) -> dict:
         task=task, optimizer=optim.OptimizerConfig(
             learning_rate=args.realm_lr, num_train_steps=args.realm_steps,
             warmup_steps=args.warmup_steps),
-        batch_size=args.realm_batch, num_train_steps=args.realm_steps, log_every_steps=1,
-        checkpoint_every_steps=args.realm_steps, searcher="scann", index_refresh="inline",
+        loop=loop.LoopConfig(num_train_steps=args.realm_steps, log_every_steps=1,
+                             checkpoint_every_steps=args.realm_steps),
+        batch_size=args.realm_batch, searcher="scann", index_refresh="inline",
         refresh_every_steps=args.refresh_every, index_batch_size=32, init_from=ict_dir,
         num_eval_examples=args.eval_examples, eval_batch_size=args.realm_batch)
     runs[masking]["seconds"] = time.time() - t

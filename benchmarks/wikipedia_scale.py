@@ -310,6 +310,7 @@ _FINETUNE_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.data import corpus_config
 from realm_jax.training import finetune
+from realm_jax.training import loop
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/finetune.gin'
 TRAIN_STEPS = 4
@@ -333,14 +334,16 @@ finetune.OpenQAConfig:
   reader_query_length = 32
 finetune.train_and_evaluate:
   eval_batch_size = 8
-  checkpoint_every_steps = 4
   index_batch_size = 256
+loop.LoopConfig:
+  checkpoint_every_steps = 4
 """
 
 _PRETRAIN_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.data import corpus_config
 from realm_jax.training import pretrain
+from realm_jax.training import loop
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/pretrain.gin'
 TRAIN_STEPS = 3
@@ -365,9 +368,10 @@ pretrain.PretrainConfig:
   candidate_length = 288
   max_masks = 10
 pretrain.train:
+  index_batch_size = 256
+loop.LoopConfig:
   log_every_steps = 1
   checkpoint_every_steps = 2
-  index_batch_size = 256
 """
 
 

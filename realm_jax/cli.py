@@ -98,7 +98,8 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--gin_file", action="append", default=[],
                  help="gin file (repeatable): a path, a URL, or a shipped experiments/ file")
   p.add_argument("--gin_param", action="append", default=[],
-                 help="gin binding, e.g. 'train_and_evaluate.num_train_steps=10' (repeatable)")
+                 help="gin binding, e.g. 'TRAIN_STEPS=10' or "
+                      "'loop.LoopConfig.log_every_steps=1' (repeatable)")
   p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
 
 
@@ -263,8 +264,9 @@ def run(argv: Sequence[str]) -> Any:
   parse_gin(gin_files, params)
   fn = configured(module, function)
   kwargs: dict[str, Any] = {"workdir": workdir}
-  if args.command == "evaluate":
-    kwargs["num_train_steps"] = 0
+  if args.command == "evaluate":  # No steps; the gin file's other loop settings do not matter.
+    from realm_jax.training import loop  # pylint: disable=g-import-not-at-top
+    kwargs["loop"] = loop.LoopConfig(num_train_steps=0)
   if args.command == "predict":
     if not args.questions:
       raise UsageError("predict needs at least one question, e.g. realm-jax predict "

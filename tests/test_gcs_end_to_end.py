@@ -132,6 +132,7 @@ from __gin__ import dynamic_registration
 from realm_jax.models import realm
 from realm_jax.data import corpus_config
 from realm_jax.training import finetune
+from realm_jax.training import loop
 include '{PROJECT_ROOT}/experiments/models/tiny.gin'
 include '{PROJECT_ROOT}/experiments/runs/finetune.gin'
 realm.ModelConfig.init_checkpoint = '{MODEL_DIR}'
@@ -156,9 +157,10 @@ finetune.OpenQAConfig:
   reader_length = 64
   reader_query_length = 16
 finetune.train_and_evaluate:
+  index_batch_size = 8
+loop.LoopConfig:
   log_every_steps = 1
   checkpoint_every_steps = 1
-  index_batch_size = 8
 """)
   return path
 
@@ -259,6 +261,7 @@ from __gin__ import dynamic_registration
 from realm_jax.models import realm
 from realm_jax.data import corpus_config
 from realm_jax.training import pretrain
+from realm_jax.training import loop
 include '{PROJECT_ROOT}/experiments/models/tiny.gin'
 include '{PROJECT_ROOT}/experiments/runs/pretrain.gin'
 realm.ModelConfig.init_checkpoint = '{MODEL_DIR}'
@@ -283,9 +286,10 @@ pretrain.PretrainConfig:
   candidate_length = 32
   max_masks = 3
 pretrain.train:
+  index_batch_size = 8
+loop.LoopConfig:
   log_every_steps = 1
   checkpoint_every_steps = 2
-  index_batch_size = 8
 """)
   return path
 

@@ -36,7 +36,7 @@ from realm_jax.training import index_source
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-EXTRAS = ("scann", "ssm", "gcs", "test", "bench", "serve")
+EXTRAS = ("scann", "ssm", "gcs", "test", "bench", "serve", "wandb")
 # What the wheel is built from (the rest of the checkout is not part of it).
 BUILD_INPUTS = ("pyproject.toml", "README.md", "MANIFEST.in", "constraints.txt",
                 "requirements-models.txt", "realm_jax", "experiments", "data")

@@ -35,7 +35,7 @@ from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import embedding
-from realm_jax.training import loop
+from realm_jax.training import loop as loop_lib
 from realm_jax.training import losses
 from realm_jax.training import optim
 from realm_jax.training import train_state
@@ -419,12 +419,12 @@ class OpenQAEvaluator:
         if not read:
           continue
         r, s = int(out["best_read"][i]), int(out["best_span"][i])
-        read = reads[i][r]
+        chosen = reads[i][r]  # The read block holding the best span.
         prediction = ""
-        if read["block_id"] >= 0:
-          block = self.featurizer.block(read["block_id"])
+        if chosen["block_id"] >= 0:
+          block = self.featurizer.block(chosen["block_id"])
           start, end = self.featurizer.starts[s], self.featurizer.ends[s]
-          prediction = featurize.span_text(block.text, block.body_offsets, read["body_start"],
+          prediction = featurize.span_text(block.text, block.body_offsets, chosen["body_start"],
                                            start, end)
         correct = evaluation.exact_match(prediction, q.answers, q.answers_are_regex)
         em.append(correct)
@@ -592,14 +592,9 @@ def train_and_evaluate(workdir: str,
                        data: OpenQADataConfig = OpenQADataConfig(),
                        task: OpenQAConfig = OpenQAConfig(),
                        optimizer: optim.OptimizerConfig | None = None,
+                       loop: loop_lib.LoopConfig = loop_lib.LoopConfig(),
                        batch_size: int = 8,
-                       num_train_steps: int = 100,
                        eval_batch_size: int = 8,
-                       log_every_steps: int = 10,
-                       checkpoint_every_steps: int = 100,
-                       eval_every_steps: int = 0,
-                       nan_policy: str = "stop",
-                       profile_steps: Sequence[int] = (),
                        searcher: str = "scann",
                        index_batch_size: int = 64,
                        zero_shot_eval: bool = True,
@@ -616,10 +611,9 @@ def train_and_evaluate(workdir: str,
   Args:
     workdir: the run's directory (local or `gs://`).
     model / data / task / optimizer: configuration dataclasses (gin builds them).
+    loop: steps (`num_train_steps=0` evaluates only), logging, evaluation, checkpoint and NaN
+      policy (`loop.LoopConfig`).
     batch_size: global questions per step (a multiple of the mesh's `data` size).
-    num_train_steps: total steps (0 evaluates only).
-    log_every_steps / checkpoint_every_steps / eval_every_steps / nan_policy / profile_steps: see
-      `loop.LoopConfig`.
     searcher: `"scann"` (host ScaNN) or `"exact"` (sharded on-device top-k).
     zero_shot_eval: evaluate before training too (the "before" column of the benchmarks).
     init_from: start from another run instead of the pretrained BERT (see `params_from_run`);
@@ -639,11 +633,8 @@ def train_and_evaluate(workdir: str,
   from realm_jax.retrieval import snapshot as snapshot_lib  # pylint: disable=g-import-not-at-top
   from realm_jax.training import index_source  # pylint: disable=g-import-not-at-top
 
-  optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(num_train_steps, 1))
-  trainer = loop.Trainer(workdir, loop.LoopConfig(
-      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
-      checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=eval_every_steps,
-      nan_policy=nan_policy, profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
+  optimizer = optimizer or optim.OptimizerConfig(num_train_steps=max(loop.num_train_steps, 1))
+  trainer = loop_lib.Trainer(workdir, loop, batch_size, mesh_shape)
   mesh, timings = trainer.mesh, {}
   t0 = time.time()
   tokenizer, corpus, train_qs, eval_qs = load_openqa_data(data, model, workdir, seed)
@@ -692,7 +683,7 @@ def train_and_evaluate(workdir: str,
     _, retrieved = evaluator.retrieve(state.params["retriever"], local, task.num_retrieved)
     return featurizer.batch(local, retrieved, with_labels=True)[0]
 
-  state, fit = trainer.fit(loop.Task(
+  state, fit = trainer.fit(loop_lib.Task(
       name="fine-tuning", train_step=parts.train_step, next_batch=next_batch, data_order=order,
       global_batch_size=batch_size,
       evaluate=lambda params, step: evaluator(params, eval_qs, desc=f"eval @ {step}")[0],
@@ -704,7 +695,7 @@ def train_and_evaluate(workdir: str,
   t5 = time.time()
   summary["final"], predictions = evaluator(state.params, eval_qs, desc="final eval")
   timings["final_eval_s"] = time.time() - t5
-  trainer.writer.write(num_train_steps, summary["final"], prefix="eval")
+  trainer.writer.write(loop.num_train_steps, summary["final"], prefix="eval")
   if trainer.is_main:
     pred_dir = fileio.join(workdir, "predictions")  # Local or gs://.
     fileio.makedirs(pred_dir)

@@ -39,7 +39,7 @@ from realm_jax.data import corpus_config
 from realm_jax.data import example_order
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
-from realm_jax.training import loop
+from realm_jax.training import loop as loop_lib
 from realm_jax.training import optim
 from realm_jax.training import train_state
 
@@ -281,12 +281,8 @@ def train(workdir: str,
           data: corpus_config.CorpusConfig = corpus_config.CorpusConfig(),
           task: IctConfig = IctConfig(),
           optimizer: Any = None,
+          loop: loop_lib.LoopConfig = loop_lib.LoopConfig(),
           batch_size: int = 32,
-          num_train_steps: int = 100,
-          log_every_steps: int = 10,
-          checkpoint_every_steps: int = 100,
-          nan_policy: str = "stop",
-          profile_steps: Sequence[int] = (),
           seed: int = 0,
           mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, Any]:
   """ICT warm start of the retriever (ORQA §5) over the blocks of the knowledge corpus.
@@ -304,8 +300,7 @@ def train(workdir: str,
     optimizer: `optim.OptimizerConfig` (default: lr 1e-4, ORQA's ICT rate).
     batch_size: global examples per step (4096 in ORQA); the in-batch softmax has this many
       columns; a multiple of the mesh's `data` size.
-    num_train_steps / log_every_steps / checkpoint_every_steps / nan_policy / profile_steps: see
-      `loop.LoopConfig`.
+    loop: steps, logging, checkpoint and NaN policy (`loop.LoopConfig`; ICT has no evaluator).
     seed: init, data order and dropout seed.
     mesh_shape: the device mesh.
 
@@ -318,11 +313,8 @@ def train(workdir: str,
     FloatingPointError: on a non-finite loss with `nan_policy="stop"`.
   """
   optimizer = optimizer or optim.OptimizerConfig(learning_rate=1e-4,
-                                                 num_train_steps=max(num_train_steps, 1))
-  trainer = loop.Trainer(workdir, loop.LoopConfig(
-      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
-      checkpoint_every_steps=checkpoint_every_steps, nan_policy=nan_policy,
-      profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
+                                                 num_train_steps=max(loop.num_train_steps, 1))
+  trainer = loop_lib.Trainer(workdir, loop, batch_size, mesh_shape)
   t0 = time.time()
   tokenizer, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), workdir,
                                                 process_index=jax.process_index(),
@@ -338,7 +330,7 @@ def train(workdir: str,
   state = trainer.initial_state(
       random_params=parts.init_params, tx=tx, data_order=batcher,
       initial_params=lambda: realm.init_params(model, jax.random.key(seed), parts=("retriever",)))
-  state, fit = trainer.fit(loop.Task(
+  state, fit = trainer.fit(loop_lib.Task(
       name="ICT", train_step=parts.train_step,
       next_batch=lambda step, state: batcher.next_local_batch(), data_order=batcher,
       global_batch_size=batch_size,

@@ -75,6 +75,7 @@ class LoopConfig:
   keep_checkpoints: int = 3
 
   def __post_init__(self):
+    object.__setattr__(self, "profile_steps", tuple(self.profile_steps))  # gin passes lists
     if self.num_train_steps < 0:
       raise ValueError(f"num_train_steps={self.num_train_steps} must be >= 0")
     if self.log_every_steps < 1 or self.checkpoint_every_steps < 1 or self.eval_every_steps < 0:
@@ -256,8 +257,10 @@ class Trainer:
 
     Returns:
       `(state, summary)`: `train` (the last logged window), `history` (every logged window, with
-      `step`), `evals` (periodic evaluations, with `step`), `start_step`, `steps`,
-      `nonfinite_steps`, and `timings` `train_s`, `host_s`, `device_s` (seconds).
+      `step`), `evals` (periodic evaluations, with `step` and `train_time_s`, the seconds spent
+      training since the start of this `fit`, evaluations excluded), `start_step`, `steps`,
+      `nonfinite_steps`, and `timings` `train_s` (evaluations included), `host_s`, `eval_s`,
+      `device_s` (seconds).
 
     Raises:
       FloatingPointError: with `nan_policy="stop"`, at the first logged or checkpointed window that
@@ -269,7 +272,7 @@ class Trainer:
     window: list[Mapping[str, jax.Array]] = []
     history, evals = [], []
     last: dict[str, float] = {}
-    host_s = window_host_s = window_wait_s = 0.0
+    host_s = window_host_s = window_wait_s = eval_s = 0.0
     previous = None
     nonfinite_total = 0
     t_train = t_window = time.perf_counter()
@@ -306,8 +309,11 @@ class Trainer:
           host_s += window_host_s
           window, window_host_s, window_wait_s, t_window = [], 0.0, 0.0, time.perf_counter()
         if cfg.eval_every_steps and task.evaluate is not None and done % cfg.eval_every_steps == 0:
+          t = time.perf_counter()
+          train_time_s = t - t_train - eval_s  # The curve's x axis: training time, evals excluded.
           result = task.evaluate(state.params, done)
-          evals.append(dict(result, step=done))
+          eval_s += time.perf_counter() - t
+          evals.append(dict(result, step=done, train_time_s=train_time_s))
           self.writer.write(done, result, prefix="eval")
         if self.checkpoints.should_save(done) or final:
           if window:  # A checkpoint never follows a non-finite loss under the "stop" policy.
@@ -322,8 +328,8 @@ class Trainer:
     host_s += window_host_s
     return state, {"train": last, "history": history, "evals": evals, "start_step": start,
                    "steps": max(cfg.num_train_steps, start), "nonfinite_steps": nonfinite_total,
-                   "timings": {"train_s": train_s, "host_s": host_s,
-                               "device_s": max(train_s - host_s, 0.0)}}
+                   "timings": {"train_s": train_s, "host_s": host_s, "eval_s": eval_s,
+                               "device_s": max(train_s - host_s - eval_s, 0.0)}}
 
   def _window_means(self, window: Sequence[Mapping[str, jax.Array]], step: int
                     ) -> tuple[dict[str, float], int]:

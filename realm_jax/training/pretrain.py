@@ -60,7 +60,7 @@ from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import embedding
 from realm_jax.retrieval import trainer_done
-from realm_jax.training import loop
+from realm_jax.training import loop as loop_lib
 from realm_jax.training import losses
 from realm_jax.training import optim
 from realm_jax.training import train_state
@@ -679,13 +679,8 @@ def train(workdir: str,
           data: PretrainDataConfig = PretrainDataConfig(),
           task: PretrainConfig = PretrainConfig(),
           optimizer: Any = None,
+          loop: loop_lib.LoopConfig = loop_lib.LoopConfig(),
           batch_size: int = 8,
-          num_train_steps: int = 100,
-          log_every_steps: int = 10,
-          checkpoint_every_steps: int = 100,
-          eval_every_steps: int = 0,
-          nan_policy: str = "stop",
-          profile_steps: Sequence[int] = (),
           searcher: str = "scann",
           index_refresh: str = "none",
           refresh_every_steps: int = 500,
@@ -713,8 +708,7 @@ def train(workdir: str,
     model / data / task: configuration dataclasses (gin builds them).
     optimizer: `optim.OptimizerConfig` (default: lr 3e-5, the paper's pre-training rate).
     batch_size: global examples per step (a multiple of the mesh's `data` size).
-    num_train_steps / log_every_steps / checkpoint_every_steps / eval_every_steps / nan_policy /
-      profile_steps: see `loop.LoopConfig`.
+    loop: steps, logging, evaluation, checkpoint and NaN policy (`loop.LoopConfig`).
     searcher: 'scann' (host) or 'exact' (on-device sharded top-k).
     index_refresh: 'none', 'inline' (re-embed every `refresh_every_steps` here) or 'async'
       (`retrieval.watcher.IndexWatcher` over snapshots from the index-builder job, which reads the
@@ -748,11 +742,8 @@ def train(workdir: str,
                      "exceeds the encoder's max_position_embeddings="
                      f"{model.bert_config().max_position_embeddings}")
   optimizer = optimizer or optim.OptimizerConfig(learning_rate=3e-5,
-                                                 num_train_steps=max(num_train_steps, 1))
-  trainer = loop.Trainer(workdir, loop.LoopConfig(
-      num_train_steps=num_train_steps, log_every_steps=log_every_steps,
-      checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=eval_every_steps,
-      nan_policy=nan_policy, profile_steps=tuple(profile_steps)), batch_size, mesh_shape)
+                                                 num_train_steps=max(loop.num_train_steps, 1))
+  trainer = loop_lib.Trainer(workdir, loop, batch_size, mesh_shape)
   mesh, timings = trainer.mesh, {}
   t0 = time.time()
   tokenizer, corpus, examples = load_pretraining_data(data, model, task, workdir, seed)
@@ -827,7 +818,7 @@ def train(workdir: str,
     out.update(source.metrics(step) if hasattr(source, "metrics") else {})
     return out
 
-  state, fit = trainer.fit(loop.Task(
+  state, fit = trainer.fit(loop_lib.Task(
       name="REALM pre-training", train_step=parts.train_step, next_batch=next_batch,
       data_order=data_order, global_batch_size=batch_size,
       evaluate=(None if evaluator is None else
@@ -837,7 +828,7 @@ def train(workdir: str,
       learning_rate=optim.learning_rate_schedule(optimizer),
       progress=("train/loss", "retrieval/utility")), state, jax.random.key(seed + 1))
   if index_refresh == "async" and trainer.is_main:
-    trainer_done.mark_trainer_done(workdir, max(num_train_steps, start_step))
+    trainer_done.mark_trainer_done(workdir, max(loop.num_train_steps, start_step))
   timings.update(fit.pop("timings"))
   summary.update(fit)
   if index is None:
@@ -846,13 +837,13 @@ def train(workdir: str,
     t4 = time.time()
     summary["eval_final"] = evaluator(state.params, index.searcher)
     timings["eval_final_s"] = time.time() - t4
-    trainer.writer.write(num_train_steps, summary["eval_final"], prefix="eval")
+    trainer.writer.write(loop.num_train_steps, summary["eval_final"], prefix="eval")
     logging.info("final eval: %s", summary["eval_final"])
   summary.update({"num_refreshes": getattr(source, "num_refreshes", 0),
                   "max_index_staleness_steps_seen": staleness["max"],
                   "final_snapshot_params_step": int(index.snapshot.params_step)})
   if hasattr(source, "metrics"):
-    summary["index"] = source.metrics(max(num_train_steps, start_step))
+    summary["index"] = source.metrics(max(loop.num_train_steps, start_step))
   source.close()
   summary["timings"] = timings
   return trainer.finish(summary)

@@ -53,6 +53,7 @@ _STEP_LINE = re.compile(r" INFO root: [^\n]* step (\d+): \{")
 _NONDETERMINISTIC = ("perf/", "index/refresh_s", "index/refreshes")
 
 _LOOP = f"""
+loop.LoopConfig:
   log_every_steps = 1
   checkpoint_every_steps = {CHECKPOINT_EVERY}
 """
@@ -61,6 +62,7 @@ FINETUNE_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.data import corpus_config
 from realm_jax.training import finetune
+from realm_jax.training import loop
 
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/finetune.gin'
@@ -97,6 +99,7 @@ ICT_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.data import corpus_config
 from realm_jax.training import ict
+from realm_jax.training import loop
 
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/ict.gin'
@@ -115,14 +118,13 @@ corpus_config.CorpusConfig:
 ict.IctConfig:
   query_length = 16
   block_length = 32
-
-ict.train:
 {loop}"""
 
 PRETRAIN_GIN = """
 from __gin__ import dynamic_registration
 from realm_jax.data import corpus_config
 from realm_jax.training import pretrain
+from realm_jax.training import loop
 
 include 'experiments/models/tiny.gin'
 include 'experiments/runs/pretrain.gin'

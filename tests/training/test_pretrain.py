@@ -290,10 +290,11 @@ def test_train_loop_inline_refresh_and_resume(tmp_path):
       sources=(source,), max_block_length=64, tokenizer_path=fx.vocab_path(),
       data_dir=str(tmp_path / "tfds")))
   workdir = str(tmp_path / "run")
-  kwargs = dict(model=MODEL, data=data, task=TASK, batch_size=8, log_every_steps=1,
-                checkpoint_every_steps=2, searcher="scann", index_refresh="inline",
-                refresh_every_steps=2, index_batch_size=8, num_eval_examples=4, eval_batch_size=8)
-  first = pretrain.train(workdir, num_train_steps=3, **kwargs)
+  kwargs = dict(model=MODEL, data=data, task=TASK, batch_size=8, searcher="scann",
+                index_refresh="inline", refresh_every_steps=2, index_batch_size=8,
+                num_eval_examples=4, eval_batch_size=8)
+  loop_config = functools.partial(loop.LoopConfig, log_every_steps=1, checkpoint_every_steps=2)
+  first = pretrain.train(workdir, loop=loop_config(num_train_steps=3), **kwargs)
   assert first["masking"] == "salient" and first["num_examples"] > 8
   assert [h["step"] for h in first["history"]] == [1, 2, 3]
   assert first["num_refreshes"] == 1 and first["final_snapshot_params_step"] == 2
@@ -303,7 +304,7 @@ def test_train_loop_inline_refresh_and_resume(tmp_path):
     assert np.isfinite(first["train"][key]) and np.isfinite(first["eval_final"][key])
   assert os.path.isfile(os.path.join(workdir, "summary.json"))
   # Resume: continues from the step-3 checkpoint.
-  second = pretrain.train(workdir, num_train_steps=4, **kwargs)
+  second = pretrain.train(workdir, loop=loop_config(num_train_steps=4), **kwargs)
   assert second["start_step"] == 3 and [h["step"] for h in second["history"]] == [4]
   assert "eval_initial" not in second
 
@@ -323,7 +324,8 @@ def test_train_loop_async_refresh_uses_the_watcher(tmp_path):
   index_source.ensure_first_snapshot(workdir / "snapshots", corp, MODEL.retriever_config(), params,
                                      params_step=0, batch_size=8)
   summary = pretrain.train(str(workdir), model=MODEL, data=data, task=TASK, batch_size=8,
-                           num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1,
+                           loop=loop.LoopConfig(num_train_steps=2, log_every_steps=1,
+                                                checkpoint_every_steps=1),
                            index_refresh="async", poll_interval_s=0.2,
                            max_index_staleness_steps=10, searcher="exact")
   assert [h["retrieval/index_staleness_steps"] for h in summary["history"]] == [0, 1]
@@ -351,7 +353,7 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   ict_dir = str(tmp_path / "ict")
   ict.train(ict_dir, model=MODEL, data=data.corpus,
             task=ict.IctConfig(query_length=16, block_length=32), batch_size=8,
-            num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
+            loop=loop.LoopConfig(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2))
   params = _params_from_run(ict_dir, seed=3)
   assert checkpointing.saved_param_parts(ict_dir) == (["retriever"], 2)
   fresh = realm.init_params(MODEL, jax.random.key(0), parts=("retriever",))["retriever"]
@@ -365,8 +367,9 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   assert set(params) == {"retriever", "encoder"}
   # A REALM checkpoint ({"retriever", "encoder"}) works as init_from too (partial restore).
   run = str(tmp_path / "realm")
-  pretrain.train(run, model=MODEL, data=data, task=TASK, batch_size=8, num_train_steps=1,
-                 log_every_steps=1, checkpoint_every_steps=1, index_batch_size=8,
+  pretrain.train(run, model=MODEL, data=data, task=TASK, batch_size=8,
+                 loop=loop.LoopConfig(num_train_steps=1, log_every_steps=1,
+                                      checkpoint_every_steps=1), index_batch_size=8,
                  init_from=ict_dir, searcher="exact")
   again = _params_from_run(run)
   assert checkpointing.saved_param_parts(run) == (["encoder", "retriever"], 1)
