@@ -321,6 +321,9 @@ class Trainer:
           self.checkpoints.save(done, state.params, state.opt_state,
                                 dict(task.checkpoint_meta, data=task.data_order.state()),
                                 force=final)
+    except BaseException:  # The metrics written so far are flushed (and a W&B run finished).
+      self.writer.close()
+      raise
     finally:  # A failure (e.g. a non-finite loss) still commits the saves in flight.
       bar.close()
       self.checkpoints.wait_until_finished()
