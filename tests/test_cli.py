@@ -162,3 +162,28 @@ def test_command_line_errors_exit_2(capsys):
   # Questions may stand before and after the options.
   args = cli.parse_args(["predict", "Q1", "--workdir", "w", "Q2"])
   assert args.command == "predict" and args.questions == ["Q1", "Q2"] and args.workdir == "w"
+
+
+def test_second_run_in_a_workdir_reuses_its_compiled_steps(tmp_path, monkeypatch):
+  """The console command keeps compiled programs in WORKDIR/compilation_cache; `evaluate` in the
+  same work directory finds every program it needs there (no new cache entry appears)."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  workdir = tmp_path / "run"
+  r = _cli("finetune", "--gin_file", GIN, "--workdir", str(workdir))
+  assert r.returncode == 0, r.stderr[-2000:]
+  cache = workdir / "compilation_cache"
+  first = {p.name for p in cache.iterdir()}
+  kinds = {name.split("-")[0] for name in first}
+  assert {"jit_guarded", "jit_eval_step", "jit_embed"} <= kinds, kinds  # train, eval, embed
+  r = _cli("evaluate", "--gin_file", GIN, "--workdir", str(workdir))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert {p.name for p in cache.iterdir()} == first
+  # A user's own cache location wins.
+  own = tmp_path / "own_cache"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(own))
+  r = subprocess.run([sys.executable, "-m", "realm_jax.cli", "evaluate", "--gin_file", GIN,
+                      "--workdir", str(tmp_path / "other"), "--gin_param",
+                      f"finetune.train_and_evaluate.init_from='{workdir}'"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert any(own.iterdir()) and not (tmp_path / "other" / "compilation_cache").exists()
