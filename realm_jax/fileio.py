@@ -423,6 +423,29 @@ def fsync_dir(path: PathLike) -> None:
     os.close(fd)
 
 
+def _write_error(error: OSError, path: PathLike, partial: PathLike | None = None) -> OSError:
+  """`error` (raised while writing `path`) as an error that names `path` and says it was not replaced.
+
+  A failed `write(2)` (a full disk: ENOSPC; a file-size limit: EFBIG) names no file at all (numpy's
+  `tofile` even drops the errno: "16000 requested and 8160 written"), and a failed `open` of the
+  temporary file names the `*.partial` sibling, not the file the caller asked for. The errno is kept,
+  so the class is the same (`PermissionError` for EACCES …). An error that names another file (e.g.
+  the source being copied), or an `OSError` subclass without an errno (raised by the caller's block
+  with its own message), is returned unchanged.
+  """
+  named = error.filename
+  ours = {str(path)} | ({str(partial)} if partial is not None else set())
+  if named is not None and str(named) not in ours:
+    return error
+  if error.errno is None and type(error) is not OSError:
+    return error  # E.g. a FileNotFoundError with a message, raised by the caller's block.
+  reason = error.strerror or str(error) or type(error).__name__
+  message = f"{reason}; not written, its previous content (if any) is unchanged"
+  if error.errno is None:
+    return OSError(f"{os.fspath(path)}: {message}")
+  return OSError(error.errno, message, os.fspath(path))
+
+
 @contextlib.contextmanager
 def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
   """A binary file object whose content appears at `path` all at once, when the block exits normally.
@@ -433,7 +456,9 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
   exception nothing is written.
 
   Raises:
-    OSError: from the file system.
+    OSError: from the file system, naming `path` (with the original errno: a full disk is ENOSPC, a
+      read-only directory `PermissionError`) and saying it was not replaced; an `OSError` of the
+      caller's block that names another file passes unchanged.
   """
   path = as_path(path)
   if isinstance(path, pathlib.Path):
@@ -444,6 +469,8 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, path)
+    except OSError as e:
+      raise _write_error(e, path, tmp) from e
     finally:
       tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -451,7 +478,10 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
   buffer = io.BytesIO()
   yield buffer
   fs, p = _fs(path)
-  fs.pipe_file(p, buffer.getvalue())
+  try:
+    fs.pipe_file(p, buffer.getvalue())
+  except OSError as e:
+    raise _write_error(e, path) from e
 
 
 def write_atomic(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> None:
@@ -460,7 +490,7 @@ def write_atomic(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> 
   See `atomic_writer` for how (temp + fsync + rename locally, one object write on object stores).
 
   Raises:
-    OSError: from the file system.
+    OSError: from the file system, naming `path` (see `atomic_writer`).
   """
   if isinstance(data, str):
     data = data.encode(encoding)
@@ -470,7 +500,10 @@ def write_atomic(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> 
       f.write(data)
     return
   fs, p = _fs(path)
-  fs.pipe_file(p, data)
+  try:
+    fs.pipe_file(p, data)
+  except OSError as e:
+    raise _write_error(e, path) from e
 
 
 def write_if_absent(path: PathLike, data: bytes | str, encoding: str = "utf-8") -> bool:
@@ -560,7 +593,16 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
     OSError: from the file system.
   """
   with atomic_writer(path) as f:
-    np.save(f, array, allow_pickle=False)
+    np.save(_WriteOnly(f), array, allow_pickle=False)
+
+
+class _WriteOnly:
+  """Only the `write` of a file object: numpy then writes the array in 16 MiB chunks through it,
+  instead of `ndarray.tofile`, whose failed write loses the errno ("32000 requested and 8160
+  written" instead of "No space left on device")."""
+
+  def __init__(self, f: IO[bytes]):
+    self.write = f.write
 
 
 def load_npy(path: PathLike, mmap: bool = False) -> np.ndarray:

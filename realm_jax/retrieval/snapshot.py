@@ -27,7 +27,8 @@ Local (POSIX) file systems — commit by rename, as the official code: writers w
 `<root>/.tmp-<params_step>/` (a deterministic name, so that a restart resumes it); every file is
 written to a `*.partial` file, fsync-ed and renamed; the commit writes the manifest there and renames
 the directory to `<root>/<params_step>`. Replacing a committed snapshot (`overwrite=True`) renames the
-old one aside first; pruning renames a snapshot to `.deleting-<step>-<id>` before deleting it.
+old one aside first (and back, if the new one cannot be renamed into place: a failed overwrite keeps
+the old snapshot); pruning renames a snapshot to `.deleting-<step>-<id>` before deleting it.
 
 Object stores (`gs://`, `s3://`, `memory://`, … through fsspec) — commit by writing the manifest last:
 there is no atomic rename (it is copy + delete) but one object write is atomic. Writers therefore work
@@ -1117,8 +1118,17 @@ class SnapshotWriter:
     try:
       fileio.rename(self.tmp_dir, self.final_dir)
     except OSError as e:
+      kept = ""
+      if old is not None:  # Put the previous snapshot back: a failed overwrite must not lose it.
+        try:
+          fileio.rename(old, self.final_dir)
+          fileio.fsync_dir(self.root)
+          kept = "; the previous snapshot is kept"
+        except OSError as e2:
+          kept = f"; the previous snapshot could not be put back ({e2}) and is at {old}"
       raise SnapshotError(f"{self.final_dir}: cannot rename {self.tmp_dir} into place ({e}); was the "
-                          "step committed concurrently?") from e
+                          f"step committed concurrently?{kept} (the new shards stay in "
+                          f"{self.tmp_dir})") from e
     fileio.fsync_dir(self.root)
     if old is not None:
       fileio.rmtree(old)

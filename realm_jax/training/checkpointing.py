@@ -6,6 +6,12 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three named items:
   * `meta`      — JSON: the step, the data-iterator state, and the name of the model config.
 Saving is asynchronous; `CheckpointManager.close()` waits for pending writes.
 
+A save that fails (a full disk, a read-only directory) raises `CheckpointWriteError` from `save`,
+`wait_until_finished` or `close`, naming the directory, the step(s) not written and the newest complete
+checkpoint, which is untouched: orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it
+only once complete. The failed step's temporary directory is deleted (it holds the space a full disk
+needs back), and leftovers of killed saves are deleted when a `CheckpointManager` is created.
+
 Resume order (t5x, big_vision; decided once, in `training.loop.Trainer.initial_state`): a checkpoint
 in the work directory > an `init_from` checkpoint (params only, `restore_partial_params`) > the
 pretrained initialisation > random.
@@ -24,6 +30,15 @@ import orbax.checkpoint as ocp
 from realm_jax import fileio
 
 PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# What a failed save raises through orbax: OSError (file systems), ValueError (tensorstore's
+# "OUT_OF_RANGE: Error writing … File too large"), RuntimeError (orbax's background threads).
+_SAVE_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the message names the directory, the step(s) and the newest
+  complete checkpoint (which is intact)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -47,9 +62,14 @@ class CheckpointManager:
     self.directory = directory
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+        # The step directory is created in `save` itself: created in the background, a failure (a
+        # read-only directory) left orbax's other commit threads waiting 20 minutes for its signal,
+        # and the process could not exit meanwhile.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=(PARAMS, OPT_STATE, META))
+    self._in_flight: list[int] = []  # Steps whose (asynchronous) save was started, not yet waited on.
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None."""
@@ -67,13 +87,22 @@ class CheckpointManager:
 
     Returns:
       Whether a save was started (False when `step` is not on the save interval and not forced).
+
+    Raises:
+      CheckpointWriteError: if this save, or an earlier one still in flight, failed.
     """
     meta = dict(meta, step=int(step))
-    return self._manager.save(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(params),
-        OPT_STATE: ocp.args.StandardSave(opt_state),
-        META: ocp.args.JsonSave(meta),
-    }), force=force)
+    try:  # Also where the error of an earlier asynchronous save surfaces.
+      started = self._manager.save(step, args=ocp.args.Composite(**{
+          PARAMS: ocp.args.StandardSave(params),
+          OPT_STATE: ocp.args.StandardSave(opt_state),
+          META: ocp.args.JsonSave(meta),
+      }), force=force)
+    except _SAVE_ERRORS as e:
+      raise self._write_error(e, [*self._in_flight, int(step)]) from e
+    if started:
+      self._in_flight.append(int(step))
+    return started
 
   def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any,
                                                                                       dict]:
@@ -97,11 +126,46 @@ class CheckpointManager:
     return restored[PARAMS], restored[OPT_STATE], dict(restored[META])
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the saves in flight.
+
+    Raises:
+      CheckpointWriteError: if one of them failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except _SAVE_ERRORS as e:
+      raise self._write_error(e, self._in_flight) from e
+    self._in_flight = []
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the saves in flight and closes the manager (also when a save failed).
+
+    Raises:
+      CheckpointWriteError: if a save in flight failed.
+    """
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
+
+  def _write_error(self, error: Exception, steps: list[int]) -> CheckpointWriteError:
+    """`error` of a failed save as a `CheckpointWriteError`; deletes the failed steps' temporary
+    directories (a complete step is never touched)."""
+    self._in_flight = []
+    try:
+      self._manager.reload()  # Re-read the committed steps from the directory.
+    except Exception:  # pylint: disable=broad-except
+      pass
+    failed = sorted(set(steps) - set(self._manager.all_steps()))
+    for step in failed:
+      for tmp in fileio.glob(self.directory, f"{step}{_ORBAX_TMP_SUFFIX}*"):
+        fileio.rmtree(tmp)
+    latest = self._manager.latest_step()
+    kept = (f"the newest complete checkpoint, step {latest}, is intact" if latest is not None
+            else "no complete checkpoint exists")
+    return CheckpointWriteError(
+        f"{self.directory}: checkpoint of step {', '.join(map(str, failed)) or '?'} not written "
+        f"({type(error).__name__}: {error}); {kept}")
 
 
 def _absolute(directory: str) -> str:
