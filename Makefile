@@ -12,14 +12,16 @@ demo:
 	bash scripts/install.sh scann
 	.venv/bin/realm-jax main --workdir workdirs/squad_minilm $(ARGS)
 
-# The test suite CI runs (slow tests excluded; `make test-all` runs them too).
+# The test suite CI runs (slow tests excluded; `make test-all` runs them too). With the test
+# extras installed, REALM_JAX_REQUIRE_TEST_DEPS=1 makes a skip for a missing test dependency a
+# failure (tests/conftest.py; tests/test_test_dependencies.py checks each dependency).
 test:
 	bash scripts/install.sh scann,ssm,gcs,test
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest -m "not slow" $(ARGS)
+	REALM_JAX_REQUIRE_TEST_DEPS=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest -m "not slow" $(ARGS)
 
 test-all:
 	bash scripts/install.sh scann,ssm,gcs,test
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest $(ARGS)
+	REALM_JAX_REQUIRE_TEST_DEPS=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest $(ARGS)
 
 bench:
 	bash scripts/install.sh scann,ssm,bench

@@ -5,7 +5,6 @@ round trip and the block_emb → snapshot round trip."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import os
@@ -22,21 +21,16 @@ from realm_jax.models import realm
 from realm_jax import convert
 from realm_jax.models import realm_checkpoints as rc
 from realm_jax.models import retriever as retriever_lib
-from realm_jax.models.bert import BertConfig
 from realm_jax.retrieval import snapshot as snapshot_lib
 from realm_jax.training import losses
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf_realm"
 TOL = 1e-4
 
-# The released checkpoints (and these fixtures) use the tanh GELU and BERT's pooled output; both
-# need realm_jax support (BertConfig.hidden_act, Retriever pooling "pooler_projection").
-SUPPORTS_RELEASED = ("hidden_act" in {f.name for f in dataclasses.fields(BertConfig)}
-                     and rc.EMBEDDER_POOLING in retriever_lib.POOLINGS)
-needs_released_support = pytest.mark.skipif(
-    not SUPPORTS_RELEASED,
-    reason="this realm_jax lacks BertConfig.hidden_act='gelu_new' or Retriever pooling "
-    "'pooler_projection', which the released REALM checkpoints need")
+# The released checkpoints (and these fixtures) use the tanh GELU and BERT's pooled output
+# (BertConfig.hidden_act, Retriever pooling "pooler_projection"). The parity tests used to be skipped
+# when that support was missing, which would have hidden a regression; they now always run
+# (issue #14 §7) and tests/test_test_dependencies.py names the missing support directly.
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +105,6 @@ def _read_spans(cfg: encoder_lib.ReaderConfig, params, ref) -> np.ndarray:
 # ------------------------------------------------------------------------------------- parity
 
 
-@needs_released_support
 def test_scorer_matches_transformers(ref):
   ckpt = _load("scorer")
   assert ckpt.architecture == "RealmScorer" and ckpt.parts == ("retriever",)
@@ -134,7 +127,6 @@ def test_scorer_matches_transformers(ref):
   assert float(ref["gelu_exact_vs_new_max_diff"]) > 10 * TOL
 
 
-@needs_released_support
 def test_scorer_with_separate_query_tower(ref, tmp_path):
   tensors = load_file(str(FIXTURES / "scorer" / "model.safetensors"))
   for key in [k for k in tensors if k.startswith("query_embedder.")]:
@@ -155,7 +147,6 @@ def test_scorer_with_separate_query_tower(ref, tmp_path):
       rtol=0, atol=1e-6)
 
 
-@needs_released_support
 def test_knowledge_augmented_encoder_matches_transformers(ref):
   ckpt = _load("encoder")
   assert ckpt.architecture == "RealmKnowledgeAugEncoder" and ckpt.parts == ("encoder",)
@@ -174,7 +165,6 @@ def test_knowledge_augmented_encoder_matches_transformers(ref):
   assert abs(-float(out["token_log_likelihood"].mean()) - float(ref["enc_loss"])) <= TOL
 
 
-@needs_released_support
 def test_reader_matches_transformers(ref):
   ckpt = _load("reader")
   assert ckpt.architecture == "RealmReader" and ckpt.parts == ("reader",)
@@ -217,7 +207,6 @@ def test_reader_matches_transformers(ref):
   assert abs(float(reader_loss[0] + retriever_loss[0]) - float(ref["reader_loss"])) <= TOL
 
 
-@needs_released_support
 def test_openqa_matches_transformers(ref):
   ckpt = _load("openqa")
   assert ckpt.architecture == "RealmForOpenQA" and ckpt.parts == ("retriever", "reader")
@@ -249,7 +238,6 @@ def test_span_orders_cover_the_same_spans(ref):
 # ---------------------------------------------------------------------------- mismatch errors
 
 
-@needs_released_support
 def test_missing_and_misshaped_parameters_are_named(tmp_path):
   tensors = load_file(str(FIXTURES / "openqa" / "model.safetensors"))
   del tensors["reader.qa_outputs.dense_output.weight"]
@@ -262,7 +250,6 @@ def test_missing_and_misshaped_parameters_are_named(tmp_path):
   assert "parameter 'embedder.cls.dense.bias': expected shape (16,), found (15,)" in msg
 
 
-@needs_released_support
 def test_config_that_disagrees_with_the_weights(tmp_path):
   ckpt_dir = _rewrite(_copy_fixture("reader", tmp_path), span_hidden_size=6)
   with pytest.raises(rc.CheckpointMismatchError,
@@ -271,7 +258,6 @@ def test_config_that_disagrees_with_the_weights(tmp_path):
     rc.load_realm_checkpoint(ckpt_dir)
 
 
-@needs_released_support
 def test_unexpected_keys_strict_and_lenient(tmp_path):
   tensors = load_file(str(FIXTURES / "reader" / "model.safetensors"))
   tensors["classifier.weight"] = np.zeros((2, 32), np.float32)
@@ -286,7 +272,6 @@ def test_unexpected_keys_strict_and_lenient(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, ckpt.params, reference.params)
 
 
-@needs_released_support
 def test_block_emb_shape_and_architecture_checks(tmp_path):
   ckpt_dir = _rewrite(_copy_fixture("openqa", tmp_path), num_block_records=8)
   with pytest.raises(rc.CheckpointMismatchError,
@@ -308,7 +293,6 @@ def test_block_emb_shape_and_architecture_checks(tmp_path):
     rc.load_realm_checkpoint(ckpt_dir, architecture="BertModel")
 
 
-@needs_released_support
 def test_untied_decoder(tmp_path):
   tensors = load_file(str(FIXTURES / "encoder" / "model.safetensors"))
   word = tensors["realm.embeddings.word_embeddings.weight"]
@@ -346,7 +330,6 @@ def _save_model_layout(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
   return out, metadata
 
 
-@needs_released_support
 def test_tied_encoder_saved_by_safetensors_save_model(tmp_path):
   """Regression (issue #14): the word embeddings live under the tied decoder name."""
   reference = _load("encoder")
@@ -401,7 +384,6 @@ def test_bad_config_fields_are_named(tmp_path, override, pattern):
     rc.load_realm_checkpoint(ckpt_dir)
 
 
-@needs_released_support
 def test_reader_layer_norm_eps_must_match_span_reader(tmp_path):
   ckpt_dir = _rewrite(_copy_fixture("reader", tmp_path), reader_layer_norm_eps=1e-5)
   with pytest.raises(rc.CheckpointMismatchError,
@@ -457,20 +439,19 @@ def test_pytorch_bin_to_safetensors(tmp_path):
   assert aliases["embedder.cls.predictions.decoder.bias"] == "embedder.cls.predictions.bias"
   written = load_file(str(out))
   assert not any(k.startswith("query_embedder.") for k in written)
-  if SUPPORTS_RELEASED:
-    converted, reference = rc.load_realm_checkpoint(tmp_path / "st"), _load("scorer")
-    assert converted.share_embedders
-    jax.tree.map(np.testing.assert_array_equal, converted.params, reference.params)
-    # The entry point converts a directory holding only the .bin on the fly.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name in ("pytorch_model.bin", "config.json"):
-      shutil.copy(FIXTURES / "scorer" / name, bin_dir / name)
-    result = convert.convert_released_checkpoint(tmp_path / "work", bin_dir)
-    assert result.architecture == "RealmScorer" and not (tmp_path / "work" / ".hf-safetensors.tmp"
-                                                         ).exists()
-    jax.tree.map(np.testing.assert_array_equal, rc.load_converted(tmp_path / "work").params,
-                 reference.params)
+  converted, reference = rc.load_realm_checkpoint(tmp_path / "st"), _load("scorer")
+  assert converted.share_embedders
+  jax.tree.map(np.testing.assert_array_equal, converted.params, reference.params)
+  # The entry point converts a directory holding only the .bin on the fly.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name in ("pytorch_model.bin", "config.json"):
+    shutil.copy(FIXTURES / "scorer" / name, bin_dir / name)
+  result = convert.convert_released_checkpoint(tmp_path / "work", bin_dir)
+  assert result.architecture == "RealmScorer" and not (tmp_path / "work" / ".hf-safetensors.tmp"
+                                                       ).exists()
+  jax.tree.map(np.testing.assert_array_equal, rc.load_converted(tmp_path / "work").params,
+               reference.params)
 
 
 def test_bin_conversion_without_torch_names_the_fix(tmp_path, monkeypatch):
@@ -487,7 +468,6 @@ def test_bin_conversion_without_torch_names_the_fix(tmp_path, monkeypatch):
     convert.convert_released_checkpoint(tmp_path / "work", FIXTURES / "scorer" / "pytorch_model.bin")
 
 
-@needs_released_support
 @pytest.mark.parametrize("name, parts", [("scorer", ("retriever",)), ("encoder", ("encoder",)),
                                          ("reader", ("reader",)),
                                          ("openqa", ("retriever", "reader"))])
@@ -506,7 +486,6 @@ def test_converted_params_round_trip(tmp_path, name, parts):
     assert back.encoder_config == ckpt.encoder_config()
 
 
-@needs_released_support
 def test_load_converted_refuses_a_damaged_file(tmp_path):
   rc.save_converted(_load("reader"), tmp_path)
   flat = load_file(str(tmp_path / rc.CONVERTED_PARAMS_NAME))
@@ -525,7 +504,6 @@ def test_load_converted_refuses_a_damaged_file(tmp_path):
 # ------------------------------------------------------------------- block_emb → snapshot
 
 
-@needs_released_support
 def test_convert_openqa_writes_params_and_block_emb_snapshot(ref, tmp_path):
   (tmp_path / "ckpt").mkdir()
   for f in ("config.json", "model.safetensors"):
@@ -553,7 +531,6 @@ def test_convert_openqa_writes_params_and_block_emb_snapshot(ref, tmp_path):
   assert _max_diff(scores, ref["openqa_block_scores"]) <= TOL
 
 
-@needs_released_support
 def test_convert_from_and_into_an_object_store(tmp_path):
   """`realm-jax convert` with the checkpoint and the work directory on an object store (memory://).
 
@@ -583,7 +560,6 @@ def test_convert_from_and_into_an_object_store(tmp_path):
   assert not list(tmp_path.rglob("gs:*")) and not list(tmp_path.rglob("memory:*"))
 
 
-@needs_released_support
 def test_convert_without_fingerprint_skips_the_snapshot(tmp_path, caplog):
   result = convert.convert_released_checkpoint(tmp_path, FIXTURES / "openqa")
   assert result.snapshot_dir is None and result.block_emb_sha256 is not None
