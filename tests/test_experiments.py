@@ -169,3 +169,78 @@ def test_header_commands_bind_clean_values(path, monkeypatch):
       assert "#" not in s and not re.search(r"\s\(", s), (path, param, s)  # no comment in the quotes
       if "paper" in path:
         assert s == "" or config_check.gcs_url_problem(s) is None, (path, param, s)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's hyper-parameters, as the paper experiment files bind them (issue #14 §7). The values
+# are REALM's (Guu et al., 2020, §4 and appendix A) and ORQA's (Lee et al., 2019), written out here;
+# a gin edit that drifts from them fails below, not after days on a TPU.
+# ------------------------------------------------------------------------------------------------
+
+PAPER = sorted(p for p in EXPERIMENTS if p.startswith("experiments/paper/"))
+BERT_BASE = {"vocab_size": 30522, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+             "intermediate_size": 3072, "max_position_embeddings": 512}
+BERT_ADAMW = {"weight_decay": 0.01, "b1": 0.9, "b2": 0.999, "eps": 1e-6, "clip_norm": 1.0}
+
+
+def _check_common(run, kind):
+  """BERT-base towers, BERT AdamW with the ORQA warm-up rule, 288-wordpiece blocks, and one step
+  count shared by the loop and the schedule."""
+  model, optimizer, loop = (_value(f"{run}.model"), _value(f"{run}.optimizer"),
+                            _value(f"{run}.loop"))
+  assert {k: getattr(model.bert, k) for k in BERT_BASE} == BERT_BASE, kind
+  assert model.projection_size == 128 and model.share_embedders, kind  # ORQA's 128-d embeddings
+  assert {k: getattr(optimizer, k) for k in BERT_ADAMW} == BERT_ADAMW, kind
+  assert optimizer.warmup_steps is None, kind  # min(10000, max(100, steps / 10))
+  assert optimizer.part_learning_rate_scales == (), kind
+  assert optimizer.num_train_steps == loop.num_train_steps, kind
+  return model, optimizer, loop
+
+
+@pytest.mark.parametrize("path", PAPER)
+def test_paper_hyperparameters(path, monkeypatch):
+  from realm_jax.training import optim
+  monkeypatch.chdir(ROOT)
+  _parse(path)
+  name = pathlib.Path(path).stem
+  if name.startswith("finetune_"):  # REALM §4.2 / ORQA §4: Open-QA fine-tuning
+    model, optimizer, _ = _check_common("finetune.train_and_evaluate", name)
+    task, data = _value("finetune.train_and_evaluate.task"), _value(
+        "finetune.train_and_evaluate.data")
+    assert task.num_retrieved == 5000 and task.num_read == 5, name
+    assert task.reader_length == 288 + 32 and task.reader_query_length == 32, name
+    assert not task.gold_block_in_read, name  # a stated deviation of the CPU demo only
+    assert model.max_span_width == 10, name
+    assert data.corpus.max_block_length == 288, name
+    assert optimizer.learning_rate == 1e-5, name
+    assert data.questions_format == {"finetune_nq": "nq_open", "finetune_wq": "webquestions",
+                                     "finetune_ct": "curatedtrec"}[name]
+  elif name == "ict_warmstart":  # ORQA §5 / REALM §3.4: the ICT warm start
+    _, optimizer, loop = _check_common("ict.train", name)
+    task, data = _value("ict.train.task"), _value("ict.train.data")
+    assert _value("ict.train.batch_size") == 4096 and loop.num_train_steps == 100_000
+    assert optimizer.learning_rate == 1e-4
+    assert task.query_length == 64 and task.block_length == 288
+    assert task.remove_sentence_prob == 0.9  # the sentence stays in its block 10 % of the time
+    assert data.max_block_length == 288
+  elif name.startswith("realm_pretrain_"):  # REALM §4 / appendix A: pre-training
+    _, optimizer, loop = _check_common("pretrain.train", name)
+    task, data = _value("pretrain.train.task"), _value("pretrain.train.data")
+    assert _value("pretrain.train.batch_size") == 512 and loop.num_train_steps == 200_000, name
+    assert optimizer.learning_rate == 3e-5, name
+    assert optimizer.resolved_warmup_steps == 10_000, name
+    assert task.num_candidates == 8, name  # including the null document
+    assert task.query_length == 96 and task.candidate_length == 288 and task.max_masks == 10, name
+    assert data.corpus.max_block_length == 288 and data.masking == "salient", name
+    # About one index refresh per 500 steps, the trainer at most 500 steps ahead (async builder).
+    assert _value("pretrain.train.index_refresh") == "async", name
+    assert _value("pretrain.train.refresh_every_steps") == 500, name
+    assert _value("pretrain.train.max_index_staleness_steps") == 500, name
+    assert _value("index_builder.run.num_train_steps") == 200_000, name
+  else:
+    pytest.fail(f"{path}: a paper file without known hyper-parameters; add it here")
+  # The learning-rate schedule peaks at the paper's rate right after the warm-up.
+  schedule = optim.learning_rate_schedule(optimizer)
+  warmup = optimizer.resolved_warmup_steps
+  assert float(schedule(warmup - 1)) == pytest.approx(optimizer.learning_rate * (warmup - 1) / warmup,
+                                                      rel=1e-5)
