@@ -190,3 +190,102 @@ def test_gold_block_takes_the_last_read_slot_when_not_retrieved(setup):
                                 retrieved[:1, ::-1])
   _, reads = gold_featurizer.batch(QUESTIONS[:2], retrieved, with_labels=False)
   assert reads[0][1]["block_id"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# train_step against a naive per-question loop; the evaluator on a case whose answers are known.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _naive_loss(params, batch, reads, n_real):
+  """ORQA/REALM fine-tuning loss written out one question and one read block at a time (module
+  docstring of finetune.py): per question, −log Σ_{valid z ∋ answer} p(z|x) over the retrieved blocks
+  plus −log Σ_{correct (z, s)} p(z, s|x) over the body spans of the read blocks, joint logit = span
+  logit + retriever logit of z; a term with nothing correct is 0; the mean over the real questions.
+  Only the towers run batched (the real rows); which rows, slots and spans count is decided here.
+  Returns `(loss, (retriever_losses, reader_losses))`, differentiable in params."""
+  from realm_jax.models import encoder as encoder_lib
+  from realm_jax.models import retriever as retriever_lib
+  rcfg, scfg = MODEL.retriever_config(), MODEL.reader_config()
+  starts, ends = encoder_lib.span_candidates(TASK.reader_length, MODEL.max_span_width)
+  queries = retriever_lib.Retriever(rcfg).apply(
+      {"params": params["retriever"]}, input_ids=batch["query_input_ids"][:n_real],
+      input_mask=batch["query_input_mask"][:n_real], method=retriever_lib.Retriever.embed_queries)
+  span_logits = encoder_lib.SpanReader(scfg).apply(
+      {"params": params["reader"]}, **{name: batch[f"reader_{name}"][:n_real] for name in
+                                       ("input_ids", "input_mask", "segment_ids", "body_mask")})
+  r_losses, s_losses = [], []
+  for i in range(n_real):
+    valid = [k for k in range(TASK.num_retrieved) if batch["retrieved_valid"][i, k]]
+    logit = {k: rcfg.score_scale * jnp.dot(queries[i], batch["retrieved_embeddings"][i, k])
+             for k in valid}
+    norm = jax.nn.logsumexp(jnp.stack([logit[k] for k in valid]))
+    good = [k for k in valid if batch["retrieved_has_answer"][i, k]]
+    r_losses.append(norm - jax.nn.logsumexp(jnp.stack([logit[k] for k in good])) if good
+                    else jnp.zeros(()))
+    joint, correct = [], []
+    for r in range(TASK.num_read):
+      if not batch["retrieved_valid"][i, r]:
+        continue  # a padding slot: nothing to read
+      lo = reads[i][r]["body_start"]
+      hi = lo + reads[i][r]["body_len"]  # exclusive
+      in_body = np.nonzero((lo <= starts) & (ends < hi))[0]  # both ends on the block's body
+      joint.append(span_logits[i, r, in_body] + logit[r])
+      correct.append(batch["span_is_answer"][i, r, in_body])
+    joint, correct = jnp.concatenate(joint), np.concatenate(correct)
+    if correct.any():
+      s_losses.append(jax.nn.logsumexp(joint) - jax.nn.logsumexp(joint[np.nonzero(correct)[0]]))
+    else:
+      s_losses.append(jnp.zeros(()))
+  total = sum(r + s for r, s in zip(r_losses, s_losses)) / n_real
+  return total, (jnp.stack(r_losses), jnp.stack(s_losses))
+
+
+def test_train_step_equals_a_naive_per_question_loop(setup):
+  """Read slicing (the answer read in slot 0, in slot 1, retrieved but not read, not retrieved with a
+  padding slot among the reads), example weights (the mean over real questions, those with nothing
+  correct included) and batch padding (pad_batch's rows count for nothing): the step's loss terms and
+  gradients equal the naive loop's."""
+  import optax
+  tok, corpus, featurizer, _, _ = setup
+  retrieved = np.array([[0, 1, 2, 3],    # q0: its block read first
+                        [0, 1, 2, 3],    # q1: its block read second
+                        [0, 1, 3, 2],    # q2: its block retrieved at rank 3, never read
+                        [0, -1, 1, 2]],  # q3: its block absent; a padding slot in the reads
+                       np.int64)
+  batch, reads = featurizer.batch(QUESTIONS, retrieved, with_labels=True)
+  assert batch["retrieved_has_answer"].any(axis=1).tolist() == [True, True, True, False]
+  assert [batch["span_is_answer"][i].any() for i in range(4)] == [True, True, False, False]
+  padded, n = finetune.pad_batch(batch, 8)
+  assert n == 4 and len(padded["query_input_ids"]) == 8
+  mesh = sharding.make_mesh()
+  tx = optax.sgd(1.0)  # the update is −grad: the step's gradients come back exactly
+  params = jax.jit(lambda key: realm.init_params(MODEL, key))(jax.random.key(3))
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(finetune.step_parts(MODEL, TASK, 8, tx).train_step, mesh)
+  new_state, metrics = train_fn(state, sharding.global_batch_from_local(padded, mesh),
+                                jax.random.key(1))
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  step_grads = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), params,
+                                      jax.device_get(new_state.params))
+
+  host = {k: np.asarray(v) for k, v in batch.items()}
+  (loss, (r_losses, s_losses)), grads = jax.jit(jax.value_and_grad(
+      lambda p: _naive_loss(p, host, reads, 4), has_aux=True))(params)
+  assert float(r_losses[3]) == 0 and float(s_losses[2]) == 0 and float(s_losses[3]) == 0
+  assert float(r_losses[2]) > 0 and float(s_losses[0]) > 0 and float(s_losses[1]) > 0
+  np.testing.assert_allclose(metrics["train/loss"], float(loss), rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/retriever_loss"], float(r_losses.mean()), rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/reader_loss"], float(s_losses.mean()), rtol=1e-5)
+  assert metrics["train/answer_in_retrieved"] == 0.75
+  assert metrics["train/answer_span_in_read"] == 0.5
+  # Gradients, read back as old − new params in float32: compared to the largest gradient.
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  scale = max(float(np.abs(g).max()) for _, g in leaves)
+  flat_step = dict(jax.tree_util.tree_leaves_with_path(step_grads))
+  for path, g in leaves:
+    np.testing.assert_allclose(flat_step[path], np.asarray(g), rtol=1e-3, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  assert any(np.abs(flat_step[path]).max() > 0.1 * scale for path, _ in leaves
+             if "retriever" in jax.tree_util.keystr(path))  # the query tower is trained too
+  np.testing.assert_allclose(metrics["train/grad_norm"], float(optax.global_norm(grads)), rtol=1e-4)
