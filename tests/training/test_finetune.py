@@ -289,3 +289,65 @@ def test_train_step_equals_a_naive_per_question_loop(setup):
   assert any(np.abs(flat_step[path]).max() > 0.1 * scale for path, _ in leaves
              if "retriever" in jax.tree_util.keystr(path))  # the query tower is trained too
   np.testing.assert_allclose(metrics["train/grad_norm"], float(optax.global_norm(grads)), rtol=1e-4)
+
+
+def test_evaluator_span_to_text_to_exact_match_on_known_answers(setup):
+  """OpenQAEvaluator end to end with a stand-in query tower, searcher and reader whose choices are
+  known: each question's best span is the run of wordpieces of a chosen text, found in the reader
+  input by its token ids (not through offsets); the evaluator must map it back to that text, score
+  it with the official exact match and report recall@k of the known retrievals. Five questions in
+  batches of 2 on a 2-device mesh: three chunks, the last one padded."""
+  tok, corpus, featurizer, _, _ = setup
+  block_of = {str(d): int(b) for d, b in zip(corpus.doc_ids, corpus.block_ids)}
+  paris, rome, tokyo, nile = (block_of[d] for d in ("paris#0", "rome#0", "tokyo#0", "nile#0"))
+  questions = list(QUESTIONS) + [Question("q4", "Which city is the capital of France?", ["Paris"])]
+  # question → (retrieved block ids, the read slot and text the reader "chooses")
+  plan = {"q0": ([paris, rome, tokyo, nile], 0, "1889"),
+          "q1": ([tokyo, rome, paris, nile], 1, "50,000"),       # read in slot 1
+          "q2": ([tokyo, paris, rome, nile], 0, "Tokyo"),
+          "q3": ([nile, tokyo, rome, paris], 0, "Mediterranean Sea"),  # gold "the Mediterranean Sea"
+          "q4": ([rome, paris, tokyo, nile], 0, "Rome")}          # wrong: the gold is "Paris"
+  query_ids = featurizer.query_batch(questions)["input_ids"]
+  qid_of_query = {tuple(row[:8]): q.qid for row, q in zip(query_ids, questions)}
+
+  def query_embed_fn(params, batch):  # the query's first 8 wordpieces identify it
+    return np.asarray(batch["input_ids"][:, :8], np.float32)
+
+  class Searcher:
+    def search(self, q, k):
+      ids = np.array([plan[qid_of_query[tuple(row.astype(int))]][0][:k] for row in q], np.int64)
+      return np.zeros(ids.shape, np.float32), ids
+
+  starts, ends = featurizer.starts, featurizer.ends
+
+  def eval_fn(params, batch):
+    n = len(batch["query_input_ids"])
+    out = {"best_read": np.zeros(n, np.int32), "best_span": np.zeros(n, np.int32),
+           "best_score": np.arange(n, dtype=np.float32),
+           "p_z": np.full((n, TASK.num_retrieved), 1 / TASK.num_retrieved, np.float32)}
+    for i in range(n):
+      _, r, text = plan[qid_of_query[tuple(batch["query_input_ids"][i, :8])]]
+      ids, body = list(batch["reader_input_ids"][i, r]), batch["reader_body_mask"][i, r]
+      want = tok.encode(text)
+      at = [p for p in range(len(ids) - len(want) + 1)
+            if ids[p:p + len(want)] == want and body[p:p + len(want)].all()]
+      assert at, (text, i)
+      span = np.nonzero((starts == at[0]) & (ends == at[0] + len(want) - 1))[0]
+      out["best_read"][i], out["best_span"][i] = r, span[0]
+    return out
+
+  mesh = sharding.make_mesh(devices=jax.devices()[:2])
+  evaluator = finetune.OpenQAEvaluator(featurizer, Searcher(), query_embed_fn, eval_fn, mesh,
+                                       batch_size=2, recall_ks=(1, 2, 4))
+  metrics, predictions = evaluator({"retriever": {}, "reader": {}}, questions)
+  assert [p["qid"] for p in predictions] == [q.qid for q in questions]
+  assert [p["prediction"] for p in predictions] == ["1889", "50,000", "Tokyo", "Mediterranean Sea",
+                                                   "Rome"]
+  assert [p["exact_match"] for p in predictions] == [True, True, True, True, False]
+  assert [p["evidence_rank"] for p in predictions] == [0, 1, 0, 0, 0]
+  assert [[b["block_id"] for b in p["top_blocks"]] for p in predictions] == [
+      plan[q.qid][0][:TASK.num_read] for q in questions]
+  # Recall@k of the known retrievals: at rank 1, q1 (Tokyo for the Colosseum) and q4 (Rome for
+  # Paris) miss; by rank 2 every question has an answer-bearing block.
+  assert metrics == {"num_questions": 5.0, "exact_match": 0.8, "answer_recall@1": 0.6,
+                     "answer_recall@2": 1.0, "answer_recall@4": 1.0}
