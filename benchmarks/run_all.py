@@ -59,6 +59,16 @@ BENCHES = (
     Bench("pretraining", "REALM pre-training on this CPU: utility, zero-shot recall, masking",
           (), ("--articles", "2", "--questions", "50", "--ict_steps", "4", "--realm_steps", "4",
                "--eval_examples", "8", "--skip_random")),
+    # A short curve (~15 min); the README's hour-long one is `benchmarks/learning_curve.py` alone.
+    Bench("learning_curve", "EM and gold recall@1/5/20 of the default job against steps and "
+          "training time: REALM vs BM25 + the same reader",
+          ("--steps", "120", "--eval_every", "40", "--fresh",
+           "--workdir", "/tmp/realm_run_all_learning_curve",
+           "--out", "benchmarks/results/run_all_learning_curve"),
+          ("--steps", "4", "--eval_every", "2", "--fresh",
+           "--workdir", "/tmp/realm_run_all_learning_curve_quick",
+           "--out", "benchmarks/results/run_all_learning_curve_quick",
+           "--gin_param", "finetune.OpenQADataConfig.max_eval_questions=16")),
     Bench("retrieval_recall", "SQuAD-open recall@k: MiniLM zero-shot / fine-tuned vs BM25",
           ("--workdir", "workdirs/squad_minilm"),
           ("--workdir", "workdirs/squad_minilm", "--max_questions", "500")),
