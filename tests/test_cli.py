@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from realm_jax import cli
+from realm_jax import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN = "tests/fixtures/gin/tiny_finetune.gin"
@@ -23,7 +24,6 @@ def test_finetune_resume_and_predict(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   summary = cli.run(["finetune", "--gin_file", GIN, "--workdir", workdir])
   assert summary["steps"] == 2
-  assert 0.0 <= summary["final"]["exact_match"] <= 1.0
   # The fixture corpus has 10 blocks: recall@k is monotone and all blocks are retrieved at 100.
   final = summary["final"]
   assert final["answer_recall@1"] <= final["answer_recall@5"] <= final["answer_recall@100"] == 1.0
@@ -35,6 +35,17 @@ def test_finetune_resume_and_predict(tmp_path, capsys):
   with open(os.path.join(workdir, "predictions/eval-step2.jsonl")) as f:
     preds = [json.loads(line) for line in f]
   assert len(preds) == 9 and all(len(p["top_blocks"]) == 2 for p in preds)
+  # The reported EM is the official exact match of the written predictions against the gold answers
+  # read straight from the SQuAD file, and each prediction is text of the block it was read from.
+  gold = {qa["id"]: [a["text"] for a in qa["answers"]]
+          for article in json.loads((ROOT / "tests/fixtures/data/squad_dev_tiny.json").read_text())
+          ["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
+  assert sorted(p["qid"] for p in preds) == sorted(gold)
+  correct = [evaluation.exact_match(p["prediction"], gold[p["qid"]]) for p in preds]
+  assert [p["exact_match"] for p in preds] == correct
+  assert summary["final"]["exact_match"] == pytest.approx(sum(correct) / len(preds))
+  for p in preds:
+    assert p["prediction"] and p["prediction"] in p["top_blocks"][p["evidence_rank"]]["text"], p
   # p(z|x) is a distribution over the 3 retrieved blocks: the top 2 hold at most all of it.
   assert all(0 < sum(b["p_z"] for b in p["top_blocks"]) <= 1 + 1e-5 for p in preds)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
