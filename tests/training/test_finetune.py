@@ -351,3 +351,23 @@ def test_evaluator_span_to_text_to_exact_match_on_known_answers(setup):
   # Paris) miss; by rank 2 every question has an answer-bearing block.
   assert metrics == {"num_questions": 5.0, "exact_match": 0.8, "answer_recall@1": 0.6,
                      "answer_recall@2": 1.0, "answer_recall@4": 1.0}
+
+
+@pytest.mark.parametrize("process_count", [2, 4, 8])
+def test_per_process_batches_add_up_to_the_global_batch(process_count):
+  """Each process's rows, in process order, are exactly the one-process global batch, step after
+  step and across epoch ends (13 examples, batches of 8); a batch that does not split is refused."""
+  single = example_order.ExampleOrder(13, 8, seed=5)
+  parts = [example_order.ExampleOrder(13, 8, seed=5, process_index=p, process_count=process_count)
+           for p in range(process_count)]
+  seen = []
+  for _ in range(6):
+    global_batch = single.next_local_indices()
+    local = [o.next_local_indices() for o in parts]
+    assert all(len(rows) == 8 // process_count for rows in local)
+    np.testing.assert_array_equal(np.concatenate(local), global_batch)
+    seen.extend(global_batch.tolist())
+  assert sorted(seen[:13]) == list(range(13))  # the first epoch is a permutation
+  assert all(o.state() == single.state() for o in parts)
+  with pytest.raises(ValueError, match="not divisible by 3 processes"):
+    example_order.ExampleOrder(13, 8, seed=5, process_index=0, process_count=3)
