@@ -240,7 +240,7 @@ class Predictor:
       read = reads[i][r]
       if read["block_id"] >= 0:
         blk = self.featurizer.block(read["block_id"])
-        start, end = self.featurizer.starts[s], self.featurizer.ends[s]
+        start, end = self.featurizer.predicted_span(read, s)
         offsets = _span_offsets(blk.body_offsets, read["body_start"], start, end)
         if offsets is not None:
           prediction = featurize.span_text(blk.text, blk.body_offsets, read["body_start"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import unicodedata
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -190,3 +190,32 @@ def span_text(text: str, body_offsets: np.ndarray, body_start: int, start: int, 
   """The block text of the reader span `start … end` (joined-input positions, inclusive)."""
   s, e = start - body_start, end - body_start
   return text[int(body_offsets[s][0]):int(body_offsets[e][1])]
+
+
+def full_word_span(body_ids: Sequence[int], body_start: int, start: int, end: int,
+                   is_continuation: Callable[[int], bool]) -> tuple[int, int]:
+  """Widens a reader span to whole words, as DPR's reader does (`_extend_span_to_full_words`).
+
+  A span may start or end inside a word (`"##ing"` pieces); its text would then be a word
+  fragment ("inghouse" for "Westinghouse"). The start moves left over continuation pieces and the
+  end moves right while the next piece continues the word, both inside the block body.
+
+  Args:
+    body_ids: the block's body wordpiece ids (`Block.body_ids`), int.
+    body_start: the joined-input position of the first body token.
+    start / end: the span's first and last joined-input positions (inclusive).
+    is_continuation: `tokenizer.is_continuation(token_id) -> bool`.
+
+  Returns:
+    `(start, end)`: joined-input positions (inclusive) of the widened span; unchanged for a span
+    outside the body.
+  """
+  s, e = int(start) - body_start, int(end) - body_start
+  n = len(body_ids)
+  if not 0 <= s <= e < n:
+    return int(start), int(end)
+  while s > 0 and is_continuation(int(body_ids[s])):
+    s -= 1
+  while e + 1 < n and is_continuation(int(body_ids[e + 1])):
+    e += 1
+  return s + body_start, e + body_start

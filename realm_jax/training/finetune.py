@@ -146,6 +146,13 @@ class OpenQAFeaturizer:
     """The corpus `Block` with this id."""
     return self.corpus[self.position_of_block[block_id]]
 
+  def predicted_span(self, read: dict, span: int) -> tuple[int, int]:
+    """Joined-input positions `(start, end)` (inclusive) of span candidate `span` in the read block
+    `read` (an entry of `batch`'s `reads`), widened to whole words (`featurize.full_word_span`)."""
+    return featurize.full_word_span(self.block(read["block_id"]).body_ids, read["body_start"],
+                                    self.starts[span], self.ends[span],
+                                    self.tokenizer.is_continuation)
+
   def has_answer(self, block_id: int, question: Question) -> bool:
     key = (block_id, question.qid)
     if key not in self._has_answer_cache:
@@ -423,7 +430,7 @@ class OpenQAEvaluator:
         prediction = ""
         if chosen["block_id"] >= 0:
           block = self.featurizer.block(chosen["block_id"])
-          start, end = self.featurizer.starts[s], self.featurizer.ends[s]
+          start, end = self.featurizer.predicted_span(chosen, s)
           prediction = featurize.span_text(block.text, block.body_offsets, chosen["body_start"],
                                            start, end)
         correct = evaluation.exact_match(prediction, q.answers, q.answers_are_regex)

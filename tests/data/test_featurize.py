@@ -154,3 +154,30 @@ def test_labels_are_empty_outside_the_body_and_without_answers(tok):
   # A block the reader truncated before the answer gives no positive.
   labels = featurize.span_answer_labels(text, offsets, 3, 0, ["Paris"], starts, ends)
   assert not labels.any()
+
+
+def test_predicted_spans_widen_to_whole_words(tok):
+  """A span inside a word gives the whole word (DPR's rule), never a fragment; whole words, the
+  punctuation after a word and the block edges stay as they are."""
+  text = "Westinghouse Electric built it in the 1990s, near Denver's Kubernetes airport."
+  ids, offsets = tok.encode_with_offsets(text)
+  offsets = np.asarray(offsets, np.int32).reshape(-1, 2)
+  pieces = tok.convert_ids_to_tokens(ids)
+  assert pieces[1].startswith("##") and pieces[2].startswith("##")  # west ##ing ##house
+  body_start = 5  # any position: the span positions are joined-input positions
+
+  def widened(first: int, last: int) -> str:
+    s, e = featurize.full_word_span(ids, body_start, body_start + first, body_start + last,
+                                    tok.is_continuation)
+    return featurize.span_text(text, offsets, body_start, s, e)
+
+  assert widened(1, 2) == "Westinghouse"  # "inghouse" before
+  assert widened(2, 3) == "Westinghouse Electric"
+  assert widened(0, 0) == "Westinghouse"  # "West" before
+  ku = pieces.index("ku")  # ku ##ber ##net ##es
+  assert widened(ku + 1, ku + 2) == "Kubernetes" and widened(ku + 3, ku + 4) == "Kubernetes airport"
+  denver = pieces.index("denver")
+  assert widened(denver, denver) == "Denver"  # "'s" is not a continuation piece
+  assert widened(len(ids) - 1, len(ids) - 1) == "."
+  # Outside the body: unchanged.
+  assert featurize.full_word_span(ids, body_start, 0, 1, tok.is_continuation) == (0, 1)
