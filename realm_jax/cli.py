@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import errno
 import logging
 import os
 import pathlib
@@ -329,6 +330,11 @@ def run(argv: Sequence[str], compilation_cache: bool = False) -> Any:
   return result
 
 
+# Storage errors a user fixes outside the program (space, quota, permissions, read-only mounts).
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                             errno.EPERM})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point: exit code 0 on success, 2 with a one-line message on bad input."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -337,15 +343,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   from realm_jax.models import checkpoint_import
   from realm_jax.retrieval import snapshot
   from realm_jax.retrieval import watcher
+  from realm_jax.training import checkpointing
   # Errors a user can fix (their message names the file, field or setting): one line, exit code 2.
   known_errors: tuple[type[BaseException], ...] = (
       UsageError, FileNotFoundError, corpus_lib.DataFormatError, snapshot.SnapshotError,
       checkpoint_import.CheckpointMismatchError, tokenization.TokenizerError,
-      watcher.IndexStalenessError)
+      watcher.IndexStalenessError, checkpointing.CheckpointWriteError)
   try:
     run(argv, compilation_cache=True)
   except known_errors as e:
     # gin appends "\n  In call to configurable '…'" to errors raised inside a configurable.
+    message = str(e).split("\n  In call to configurable")[0]
+    print(f"realm-jax: error: {message}", file=sys.stderr)
+    return 2
+  except OSError as e:  # A full disk or a read-only work directory: the message names the path.
+    if e.errno not in _STORAGE_ERRNOS:
+      raise
     message = str(e).split("\n  In call to configurable")[0]
     print(f"realm-jax: error: {message}", file=sys.stderr)
     return 2

@@ -198,3 +198,27 @@ def test_second_run_in_a_workdir_reuses_its_compiled_steps(tmp_path, monkeypatch
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert any(own.iterdir()) and not (tmp_path / "other" / "compilation_cache").exists()
+
+
+def test_storage_errors_are_one_line_exit_2(monkeypatch, capsys):
+  """A full disk, a read-only work directory or a checkpoint that could not be written ends the
+  console command with its message (which names the path) and exit code 2; other OS errors keep
+  their traceback."""
+  import errno
+  from realm_jax.training import checkpointing
+  raised = [OSError(errno.ENOSPC, "No space left on device", "/w/summary.json"),
+            PermissionError(errno.EACCES, "Permission denied", "/w/checkpoints"),
+            checkpointing.CheckpointWriteError("checkpoint step 4 not written to /w/checkpoints")]
+  for error in raised:
+    def fail(*args, error=error, **kwargs):
+      raise error
+    monkeypatch.setattr(cli, "run", fail)
+    assert cli.main(["finetune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"realm-jax: error: {error}", err
+    assert "/w/" in err[0]
+  def reset(*args, **kwargs):
+    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+  monkeypatch.setattr(cli, "run", reset)
+  with pytest.raises(ConnectionResetError):
+    cli.main(["finetune"])
