@@ -1,4 +1,5 @@
-"""The exact sharded searcher over 2 local JAX processes x 4 devices matches numpy brute force.
+"""The exact sharded searcher over 2 local JAX processes x 4 devices (and 4 x 2) matches numpy brute
+force.
 
 How each host holds its shard on a pod (REALM §3.4, exact MIPS on device): every process opens the
 same snapshot lazily (`read_snapshot(lazy=True)`: all block ids, no rows) and builds the index with
@@ -75,7 +76,13 @@ def test_exact_searcher_two_processes_match_numpy_and_each_reads_its_own_rows(tm
   # Each process read (and validated) only the rows of its own 4 devices.
   assert double[0]["row_range"] == [0, 104] and double[1]["row_range"] == [104, 208]
   assert double[0]["rows_read"] == 104 and double[1]["rows_read"] == n - 104
-  for result in single + double:  # Every process gets the full, global top-k.
+  # 4 processes x 2 devices: 52 rows per process; the last one holds the 3 padding rows.
+  quad = _run(path, tmp_path / "queries.npy", 4, 2)
+  assert [r["process"] for r in quad] == [0, 1, 2, 3]
+  assert all(r["processes"] == 4 and r["devices"] == 8 and r["local_devices"] == 2 for r in quad)
+  assert [r["row_range"] for r in quad] == [[0, 52], [52, 104], [104, 156], [156, 208]]
+  assert [r["rows_read"] for r in quad] == [52, 52, 52, n - 156]
+  for result in single + double + quad:  # Every process gets the full, global top-k.
     np.testing.assert_array_equal(np.array(result["ids"]), ids[order])
     np.testing.assert_allclose(np.array(result["scores"]), np.take_along_axis(exact, order, axis=1),
                                rtol=1e-5, atol=1e-5)
