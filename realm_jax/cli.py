@@ -256,6 +256,18 @@ def write_config(workdir: str, name: str = "config.gin") -> None:
   fileio.write_atomic(fileio.join(workdir, name), gin.config_str())
 
 
+def configure_logging(level: str) -> None:
+  """Root logging at `level` (e.g. "INFO") to stderr, unless the process configured it already.
+
+  Must run before anything logs: a first message through `logging.log` (absl does that, e.g. when
+  orbax is imported) installs Python's default WARNING handler, and `basicConfig` is a no-op after.
+  """
+  logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def run(argv: Sequence[str], compilation_cache: bool = False) -> Any:
   """Parses `argv` (without the program name) and runs the command; returns its result.
 
@@ -264,10 +276,7 @@ def run(argv: Sequence[str], compilation_cache: bool = False) -> Any:
   keep JAX's process-wide setting as it is.
   """
   args = parse_args(argv)
-  logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  configure_logging(args.log_level)
   module, function, preset = COMMANDS[args.command]
   gin_files = list(preset) + list(args.gin_file)
   workdir = args.workdir
@@ -338,6 +347,9 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROF
 def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point: exit code 0 on success, 2 with a one-line message on bad input."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Logging first: importing checkpointing (orbax, absl) below would otherwise leave the job's INFO
+  # lines (progress, refreshes, resumed shards) unprinted.
+  configure_logging(parse_args(argv).log_level)
   from realm_jax import tokenization
   from realm_jax.data import corpus as corpus_lib
   from realm_jax.models import checkpoint_import

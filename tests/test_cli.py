@@ -222,3 +222,19 @@ def test_storage_errors_are_one_line_exit_2(monkeypatch, capsys):
   monkeypatch.setattr(cli, "run", reset)
   with pytest.raises(ConnectionResetError):
     cli.main(["finetune"])
+
+
+def test_console_command_prints_the_jobs_info_log_lines(tmp_path):
+  """Regression: importing the checkpointing module (orbax logs through absl at import) before the
+  logging set-up left the console commands at WARNING, so a job's INFO lines (e.g. the index
+  builder's "already written, skipped") never appeared."""
+  script = (
+      "import logging, sys\n"
+      "from realm_jax import cli\n"
+      "cli.configured = lambda module, function: (\n"
+      "    lambda **kw: logging.getLogger('realm_jax.job').info('the job ran in %s', kw['workdir']))\n"
+      f"sys.exit(cli.main(['finetune', '--gin_file', {GIN!r}, '--workdir', {str(tmp_path)!r}]))\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"INFO realm_jax.job: the job ran in {tmp_path}" in r.stderr, r.stderr[-2000:]
