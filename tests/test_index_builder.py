@@ -22,6 +22,7 @@ import pytest
 from realm_jax import index_builder
 from realm_jax.models import bert
 from realm_jax.models import realm
+from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
@@ -50,11 +51,16 @@ def tiny_corpus(tmp_path_factory):
     for i in range(40):
       text = (f"{WORDS[i % 20].capitalize()} {i} is a town on the {WORDS[(i * 7) % 20]} river. It "
               f"was founded in {1800 + i} by {WORDS[(i * 3) % 20]} settlers.")
+      # 0, 2 or 4 more sentences: blocks of 24 to 57 wordpieces, in two length buckets (32, 64).
+      text += "".join(f" The {WORDS[(i + j) % 20]} market opened in {1900 + j}."
+                      for j in range(i % 3 * 2))
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
   data = corpus_config.CorpusConfig(sources=(str(source),), max_block_length=MAX_BLOCK_LENGTH,
                                     data_dir=str(root / "tfds"))
   _, corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(root),
                                        show_progress=False)
+  lengths = corpus.retrieval_inputs(np.arange(len(corpus)))["input_mask"].sum(axis=1)
+  assert embedding.plan_batches(lengths, 8, MAX_BLOCK_LENGTH).shapes == (32, 64)  # bucketing runs
   assert len(corpus) == 40
   return data, corpus
 
@@ -85,10 +91,14 @@ def _save_checkpoint(workdir, base, step):
 
 
 def _embed_all(corpus, params):
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  fn = embedding.make_document_embed_fn(MODEL.retriever_config(), mesh)
-  return embedding.run_batched(fn, params, corpus.retrieval_inputs(np.arange(len(corpus))), 8,
-                                   mesh, progress=False)
+  """The independent reference for snapshot rows: the document tower applied to each block on its
+  own at the full block width (no batching, length buckets, sorting or sharding)."""
+  model = retriever_lib.Retriever(MODEL.retriever_config())
+  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x,
+                                           method=retriever_lib.Retriever.embed_documents))
+  inputs = corpus.retrieval_inputs(np.arange(len(corpus)))
+  return np.stack([np.asarray(embed(params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
+                   for i in range(len(corpus))])
 
 
 def _builder_gin(path, data, **bindings):
