@@ -245,6 +245,70 @@ def test_same_loss_on_1_and_8_devices_and_learning(setup, steps8):
   assert m8[-1]["train/loss"] < m8[0]["train/loss"]
 
 
+def _embed_each_block(corp, retriever_params):
+  """The independent reference for snapshot rows: the document tower applied to each block on its
+  own at the full block width (no batching, length buckets, sorting or sharding)."""
+  model = retriever_lib.Retriever(MODEL.retriever_config())
+  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x,
+                                           method=retriever_lib.Retriever.embed_documents))
+  inputs = corp.retrieval_inputs(np.arange(len(corp)))
+  return np.stack([np.asarray(embed(retriever_params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
+                   for i in range(len(corp))])
+
+
+def test_snapshot_rows_are_the_in_step_document_embeddings(tmp_path, setup):
+  """The index the trainer builds (bucketed, batched) holds, for each block, the embedding that the
+  train step computes for the same block as a candidate with the same params (REALM §3.4: the
+  index only picks the candidates; the step re-embeds them), when the candidate length is the
+  block length (288 and 288 in the paper). The corpus has blocks of 21 to 33 wordpieces: two length
+  buckets (32, 48)."""
+  tok = setup[0]
+  corp = fx.corpus(tok, max_block_length=48)  # 16 + 48: the tiny BERT's 64 positions
+  lengths = corp.retrieval_inputs(np.arange(len(corp)))["input_mask"].sum(axis=1)
+  assert embedding.plan_batches(lengths, 4, corp.max_block_length).shapes == (32, 48)
+  task = pretrain.PretrainConfig(num_candidates=4, query_length=16,
+                                 candidate_length=corp.max_block_length, max_masks=3)
+  params = jax.jit(lambda key: realm.init_params(MODEL, key, parts=("retriever", "encoder")))(
+      jax.random.key(5))
+  retriever_cfg = MODEL.retriever_config()
+  path = index_source.ensure_first_snapshot(tmp_path / "snapshots", corp, retriever_cfg,
+                                            params["retriever"], params_step=0, batch_size=4)
+  snapshot = snapshot_lib.read_snapshot(path)
+  row_of = {int(b): i for i, b in enumerate(snapshot.block_ids)}
+  np.testing.assert_allclose(snapshot.embeddings, _embed_each_block(corp, params["retriever"]),
+                             rtol=1e-5, atol=1e-5)
+
+  examples = fx.masked_examples(corp, tok, task.query_length, task.max_masks, n=len(corp))
+  featurizer = pretrain.PretrainFeaturizer(tok, corp, task)
+  src = examples.arrays["source_block_id"]
+  retrieved = np.stack([np.roll(corp.block_ids, -int(s))[:5] for s in src])
+  candidates = featurizer.select_candidates(retrieved, src)
+  batch = featurizer.featurize(examples.batch(np.arange(len(corp))), candidates)
+  out = jax.jit(functools.partial(pretrain.forward, retriever_cfg=retriever_cfg,
+                                  encoder_cfg=MODEL.bert_config(), deterministic=True))(params, batch)
+  model = retriever_lib.Retriever(retriever_cfg)
+  d = model.apply({"params": params["retriever"]}, input_ids=batch["candidate_input_ids"],
+                  input_mask=batch["candidate_input_mask"],
+                  segment_ids=batch["candidate_segment_ids"],
+                  method=retriever_lib.Retriever.embed_documents)
+  q = model.apply({"params": params["retriever"]}, input_ids=batch["query_input_ids"],
+                  input_mask=batch["query_input_mask"], segment_ids=batch["query_segment_ids"],
+                  method=retriever_lib.Retriever.embed_queries)
+  checked = set()
+  for i, row in enumerate(candidates):
+    for j, block_id in enumerate(row):
+      if block_id < 0:
+        continue  # the null document (and padding) has no snapshot row
+      index_row = snapshot.embeddings[row_of[int(block_id)]]
+      np.testing.assert_allclose(d[i, j], index_row, rtol=1e-5, atol=1e-5)
+      # The step's retriever logit for the candidate is the score against its index row.
+      np.testing.assert_allclose(out["retriever_logits"][i, j],
+                                 retriever_cfg.score_scale * float(np.dot(q[i], index_row)),
+                                 rtol=1e-4, atol=1e-4)
+      checked.add(int(block_id))
+  assert checked == set(corp.block_ids.tolist())  # every block, of both length buckets
+
+
 def test_index_sources(tmp_path, setup):
   tok, corp, *_ = setup
   retriever_cfg = MODEL.retriever_config()
@@ -266,10 +330,8 @@ def test_index_sources(tmp_path, setup):
   current["params"] = jax.tree_util.tree_map(lambda x: x * 1.5, params)
   index = inline.before_step(2)
   assert index.snapshot.params_step == 2 and inline.num_refreshes == 1
-  expected = embedding.run_batched(embedding.make_document_embed_fn(
-      retriever_cfg, sharding.make_mesh()), current["params"], corp.retrieval_inputs(), 8,
-      sharding.make_mesh())
-  np.testing.assert_allclose(index.snapshot.embeddings, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(index.snapshot.embeddings, _embed_each_block(corp, current["params"]),
+                             rtol=1e-5, atol=1e-5)
   assert inline.before_step(3) is index
   assert inline.metrics(3) == {"index/staleness_steps": 1.0, "index/params_step": 2.0,
                                "index/refreshes": 1.0,
