@@ -364,17 +364,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     run(argv, compilation_cache=True)
   except known_errors as e:
-    # gin appends "\n  In call to configurable '…'" to errors raised inside a configurable.
-    message = str(e).split("\n  In call to configurable")[0]
-    print(f"realm-jax: error: {message}", file=sys.stderr)
+    print(f"realm-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
   except OSError as e:  # A full disk or a read-only work directory: the message names the path.
     if e.errno not in _STORAGE_ERRNOS:
       raise
-    message = str(e).split("\n  In call to configurable")[0]
-    print(f"realm-jax: error: {message}", file=sys.stderr)
+    print(f"realm-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def _one_line(error: BaseException) -> str:
+  """The error's message on one line: without the "\n  In call to configurable '…'" that gin
+  appends inside a configurable, and with a listing ("…config:\n  a\n  b", as
+  CheckpointMismatchError writes it) joined as "…config: a; b"."""
+  message = str(error).split("\n  In call to configurable")[0]
+  message = message.replace(":\n  ", ": ", 1).replace("\n  ", "; ")
+  return " ".join(message.splitlines())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from realm_jax import cli
@@ -238,3 +239,38 @@ def test_console_command_prints_the_jobs_info_log_lines(tmp_path):
                      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"INFO realm_jax.job: the job ran in {tmp_path}" in r.stderr, r.stderr[-2000:]
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+  """The errors a user fixes end the console command with one line and exit code 2: a work
+  directory reused with another corpus (for real), and each other kind the command reports."""
+  from realm_jax import tokenization
+  from realm_jax.models import checkpoint_import
+  from realm_jax.retrieval import snapshot
+  from realm_jax.retrieval import watcher
+  workdir = tmp_path / "reused"
+  snapshot.write_snapshot(workdir / "snapshots", 0, np.arange(3), np.ones((3, 4), np.float32),
+                          "fingerprint-of-another-corpus")
+  assert cli.main(["finetune", "--gin_file", GIN, "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()  # progress bars, then the error
+  assert [line for line in err if "realm-jax: error" in line] == err[-1:], err
+  assert err[-1].startswith(f"realm-jax: error: {workdir / 'snapshots' / '0'}: field "
+                           "'corpus_fingerprint' is fingerprint")
+  assert "built for another corpus" in err[-1]
+  assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+  raised = [checkpoint_import.CheckpointMismatchError("ckpt/model.safetensors",
+                                                     ["missing parameter 'a'", "shape of 'b'"]),
+            tokenization.TokenizerError("vocab.txt:7: duplicate token 'the'"),
+            watcher.IndexStalenessError("no index within 60 s: is the index builder running?"),
+            snapshot.SnapshotError("snapshots/4: shard 2 checksum mismatch")]
+  lines = []
+  for error in raised:
+    def fail(*args, error=error, **kwargs):
+      raise error
+    monkeypatch.setattr(cli, "run", fail)
+    assert cli.main(["finetune"]) == 2, error
+    lines += capsys.readouterr().err.strip().splitlines()
+  assert lines == [  # the mismatch's parameter listing joined onto its one line
+      "realm-jax: error: checkpoint ckpt/model.safetensors does not match the BERT config: "
+      "missing parameter 'a'; shape of 'b'",
+      *(f"realm-jax: error: {error}" for error in raised[1:])]
