@@ -22,9 +22,10 @@ bias correction. Weight decay is decoupled in both (`lr · (adam_step + weight_d
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -45,9 +46,16 @@ class OptimizerConfig:
     part_learning_rate_scales: `((part, scale), ...)`: the updates of the top-level params part
       `part` (e.g. `"retriever"`) are multiplied by `scale`, i.e. that part trains with
       `scale × learning_rate` (0 freezes it). Empty: one rate for every part.
+    part_frozen_steps: `((part, n), ...)`: the top-level params part `part` does not change during
+      the first `n` updates: its gradients are zeroed before the clipping and Adam (they count
+      neither in the global norm nor in Adam's moments) and so are its updates, weight decay
+      included. From update `n` on it trains at the schedule's rate of that step (no warm-up of its
+      own). E.g. `(("retriever", 40),)` in REALM pre-training: the encoder's fresh masked-LM head
+      learns for 40 steps before the retriever is trained through it.
 
   Raises:
-    ValueError: on a negative step count, a non-positive learning rate or a negative scale.
+    ValueError: on a negative step count, a non-positive learning rate, a negative scale or a
+      negative number of frozen steps.
   """
 
   learning_rate: float = 1e-5
@@ -59,6 +67,7 @@ class OptimizerConfig:
   eps: float = 1e-6
   clip_norm: float = 1.0
   part_learning_rate_scales: tuple[tuple[str, float], ...] = ()
+  part_frozen_steps: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     if self.learning_rate <= 0:
@@ -70,6 +79,11 @@ class OptimizerConfig:
     if any(s < 0 for _, s in self.part_learning_rate_scales):
       raise ValueError(f"OptimizerConfig.part_learning_rate_scales must be >= 0, got "
                        f"{self.part_learning_rate_scales}")
+    object.__setattr__(self, "part_frozen_steps",
+                       tuple((str(p), int(n)) for p, n in self.part_frozen_steps))
+    if any(n < 0 for _, n in self.part_frozen_steps):
+      raise ValueError(f"OptimizerConfig.part_frozen_steps must be >= 0, got "
+                       f"{self.part_frozen_steps}")
 
   @property
   def resolved_warmup_steps(self) -> int:
@@ -129,12 +143,17 @@ def bert_adamw(config: OptimizerConfig,
     An `optax.GradientTransformation`.
   """
   chain = []
+  frozen = {part: n for part, n in config.part_frozen_steps if n > 0}
+  if frozen:  # no gradient into the clipping norm or Adam's moments while frozen
+    chain.append(_freeze_parts(frozen))
   if config.clip_norm:
     chain.append(optax.clip_by_global_norm(config.clip_norm))
   chain.append(optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
                            eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask))
   if config.part_learning_rate_scales:
     chain.append(_scale_parts(dict(config.part_learning_rate_scales)))
+  if frozen:  # nor any update (AdamW's weight decay) while frozen
+    chain.append(_freeze_parts(frozen))
   tx = optax.chain(*chain)
   if trainable is None:
     return tx
@@ -145,16 +164,42 @@ def bert_adamw(config: OptimizerConfig,
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
+def _check_parts(name: str, parts, updates) -> None:
+  missing = set(parts) - set(updates)
+  if missing:
+    raise ValueError(f"{name} names parts {sorted(missing)} that the params do not have "
+                     f"({sorted(updates)})")
+
+
 def _scale_parts(scales: dict[str, float]) -> optax.GradientTransformation:
   """Multiplies the updates of each top-level params part named in `scales` by its scale."""
 
   def update(updates, state, params=None):
     del params
-    missing = set(scales) - set(updates)
-    if missing:
-      raise ValueError(f"part_learning_rate_scales names parts {sorted(missing)} that the params "
-                       f"do not have ({sorted(updates)})")
+    _check_parts("part_learning_rate_scales", scales, updates)
     return {k: (jax.tree_util.tree_map(lambda u, s=scales[k]: u * s, v) if k in scales else v)
             for k, v in updates.items()}, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class FreezePartsState(NamedTuple):
+  count: jax.Array  # updates seen so far (int32)
+
+
+def _freeze_parts(steps: dict[str, int]) -> optax.GradientTransformation:
+  """Zeroes the updates of each top-level params part named in `steps` during its first n updates."""
+
+  def init(params):
+    del params
+    return FreezePartsState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    _check_parts("part_frozen_steps", steps, updates)
+    out = {k: (jax.tree_util.tree_map(
+        lambda u, n=steps[k]: jnp.where(state.count < n, jnp.zeros_like(u), u), v)
+               if k in steps else v) for k, v in updates.items()}
+    return out, FreezePartsState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)

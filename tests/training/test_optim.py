@@ -114,6 +114,44 @@ def test_part_learning_rate_scales_scale_one_part_only():
     bad.update(grads, bad.init(params), params)
 
 
+def test_part_frozen_steps_freeze_one_part_then_train_it():
+  """Frozen for 2 updates: no update (weight decay neither), no share in the clipping norm or in
+  Adam's moments; from update 2 on a bias-corrected Adam step from zero moments."""
+  config = optim.OptimizerConfig(learning_rate=0.1, num_train_steps=10, warmup_steps=0,
+                                 weight_decay=0.01, clip_norm=1.0,
+                                 part_frozen_steps=(("retriever", 2),))
+  tx = optim.bert_adamw(config)
+  # The reference: the same optimiser without freezing, fed zero retriever gradients.
+  ref = optim.bert_adamw(dataclasses.replace(config, part_frozen_steps=()))
+  params = {"retriever": {"kernel": jnp.ones((3,))}, "reader": {"kernel": jnp.ones((3,))}}
+  grads = {"retriever": {"kernel": jnp.full((3,), 100.0)}, "reader": {"kernel": jnp.full((3,), 0.5)}}
+  no_retriever = {"retriever": {"kernel": jnp.zeros((3,))}, "reader": grads["reader"]}
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    expected, ref_state = ref.update(no_retriever, ref_state, params)
+    np.testing.assert_array_equal(updates["retriever"]["kernel"], np.zeros(3))
+    np.testing.assert_allclose(updates["reader"]["kernel"], expected["reader"]["kernel"],
+                               rtol=1e-6)
+  updates, state = tx.update(grads, state, params)  # update 2 (Adam's count 3): it trains
+  g = 100.0 / np.sqrt(3 * 100.0 ** 2 + 3 * 0.5 ** 2)  # clipped by the global norm, both parts
+  b1, b2 = config.b1, config.b2
+  m_hat, v_hat = (1 - b1) * g / (1 - b1 ** 3), (1 - b2) * g ** 2 / (1 - b2 ** 3)
+  lr = 0.1 * (1 - 2 / 10)
+  np.testing.assert_allclose(updates["retriever"]["kernel"],
+                             np.full(3, -lr * (m_hat / (np.sqrt(v_hat) + config.eps) + 0.01)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=">= 0"):
+    optim.OptimizerConfig(part_frozen_steps=(("retriever", -1),))
+  bad = optim.bert_adamw(dataclasses.replace(config, part_frozen_steps=(("encoder", 3),)))
+  with pytest.raises(ValueError, match="part_frozen_steps names parts .*encoder"):
+    bad.update(grads, bad.init(params), params)
+  # (part, 0) is no freezing at all: the same optimiser state as without the setting.
+  plain = optim.bert_adamw(dataclasses.replace(config, part_frozen_steps=(("retriever", 0),)))
+  assert jax.tree_util.tree_structure(plain.init(params)) == jax.tree_util.tree_structure(
+      ref.init(params))
+
+
 def test_zero_train_steps_is_an_evaluation_only_config():
   config = optim.OptimizerConfig(num_train_steps=0)  # `realm-jax finetune` with TRAIN_STEPS=0
   assert config.resolved_warmup_steps == 0
