@@ -6,7 +6,8 @@
 The pod code path (REALM §3.4, exact MIPS on device): every process opens the same snapshot lazily and
 calls `searchers.open_exact_searcher`, which validates and reads only the rows of this process's
 devices into one global `jax.Array` over the mesh; all processes then search the same queries. Each
-process prints one JSON line: its row range, the rows it read, and (process 0) the top-k ids and scores.
+process prints one JSON line: its row range, the rows it read, the top-k ids and scores, and the
+per-host retrieval results of `pretrain.search_local_rows` for its own rows of a global query batch.
 """
 
 import json
@@ -32,8 +33,35 @@ sharding.initialize_distributed()
 mesh = sharding.make_mesh()
 snapshot, searcher = searchers.open_exact_searcher(SNAPSHOT, mesh)
 local_shards = searcher.index_embeddings.addressable_shards
-scores, ids = searcher.search(np.load(QUERIES), K)
+queries = np.load(QUERIES)
+scores, ids = searcher.search(queries, K)
+
+# Per-host retrieval in the train step's form (pretrain.search_local_rows): a global, data-sharded
+# batch of 8 queries, each process feeding and getting back only its own rows, with the exact
+# searcher (global array) and with a host searcher (this process's rows only).
+from realm_jax.training import pretrain  # noqa: E402
+
+local = 8 // jax.process_count()
+mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+q8 = np.concatenate([queries, queries[:3]])[:8]
+local_exact = pretrain.search_local_rows(
+    searcher, sharding.global_batch_from_local({"q": q8[mine]}, mesh)["q"], mesh, K)
+
+
+class RowEcho:
+  """A host searcher that answers each query row with the number it carries."""
+
+  def search(self, q, k):
+    q = np.asarray(q)
+    return q[:, :k], q[:, :k].astype(np.int64)
+
+
+marked = np.repeat(np.arange(8, dtype=np.float32)[:, None], queries.shape[1], axis=1)
+local_host = pretrain.search_local_rows(
+    RowEcho(), sharding.global_batch_from_local({"q": marked[mine]}, mesh)["q"], mesh, K)
 print(json.dumps({
+    "local_exact_ids": np.asarray(local_exact).tolist(),
+    "local_host_rows": np.asarray(local_host)[:, 0].tolist(),
     "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
     "local_devices": len(local_shards),
     "row_range": list(searchers.process_row_range(mesh, searcher.num_rows)),

@@ -82,6 +82,16 @@ def test_exact_searcher_two_processes_match_numpy_and_each_reads_its_own_rows(tm
   assert all(r["processes"] == 4 and r["devices"] == 8 and r["local_devices"] == 2 for r in quad)
   assert [r["row_range"] for r in quad] == [[0, 52], [52, 104], [104, 156], [156, 208]]
   assert [r["rows_read"] for r in quad] == [52, 52, 52, n - 156]
+  # Per-host retrieval (pretrain.search_local_rows): each process gets the top-k of its own rows of
+  # a global batch of 8 queries, from the exact searcher and from a host searcher.
+  q8 = np.concatenate([queries, queries[:3]])[:8]
+  order8 = np.argsort(-(q8 @ emb.T), axis=1, kind="stable")[:, :K]
+  for results in (single, double, quad):
+    local = 8 // len(results)
+    for r in results:
+      rows = slice(r["process"] * local, (r["process"] + 1) * local)
+      np.testing.assert_array_equal(np.array(r["local_exact_ids"]), ids[order8[rows]])
+      assert r["local_host_rows"] == list(range(8))[rows]
   for result in single + double + quad:  # Every process gets the full, global top-k.
     np.testing.assert_array_equal(np.array(result["ids"]), ids[order])
     np.testing.assert_allclose(np.array(result["scores"]), np.take_along_axis(exact, order, axis=1),
