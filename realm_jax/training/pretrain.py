@@ -741,6 +741,12 @@ def train(workdir: str,
     raise ValueError(f"PretrainConfig: query_length + candidate_length = {task.joint_length} "
                      "exceeds the encoder's max_position_embeddings="
                      f"{model.bert_config().max_position_embeddings}")
+  if task.candidate_length < data.corpus.max_block_length:
+    logging.warning(
+        "PretrainConfig.candidate_length=%d < CorpusConfig.max_block_length=%d: blocks longer "
+        "than the candidate length are truncated when the step re-embeds them, so their in-step "
+        "document embedding is not their index row (REALM uses 288 for both)",
+        task.candidate_length, data.corpus.max_block_length)
   optimizer = optimizer or optim.OptimizerConfig(learning_rate=3e-5,
                                                  num_train_steps=max(loop.num_train_steps, 1))
   trainer = loop_lib.Trainer(workdir, loop, batch_size, mesh_shape)
