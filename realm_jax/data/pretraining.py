@@ -52,6 +52,7 @@ from realm_jax import tokenization
 from realm_jax.data import corpus
 from realm_jax.data import masking as masking_lib
 from realm_jax.data import salient_spans
+from realm_jax.data import tfds_builders
 
 MASKING_KINDS: tuple[str, ...] = ("salient", "random_token", "random_span")
 QUERY_LENGTH = 96          # REALM pre-training query length.
@@ -533,7 +534,7 @@ class RealmSalientSentences(_LocalBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     q = self._query_length
-    return tfds.core.DatasetInfo(
+    return tfds_builders.LocalDatasetInfo(
         builder=self, disable_shuffling=True,
         description=("REALM query sentences: [CLS] sentence [SEP] wordpieces, their character "
                      "offsets in Block.text, and salient spans; span_labels index "
@@ -582,7 +583,7 @@ class RealmPretrainingExamples(_LocalBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     q, m = self._query_length, self._max_masks
     ids = lambda n: tfds.features.Tensor(shape=(n,), dtype=np.int32)  # noqa: E731
-    return tfds.core.DatasetInfo(
+    return tfds_builders.LocalDatasetInfo(
         builder=self, disable_shuffling=True,
         description="REALM pre-training examples (masked query sentences).",
         features=tfds.features.FeaturesDict({

@@ -52,7 +52,10 @@ class CheckpointManager:
   Args:
     directory: where step folders are written (`WORKDIR/checkpoints`).
     max_to_keep: newest checkpoints kept (older ones are deleted).
-    save_interval_steps: `should_save(step)` is true every this many steps.
+    save_interval_steps: `should_save(step)` is true every this many steps, and only then (orbax's
+      default policy also saves the first step of a fresh run; here it does not: in asynchronous
+      pre-training that checkpoint made the index builder re-embed the whole corpus for step 1, and
+      which steps searched that index depended on timing).
     async_save: write in a background thread (the train loop goes on).
   """
 
@@ -63,6 +66,9 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
         # The step directory is created in `save` itself: created in the background, a failure (a
         # read-only directory) left orbax's other commit threads waiting 20 minutes for its signal,
         # and the process could not exit meanwhile.
