@@ -19,9 +19,12 @@ searcher in a background thread and swap it in (see `retrieval/watcher.py`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import pathlib
+import shutil
 import tempfile
 import threading
 import time
@@ -850,13 +853,49 @@ def load_scann_searcher(snapshot: snapshot_lib.Snapshot, **kwargs: Any) -> Scann
               if entry["config"].get(k) != wanted.get(k)}
       raise snapshot_lib.SnapshotError(f"it was built for another configuration "
                                        f"(field: (serialized, wanted)) {diff}")
-    with tempfile.TemporaryDirectory(prefix="realm-scann-") as local_dir:
+    with scann_tempdir() as local_dir:
       snapshot_lib.fetch_searcher_files(path, entry, local_dir)
       return ScannSearcher.load(local_dir, snapshot.embeddings, snapshot.block_ids, entry["config"],
                                 num_threads=kwargs.get("num_threads"))
   except Exception as e:  # noqa: BLE001 - any unusable searcher file means: rebuild, never crash.
     logging.warning("serialized searcher of snapshot %s not used, rebuilding ScaNN: %s", path, e)
     return None
+
+
+_SCANN_TMP_PREFIX = "realm-scann-"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def scann_tempdir(base: str | None = None):
+  """A local temporary directory for ScaNN's serialized files, removed on exit.
+
+  Its name carries the process id (`realm-scann-<pid>-…`). A process killed inside the block (SIGKILL
+  leaves no chance to clean up) leaves its directory behind; the next call on the machine removes
+  the directories of processes that no longer run, so preemptions do not fill the local disk.
+
+  Args:
+    base: the parent directory (default: the system temporary directory).
+
+  Yields:
+    The directory's path (str).
+  """
+  base = base or tempfile.gettempdir()
+  for stale in pathlib.Path(base).glob(f"{_SCANN_TMP_PREFIX}*-*"):
+    pid = stale.name[len(_SCANN_TMP_PREFIX):].split("-")[0]
+    if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+      shutil.rmtree(stale, ignore_errors=True)
+  with tempfile.TemporaryDirectory(prefix=f"{_SCANN_TMP_PREFIX}{os.getpid()}-", dir=base) as d:
+    yield d
 
 
 def add_scann_searcher(writer: snapshot_lib.SnapshotWriter,
@@ -887,7 +926,7 @@ def add_scann_searcher(writer: snapshot_lib.SnapshotWriter,
 
   block_ids, embeddings = writer.staged_arrays()
   searcher = ScannSearcher(embeddings, block_ids, **kwargs)
-  with tempfile.TemporaryDirectory(prefix="realm-scann-") as local_dir:
+  with scann_tempdir() as local_dir:
     t0 = time.perf_counter()
     searcher.serialize(local_dir)
     serialize_s = time.perf_counter() - t0

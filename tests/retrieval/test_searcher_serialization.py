@@ -9,6 +9,7 @@ none, with exactly one warning when it does not match — locally and on an obje
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import fsspec
@@ -280,3 +281,25 @@ def test_exact_searcher_chunks_large_query_batches(monkeypatch):
   chunked = searcher.search(queries, 5)
   np.testing.assert_array_equal(chunked[1], whole[1])
   np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+
+
+def test_scann_temp_dirs_of_killed_processes_are_removed(tmp_path):
+  """A process SIGKILLed while it holds ScaNN's temporary directory leaves it behind; the next use
+  on the machine removes it, and never a running process's directory."""
+  import subprocess
+  import sys
+  code = ("import os, signal, sys\n"
+          "from realm_jax.retrieval import searchers\n"
+          "with searchers.scann_tempdir(sys.argv[1]) as d:\n"
+          "  open(os.path.join(d, 'index.bin'), 'wb').write(b'x' * 1000)\n"
+          "  os.kill(os.getpid(), signal.SIGKILL)\n")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=120)
+  assert r.returncode == -9
+  leftover = list(tmp_path.glob("realm-scann-*"))
+  assert len(leftover) == 1 and (leftover[0] / "index.bin").exists()
+  alive = tmp_path / f"realm-scann-{os.getppid()}-busy"  # a running process's: kept
+  alive.mkdir()
+  with searchers.scann_tempdir(str(tmp_path)) as d:
+    assert os.path.isdir(d) and f"realm-scann-{os.getpid()}-" in d
+    assert not leftover[0].exists() and alive.exists()
+  assert not os.path.exists(d) and alive.exists()
