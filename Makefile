@@ -7,7 +7,7 @@
 install:
 	bash scripts/install.sh scann,ssm,gcs,test,bench
 
-# The main job: SQuAD-open end to end on the embedded data (about 10 minutes on 2 CPU cores, plus the install).
+# The main job: SQuAD-open end to end on the embedded data (10–13 minutes on 2 CPU cores, plus the install).
 demo:
 	bash scripts/install.sh scann
 	.venv/bin/realm-jax main --workdir workdirs/squad_minilm $(ARGS)
