@@ -227,7 +227,7 @@ def enable_compilation_cache(workdir: str) -> str | None:
   if "://" in workdir:
     return None
   cache = os.path.join(workdir, "compilation_cache")
-  os.makedirs(cache, exist_ok=True)
+  os.makedirs(cache, exist_ok=True)  # Local by the check above (JAX's cache needs a local path).
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return cache

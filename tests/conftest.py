@@ -63,3 +63,22 @@ def pytest_runtest_makereport(item, call):
   report.longrepr = (f"skipped with {REQUIRE_TEST_DEPS_VAR}=1 (the test extras are installed, so a "
                      f"skip hides a broken install or a regression): {reason}\nIf this skip is "
                      f"legitimate in CI, add its reason to ALLOWED_SKIPS in tests/conftest.py.")
+
+
+@pytest.fixture(scope="session")
+def embed_each_block():
+  """`embed(model_cfg, corpus, retriever_params) -> [num_blocks, dim] float32`: the independent
+  reference for snapshot rows — the document tower applied to each block on its own at the full
+  block width (no batching, length buckets, sorting or sharding)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from realm_jax.models import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+
+  def embed(model_cfg, corpus, params):
+    model = retriever_lib.Retriever(model_cfg.retriever_config())
+    tower = jax.jit(lambda p, x: model.apply({"params": p}, **x,
+                                             method=retriever_lib.Retriever.embed_documents))
+    inputs = corpus.retrieval_inputs(np.arange(len(corpus)))
+    return np.stack([np.asarray(tower(params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
+                     for i in range(len(corpus))])
+  return embed

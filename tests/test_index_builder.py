@@ -22,7 +22,6 @@ import pytest
 from realm_jax import index_builder
 from realm_jax.models import bert
 from realm_jax.models import realm
-from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
@@ -88,17 +87,6 @@ def _save_checkpoint(workdir, base, step):
   manager.save(step, params, {"count": np.asarray(step, np.int32)}, {"data": {}}, force=True)
   manager.close()
   return retriever
-
-
-def _embed_all(corpus, params):
-  """The independent reference for snapshot rows: the document tower applied to each block on its
-  own at the full block width (no batching, length buckets, sorting or sharding)."""
-  model = retriever_lib.Retriever(MODEL.retriever_config())
-  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x,
-                                           method=retriever_lib.Retriever.embed_documents))
-  inputs = corpus.retrieval_inputs(np.arange(len(corpus)))
-  return np.stack([np.asarray(embed(params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
-                   for i in range(len(corpus))])
 
 
 def _builder_gin(path, data, **bindings):
@@ -228,7 +216,7 @@ def test_partial_restore_reads_only_the_retriever(tmp_path, base_params):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_first_index_without_any_checkpoint(tiny_corpus, tmp_path):
+def test_first_index_without_any_checkpoint(embed_each_block, tiny_corpus, tmp_path):
   """(e) No checkpoint yet: the builder embeds the initial params as snapshot 0 (the trainer waits)."""
   data, corpus = tiny_corpus
   summary = index_builder.run(str(tmp_path), model=MODEL, data=data, poll_interval_s=0.1,
@@ -244,7 +232,7 @@ def test_first_index_without_any_checkpoint(tiny_corpus, tmp_path):
   # The trainer's initialisation (`realm.init_params` with its seed, 3) embeds the same way.
   init = jax.jit(lambda k: realm.init_params(MODEL, k, parts=("retriever", "encoder")))(
       jax.random.key(3))["retriever"]
-  np.testing.assert_allclose(s.embeddings, _embed_all(corpus, init), atol=1e-5)
+  np.testing.assert_allclose(s.embeddings, embed_each_block(MODEL, corpus, init), atol=1e-5)
   [record] = index_builder.read_refreshes(str(tmp_path))
   assert record["params_step"] == 0 and record["source"] == "init"
   assert record["written_shards"] == [0, 1, 2] and record["skipped_shards"] == []
@@ -253,7 +241,7 @@ def test_first_index_without_any_checkpoint(tiny_corpus, tmp_path):
 
 
 def test_newest_checkpoint_then_prune_then_stop_at_num_train_steps(tiny_corpus, base_params,
-                                                                   tmp_path):
+                                                                   tmp_path, embed_each_block):
   data, corpus = tiny_corpus
   root = tmp_path / "snapshots"
   for step in (1, 2, 3, 4):  # Older snapshots of this corpus.
@@ -272,7 +260,7 @@ def test_newest_checkpoint_then_prune_then_stop_at_num_train_steps(tiny_corpus, 
   assert not obsolete.tmp_dir.exists() and stale.tmp_dir.exists()  # Young: maybe still written.
   s = snap.read_snapshot(root / "9")
   assert s.metadata["source"] == "checkpoint" and s.metadata["checkpoint_mtime"] > 0
-  np.testing.assert_allclose(s.embeddings, _embed_all(corpus, expected), atol=1e-5)
+  np.testing.assert_allclose(s.embeddings, embed_each_block(MODEL, corpus, expected), atol=1e-5)
 
 
 def test_snapshots_of_another_corpus_are_refused(tiny_corpus, tmp_path):
@@ -288,7 +276,8 @@ def test_snapshots_of_another_corpus_are_refused(tiny_corpus, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_write_is_invisible_and_the_restart_resumes(tiny_corpus, base_params, tmp_path):
+def test_sigkill_mid_write_is_invisible_and_the_restart_resumes(tiny_corpus, base_params, tmp_path,
+                                                                embed_each_block):
   """(b) No partial snapshot is ever visible; the watcher keeps its index; the restart resumes."""
   data, corpus = tiny_corpus
   workdir = tmp_path / "run"
@@ -355,7 +344,7 @@ def test_sigkill_mid_write_is_invisible_and_the_restart_resumes(tiny_corpus, bas
     for i, mtime in mtimes.items():  # The resumed shards are the files the killed job wrote.
       assert (committed / snap.embeddings_file_name(i, 10)).stat().st_mtime_ns == mtime
     s = snap.read_snapshot(committed, validate=True)
-    np.testing.assert_allclose(s.embeddings, _embed_all(corpus, expected), atol=1e-5)
+    np.testing.assert_allclose(s.embeddings, embed_each_block(MODEL, corpus, expected), atol=1e-5)
     np.testing.assert_array_equal(s.block_ids, corpus.block_ids)
     _wait_until(lambda: w.pending is not None, 30, "the watcher to load snapshot 5")
     assert w.before_step(7).params_step == 5 and w.swap_count == 2
@@ -388,7 +377,7 @@ def _comparable_manifest(path) -> dict:
 
 
 def test_builder_killed_twice_mid_corpus_commits_what_an_uninterrupted_builder_commits(
-    tiny_corpus, base_params, tmp_path):
+    tiny_corpus, base_params, tmp_path, embed_each_block):
   """Issue #14 §1: the index builder SIGKILLed twice while embedding the corpus for a snapshot (at
   seeded random shard counts, at a random moment of the shard cycle), restarted each time with the
   same command. The second run resumes the first run's shards, the third the second's; the committed
@@ -527,7 +516,8 @@ def test_builder_killed_twice_mid_corpus_commits_what_an_uninterrupted_builder_c
     np.testing.assert_array_equal(a.block_ids, corpus.block_ids)
     np.testing.assert_array_equal(b.block_ids, corpus.block_ids)
   np.testing.assert_allclose(snap.read_snapshot(committed).embeddings,
-                             _embed_all(corpus, _trained_params(base_params, 5)), atol=1e-5)
+                             embed_each_block(MODEL, corpus, _trained_params(base_params, 5)),
+                             atol=1e-5)
   assert sorted(p.name for p in root.iterdir()) == ["0", "5", "8"]
   # The trainer side: complete snapshots only, in step order, ending at the newest.
   assert not errors, errors[:3]

@@ -228,7 +228,7 @@ def _narrow_offsets(path: pathlib.Path, chunk_rows: int = 1 << 20) -> tuple[int,
       dst.write(narrow)
       sha.update(narrow)
       nbytes += len(narrow)
-  os.replace(tmp, path)
+  os.replace(tmp, path)  # Local staging directory (docstring).
   return nbytes, sha.hexdigest()
 
 

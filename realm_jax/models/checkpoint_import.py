@@ -572,7 +572,7 @@ def _atomic_write(target: pathlib.Path, write: Callable[[pathlib.Path], None]) -
   try:
     write(pathlib.Path(tmp))
     os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    os.replace(tmp, target)  # Local only (see the docstring): staged, then uploaded via fileio.
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise

@@ -893,7 +893,7 @@ def scann_tempdir(base: str | None = None):
   for stale in pathlib.Path(base).glob(f"{_SCANN_TMP_PREFIX}*-*"):
     pid = stale.name[len(_SCANN_TMP_PREFIX):].split("-")[0]
     if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-      shutil.rmtree(stale, ignore_errors=True)
+      shutil.rmtree(stale, ignore_errors=True)  # A local temporary directory (`base`).
   with tempfile.TemporaryDirectory(prefix=f"{_SCANN_TMP_PREFIX}{os.getpid()}-", dir=base) as d:
     yield d
 

@@ -161,7 +161,7 @@ class CheckpointManager:
     try:
       self._manager.reload()  # Re-read the committed steps from the directory.
     except Exception:  # pylint: disable=broad-except
-      pass
+      pass  # Best effort: the manager's own list stays; the error below still names the failure.
     failed = sorted(set(steps) - set(self._manager.all_steps()))
     for step in failed:
       for tmp in fileio.glob(self.directory, f"{step}{_ORBAX_TMP_SUFFIX}*"):

@@ -23,7 +23,6 @@ import pytest
 from realm_jax import index_builder
 from realm_jax.models import bert
 from realm_jax.models import realm
-from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import searchers
 from realm_jax.retrieval import snapshot as snap
 from realm_jax.retrieval import watcher as watcher_lib
@@ -255,18 +254,8 @@ def _save_checkpoint(manager, base, step):
   return retriever
 
 
-def _embed_all(corpus, params):
-  """The independent reference for snapshot rows: the document tower applied to each block on its
-  own at the full block width (no batching, length buckets, sorting or sharding)."""
-  model = retriever_lib.Retriever(MODEL.retriever_config())
-  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x,
-                                           method=retriever_lib.Retriever.embed_documents))
-  inputs = corpus.retrieval_inputs(np.arange(len(corpus)))
-  return np.stack([np.asarray(embed(params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
-                   for i in range(len(corpus))])
-
-
-def test_swap_to_snapshots_of_a_separate_builder_process(tiny_corpus, base_params, tmp_path):
+def test_swap_to_snapshots_of_a_separate_builder_process(tiny_corpus, base_params, tmp_path,
+                                                          embed_each_block):
   """(a) mid-run swap without stalling, (d) the staleness bound, and the done marker, end to end."""
   data, corpus = tiny_corpus
   workdir = tmp_path / "run"
@@ -298,7 +287,8 @@ def test_swap_to_snapshots_of_a_separate_builder_process(tiny_corpus, base_param
     assert step - 3 >= 5, "the builder should take several steps to re-embed (shard_pause_s)"
     assert max(latencies) < 0.1, max(latencies)  # Never blocked: staleness stayed below 1000.
     assert w.swap_count == 2 and w.metrics(step)["index/staleness_steps"] == step - 3
-    np.testing.assert_allclose(index.snapshot.embeddings, _embed_all(corpus, expected), atol=1e-5)
+    np.testing.assert_allclose(index.snapshot.embeddings,
+                               embed_each_block(MODEL, corpus, expected), atol=1e-5)
     np.testing.assert_array_equal(index.snapshot.block_ids, corpus.block_ids)
     # (d) The trainer gets more than 1000 steps ahead of the index: before_step blocks until the
     # builder has embedded checkpoint 1500 (1400 or newer is needed at step 2400).

@@ -245,18 +245,7 @@ def test_same_loss_on_1_and_8_devices_and_learning(setup, steps8):
   assert m8[-1]["train/loss"] < m8[0]["train/loss"]
 
 
-def _embed_each_block(corp, retriever_params):
-  """The independent reference for snapshot rows: the document tower applied to each block on its
-  own at the full block width (no batching, length buckets, sorting or sharding)."""
-  model = retriever_lib.Retriever(MODEL.retriever_config())
-  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x,
-                                           method=retriever_lib.Retriever.embed_documents))
-  inputs = corp.retrieval_inputs(np.arange(len(corp)))
-  return np.stack([np.asarray(embed(retriever_params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
-                   for i in range(len(corp))])
-
-
-def test_snapshot_rows_are_the_in_step_document_embeddings(tmp_path, setup):
+def test_snapshot_rows_are_the_in_step_document_embeddings(embed_each_block, tmp_path, setup):
   """The index the trainer builds (bucketed, batched) holds, for each block, the embedding that the
   train step computes for the same block as a candidate with the same params (REALM §3.4: the
   index only picks the candidates; the step re-embeds them), when the candidate length is the
@@ -275,7 +264,8 @@ def test_snapshot_rows_are_the_in_step_document_embeddings(tmp_path, setup):
                                             params["retriever"], params_step=0, batch_size=4)
   snapshot = snapshot_lib.read_snapshot(path)
   row_of = {int(b): i for i, b in enumerate(snapshot.block_ids)}
-  np.testing.assert_allclose(snapshot.embeddings, _embed_each_block(corp, params["retriever"]),
+  np.testing.assert_allclose(snapshot.embeddings,
+                             embed_each_block(MODEL, corp, params["retriever"]),
                              rtol=1e-5, atol=1e-5)
 
   examples = fx.masked_examples(corp, tok, task.query_length, task.max_masks, n=len(corp))
@@ -309,7 +299,7 @@ def test_snapshot_rows_are_the_in_step_document_embeddings(tmp_path, setup):
   assert checked == set(corp.block_ids.tolist())  # every block, of both length buckets
 
 
-def test_index_sources(tmp_path, setup):
+def test_index_sources(embed_each_block, tmp_path, setup):
   tok, corp, *_ = setup
   retriever_cfg = MODEL.retriever_config()
   params = realm.init_params(MODEL, jax.random.key(0), parts=("retriever",))["retriever"]
@@ -330,7 +320,8 @@ def test_index_sources(tmp_path, setup):
   current["params"] = jax.tree_util.tree_map(lambda x: x * 1.5, params)
   index = inline.before_step(2)
   assert index.snapshot.params_step == 2 and inline.num_refreshes == 1
-  np.testing.assert_allclose(index.snapshot.embeddings, _embed_each_block(corp, current["params"]),
+  np.testing.assert_allclose(index.snapshot.embeddings,
+                             embed_each_block(MODEL, corp, current["params"]),
                              rtol=1e-5, atol=1e-5)
   assert inline.before_step(3) is index
   assert inline.metrics(3) == {"index/staleness_steps": 1.0, "index/params_step": 2.0,
