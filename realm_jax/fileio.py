@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import uuid
 from typing import IO, Any, Iterator, Sequence
 
@@ -401,9 +402,63 @@ def makedirs(path: PathLike) -> None:
   fs.makedirs(p, exist_ok=True)
 
 
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` runs on this machine (`kill(pid, 0)`; another user's process counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+def _host_tag() -> str:
+  """This machine's name as it appears in temporary names (no '.', '-' or '/')."""
+  return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
 def _partial_name(path: pathlib.Path) -> pathlib.Path:
-  """A unique `*.partial` sibling of `path` (unique so concurrent writers never share one)."""
-  return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
+  """A unique `*.partial` sibling of `path`: `<name>.<host>-<pid>-<12 hex>.partial`.
+
+  Unique, so concurrent writers never share one; the host and process id let a later writer of the
+  same file remove what a killed writer left (`_remove_stale_partials`).
+  """
+  return path.with_name(f"{path.name}.{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+
+
+def _remove_stale_partials(path: pathlib.Path) -> int:
+  """Deletes the `*.partial` siblings of local file `path` left by dead processes of this machine.
+
+  A writer killed between creating its temporary file and the rename (SIGKILL, a preempted VM)
+  cannot clean up; without this, every preemption during a write would leave a file behind in the
+  work directory. Only files named by `_partial_name` for `path`, by this host, whose process no
+  longer runs are removed: a live writer's file, another host's (a shared NFS work directory) and
+  other files are kept.
+
+  Returns:
+    The number of files removed.
+  """
+  removed = 0
+  prefix, host = f"{path.name}.", _host_tag()
+  try:
+    candidates = [p for p in path.parent.iterdir()
+                  if p.name.startswith(prefix) and p.name.endswith(".partial")]
+  except OSError:
+    return 0
+  for stale in candidates:
+    tag = stale.name[len(prefix):-len(".partial")]
+    parts = tag.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+      continue
+    pid = int(parts[1])
+    if pid != os.getpid() and not process_alive(pid):
+      try:
+        stale.unlink()  # A local temporary file (see the docstring), never an object store.
+        removed += 1
+      except OSError:
+        pass  # Removed by another writer meanwhile, or not ours to remove.
+  return removed
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -462,6 +517,7 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
   """
   path = as_path(path)
   if isinstance(path, pathlib.Path):
+    _remove_stale_partials(path)
     tmp = _partial_name(path)
     try:
       with open(tmp, "wb") as f:
@@ -524,6 +580,7 @@ def write_if_absent(path: PathLike, data: bytes | str, encoding: str = "utf-8") 
   if isinstance(path, pathlib.Path):
     if path.exists():
       return False
+    _remove_stale_partials(path)
     tmp = _partial_name(path)
     try:
       with open(tmp, "wb") as f:
@@ -759,6 +816,7 @@ def local_copy(path: PathLike, cache_dir: PathLike | None = None) -> pathlib.Pat
   if target.is_file() and target.stat().st_size == expected:
     return target
   folder.mkdir(parents=True, exist_ok=True)
+  _remove_stale_partials(target)
   tmp = _partial_name(target)
   try:
     fs, p = _fs(path)

@@ -416,3 +416,52 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     thread.join(timeout=10)
     assert not thread.is_alive(), f"{thread.name} still waits after the failed save"
   survived()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A writer SIGKILLed mid-write (no chance to clean up)
+# ----------------------------------------------------------------------------------------------------
+
+
+_KILLED_WRITER = r"""
+import sys, time
+from realm_jax import fileio
+with fileio.atomic_writer(sys.argv[1]) as f:
+  f.write(b"half of the new summary")
+  f.flush()
+  print("writing", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_write(tmp_path):
+  """SIGKILL between the temporary file and the rename leaves `<name>.<host>-<pid>-….partial`; the
+  old content stays under the name, and the next write of that file removes the dead writer's part
+  (a live writer's, another host's and unrelated files stay)."""
+  import subprocess
+  import sys
+  target = tmp_path / "summary.json"
+  fileio.write_atomic(target, '{"step": 1}')
+  proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    proc.kill()
+  leftovers = sorted(p.name for p in tmp_path.glob("summary.json.*.partial"))
+  assert len(leftovers) == 1 and f"-{proc.pid}-" in leftovers[0]
+  assert target.read_text() == '{"step": 1}'  # The previous good state, untouched.
+  host = fileio._host_tag()  # pylint: disable=protected-access
+  live = tmp_path / f"summary.json.{host}-{os.getpid()}-000000000000.partial"
+  other_host = tmp_path / f"summary.json.another_host-{proc.pid}-000000000000.partial"
+  unrelated = tmp_path / "summary.json.notes.partial"
+  for keep in (live, other_host, unrelated):
+    keep.write_text("x")
+  fileio.write_atomic(target, '{"step": 2}')
+  assert target.read_text() == '{"step": 2}'
+  left = sorted(p.name for p in tmp_path.glob("summary.json.*.partial"))
+  assert left == sorted(p.name for p in (live, other_host, unrelated))
+  COUNTS["injected"] += 1
+  COUNTS["survived"] += 1

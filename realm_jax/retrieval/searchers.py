@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from realm_jax.retrieval import snapshot as snapshot_lib
+from realm_jax import fileio
 from realm_jax import sharding
 
 Array = jax.Array
@@ -865,16 +866,6 @@ def load_scann_searcher(snapshot: snapshot_lib.Snapshot, **kwargs: Any) -> Scann
 _SCANN_TMP_PREFIX = "realm-scann-"
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Alive, another user's.
-    return True
-  return True
-
-
 @contextlib.contextmanager
 def scann_tempdir(base: str | None = None):
   """A local temporary directory for ScaNN's serialized files, removed on exit.
@@ -892,7 +883,7 @@ def scann_tempdir(base: str | None = None):
   base = base or tempfile.gettempdir()
   for stale in pathlib.Path(base).glob(f"{_SCANN_TMP_PREFIX}*-*"):
     pid = stale.name[len(_SCANN_TMP_PREFIX):].split("-")[0]
-    if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+    if pid.isdigit() and int(pid) != os.getpid() and not fileio.process_alive(int(pid)):
       shutil.rmtree(stale, ignore_errors=True)  # A local temporary directory (`base`).
   with tempfile.TemporaryDirectory(prefix=f"{_SCANN_TMP_PREFIX}{os.getpid()}-", dir=base) as d:
     yield d

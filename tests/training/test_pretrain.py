@@ -394,10 +394,8 @@ def _params_from_run(init_from, seed=0):
   return pretrain.params_from_run(init_from, abstract, MODEL, seed)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_SPACY, reason="salient spans need a spaCy English model")
-def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
-  from realm_jax.training import checkpointing
+def _ict_run(tmp_path):
+  """A 2-step ICT run (the warm start, §3.4) over the fixture corpus; returns (data, its workdir)."""
   from realm_jax.training import ict
   source = fx.write_jsonl(tmp_path / "docs.jsonl")
   data = pretrain.PretrainDataConfig(corpus=corpus_config.CorpusConfig(
@@ -407,18 +405,45 @@ def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
   ict.train(ict_dir, model=MODEL, data=data.corpus,
             task=ict.IctConfig(query_length=16, block_length=32), batch_size=8,
             loop=loop.LoopConfig(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2))
-  params = _params_from_run(ict_dir, seed=3)
+  return data, ict_dir
+
+
+def test_ict_to_realm_hand_over(tmp_path):
+  """The ICT → REALM hand-over (CI-sized): REALM's initial params are the ICT run's retriever,
+  bit for bit, and the pretrained encoder with its seeded fresh heads (REALM §3.4)."""
+  from realm_jax.training import checkpointing
+  _, ict_dir = _ict_run(tmp_path)
   assert checkpointing.saved_param_parts(ict_dir) == (["retriever"], 2)
+  params = _params_from_run(ict_dir, seed=3)
+  assert set(params) == {"retriever", "encoder"}
   fresh = realm.init_params(MODEL, jax.random.key(0), parts=("retriever",))["retriever"]
-  ict_params, _ = checkpointing.restore_partial_params(
+  ict_params, step = checkpointing.restore_partial_params(
       os.path.join(ict_dir, "checkpoints"),
       {"retriever": checkpointing.abstract_like(
           jax.device_put(fresh, sharding.replicated(sharding.make_mesh())))})
+  assert step == 2
   for a, b in zip(jax.tree_util.tree_leaves(params["retriever"]),
                   jax.tree_util.tree_leaves(ict_params["retriever"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert set(params) == {"retriever", "encoder"}
-  # A REALM checkpoint ({"retriever", "encoder"}) works as init_from too (partial restore).
+  # Two ICT updates moved the retriever: the hand-over is not a fresh initialisation.
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+      jax.tree_util.tree_leaves(params["retriever"]), jax.tree_util.tree_leaves(fresh)))
+  assert moved > 0.0
+  encoder = realm.init_params(MODEL, jax.random.key(3), parts=("encoder",))["encoder"]
+  for a, b in zip(jax.tree_util.tree_leaves(params["encoder"]),
+                  jax.tree_util.tree_leaves(encoder)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(FileNotFoundError):
+    _params_from_run(str(tmp_path / "no_such_run"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SPACY, reason="salient spans need a spaCy English model")
+def test_ict_warm_start_is_loaded_by_pretrain(tmp_path):
+  """`pretrain.train(init_from=<ICT run>)` end to end; a REALM checkpoint serves as init_from too."""
+  from realm_jax.training import checkpointing
+  data, ict_dir = _ict_run(tmp_path)
+  params = _params_from_run(ict_dir, seed=3)
   run = str(tmp_path / "realm")
   pretrain.train(run, model=MODEL, data=data, task=TASK, batch_size=8,
                  loop=loop.LoopConfig(num_train_steps=1, log_every_steps=1,
