@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from realm_jax import evaluation
 from realm_jax import fileio
@@ -649,7 +650,7 @@ def train_and_evaluate(workdir: str,
   if task.num_retrieved > len(corpus):
     raise ValueError(f"OpenQAConfig.num_retrieved={task.num_retrieved} exceeds the corpus size "
                      f"({len(corpus)} blocks)")
-  tx = optim.bert_adamw(optimizer)
+  tx = make_optimizer(optimizer)
   parts = step_parts(model, task, batch_size, tx)
   order = example_order.ExampleOrder(len(train_qs), batch_size, seed, jax.process_index(),
                                      jax.process_count())
@@ -729,6 +730,32 @@ def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
   for name in ("input_ids", "segment_ids", "input_mask", "body_mask"):
     spec[f"reader_{name}"] = ((b, r, lr), i32)
   return {k_: jax.ShapeDtypeStruct(s, d) for k_, (s, d) in spec.items()}
+
+
+def trainable_mask(params: Any) -> Any:
+  """Which Open-QA params fine-tuning updates: all but a separate document tower.
+
+  The document embeddings are the frozen index (REALM §3.4 / ORQA §5: the evidence blocks are
+  embedded once, before fine-tuning), so the document tower gets no gradient. With
+  `share_embedders=False` its params (`retriever/document_embedder/…`) are frozen outright: no
+  AdamW weight decay drifting them away from the tower that built the index, and no Adam moments
+  kept for them. With shared towers nothing is frozen (the one tower is the query tower).
+
+  Args:
+    params: the `{"retriever", "reader"}` params pytree (or any pytree with the same top level).
+
+  Returns:
+    A pytree of bools of the same structure (`optim.bert_adamw(…, trainable=…)`).
+  """
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      path: not (path[0] == "retriever" and path[1:2] == ("document_embedder",)) for path in flat})
+
+
+def make_optimizer(config: optim.OptimizerConfig) -> optax.GradientTransformation:
+  """The fine-tuning optimiser: `optim.bert_adamw` with a separate document tower frozen
+  (`trainable_mask`)."""
+  return optim.bert_adamw(config, trainable=trainable_mask)
 
 
 def step_parts(model: realm.ModelConfig, task: OpenQAConfig, batch_size: int,

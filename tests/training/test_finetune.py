@@ -371,3 +371,35 @@ def test_per_process_batches_add_up_to_the_global_batch(process_count):
   assert all(o.state() == single.state() for o in parts)
   with pytest.raises(ValueError, match="not divisible by 3 processes"):
     example_order.ExampleOrder(13, 8, seed=5, process_index=0, process_count=3)
+
+
+def test_separate_document_tower_is_frozen_while_fine_tuning(setup):
+  """With `share_embedders=False` fine-tuning leaves the document tower (the frozen index's
+  embedder) bit for bit unchanged, weight decay included, while the query tower and reader train."""
+  batch = {k: np.concatenate([v, v]) for k, v in setup[3].items()}
+  model = dataclasses.replace(MODEL, share_embedders=False)
+  config = optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=100, warmup_steps=0,
+                                 weight_decay=0.1)
+  tx = finetune.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  params = realm.init_params(model, jax.random.key(0), parts=finetune.PARTS)
+  before = jax.device_get(params)
+  state = train_state.create_train_state(params, tx, mesh)
+  train_fn = loop.jit_train_step(finetune.step_parts(model, TASK, 8, tx).train_step, mesh)
+  for _ in range(2):
+    state, _ = train_fn(state, sharding.global_batch_from_local(batch, mesh), jax.random.key(1))
+  after = jax.device_get(state.params)
+  for a, b in zip(jax.tree_util.tree_leaves(before["retriever"]["document_embedder"]),
+                  jax.tree_util.tree_leaves(after["retriever"]["document_embedder"])):
+    np.testing.assert_array_equal(a, b)
+  for name, ref, new in (
+      ("query tower", before["retriever"]["query_embedder"], after["retriever"]["query_embedder"]),
+      ("reader", before["reader"], after["reader"])):
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref),
+                                                         jax.tree_util.tree_leaves(new))), name
+  mask = finetune.trainable_mask(before)
+  assert not any(jax.tree_util.tree_leaves(mask["retriever"]["document_embedder"]))
+  assert all(jax.tree_util.tree_leaves(mask["reader"]))
+  # Shared towers: nothing frozen.
+  shared = realm.init_params(MODEL, jax.random.key(0), parts=finetune.PARTS)
+  assert all(jax.tree_util.tree_leaves(finetune.trainable_mask(shared)))
