@@ -134,6 +134,29 @@ class BertConfig:
 _init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+def _dot_general_f32_accumulation(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                                  preferred_element_type=None) -> Array:
+  """`lax.dot_general` that accumulates in float32 and returns the inputs' (reduced) dtype.
+
+  Flax's default for a bfloat16 `Dense` is a bfloat16 x bfloat16 -> bfloat16 dot. Asking for a
+  float32 result is what the TPU MXU does anyway, is more accurate, and on XLA:CPU it is the form
+  that reaches the AMX / AVX512-BF16 matmul kernels: on this project's Xeon (amx_bf16), a
+  [4096, 384] x [384, 1536] dot ran at ~27 GFLOP/s in float32, ~23-87 GFLOP/s as bf16 -> bf16 and
+  ~120-460 GFLOP/s as bf16 -> float32 on one core (a shared host; `benchmarks/embed_throughput.py`
+  measures the whole encoder).
+  """
+  del preferred_element_type
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                            preferred_element_type=jnp.float32)
+  return out.astype(jnp.result_type(lhs, rhs))
+
+
+def dense_dot_general(dtype: Any):
+  """The `dot_general` for a `Dense` of compute dtype `dtype`: None (Flax's default) for float32,
+  else `_dot_general_f32_accumulation`."""
+  return None if jnp.dtype(dtype) == jnp.float32 else _dot_general_f32_accumulation
+
+
 class BertLayer(nn.Module):
   """One post-LN transformer block: self-attention, residual, LN, GELU MLP, residual, LN."""
 
@@ -156,9 +179,11 @@ class BertLayer(nn.Module):
     h = _Attention(cfg, name="attention")(x, attention_bias, deterministic)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="attention_layer_norm")(x + h)
-    h = nn.Dense(cfg.intermediate_size, dtype=dt, kernel_init=_init, name="intermediate")(x)
+    dot = dense_dot_general(dt)
+    h = nn.Dense(cfg.intermediate_size, dtype=dt, kernel_init=_init, dot_general=dot,
+                 name="intermediate")(x)
     h = nn.gelu(h, approximate=cfg.approximate_gelu)
-    h = nn.Dense(cfg.hidden_size, dtype=dt, kernel_init=_init, name="output")(h)
+    h = nn.Dense(cfg.hidden_size, dtype=dt, kernel_init=_init, dot_general=dot, name="output")(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="output_layer_norm")(x + h)
 
@@ -186,7 +211,8 @@ class _Attention(nn.Module):
     """
     cfg = self.config
     dense = lambda name, **kw: nn.DenseGeneral(  # noqa: E731
-        name=name, dtype=cfg.compute_dtype, kernel_init=_init, **kw)
+        name=name, dtype=cfg.compute_dtype, kernel_init=_init,
+        dot_general=dense_dot_general(cfg.compute_dtype), **kw)
     heads = (cfg.num_heads, cfg.head_dim)
     q, k, v = (dense(n, features=heads)(x) for n in ("query", "key", "value"))
     if deterministic or cfg.attention_dropout == 0.0:

@@ -151,3 +151,38 @@ def test_attention_dropout_still_acts_in_training():
   np.testing.assert_allclose(
       no_dropout.apply({"params": params}, **inputs, deterministic=False,
                        rngs={"dropout": jax.random.key(1)}), inference, atol=1e-6)
+
+
+def test_bfloat16_dense_layers_accumulate_in_float32():
+  """bfloat16 compute: every matmul of the encoder accumulates in float32 (`dense_dot_general`),
+  so a layer's error against float32 is that of rounding its inputs and outputs, not of summing
+  hundreds of products in bfloat16. Independent reference: the same float32 params in float64."""
+  assert bert.dense_dot_general("float32") is None  # float32 keeps Flax's default dot.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 7, 512)).astype(np.float32)
+  w = (rng.standard_normal((512, 64)) / np.sqrt(512)).astype(np.float32)
+  exact = x.astype(np.float64) @ w.astype(np.float64)
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+  ours = bert.dense_dot_general("bfloat16")(xb, wb, dims)
+  assert ours.dtype == jnp.bfloat16
+  # The reference for "float32 accumulation": the bf16-rounded inputs multiplied in float64.
+  rounded = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
+  err = np.abs(np.asarray(ours, np.float64) - rounded).max() / np.abs(rounded).max()
+  assert err < 2 ** -8  # one bfloat16 rounding of the output (8 significant bits)
+  assert np.abs(np.asarray(ours, np.float64) - exact).max() / np.abs(exact).max() < 2e-2
+  # And the encoder's Dense layers use it: a bf16 layer is within bf16 rounding of float32.
+  cfg32 = dataclasses.replace(TINY, hidden_dropout=0.0, attention_dropout=0.0)
+  model32, model16 = bert.BertEncoder(cfg32), bert.BertEncoder(dataclasses.replace(
+      cfg32, dtype="bfloat16"))
+  inputs = _inputs()
+  params = model32.init(jax.random.key(0), **inputs)["params"]
+  out32 = np.asarray(model32.apply({"params": params}, **inputs), np.float32)
+  out16 = np.asarray(model16.apply({"params": params}, **inputs), np.float32)
+  real = inputs["input_mask"].astype(bool)
+  np.testing.assert_allclose(out16[real], out32[real], atol=6e-2)
+  jaxpr = str(jax.make_jaxpr(lambda p: model16.apply({"params": p}, **inputs))(params))
+  dots = [line.strip() for line in jaxpr.splitlines() if "= dot_general[" in line]
+  # Each matmul's result is float32 (then rounded once); a bf16 x bf16 -> bf16 dot would read
+  # "…:bf16[…] = dot_general[".
+  assert len(dots) >= 6 * TINY.num_layers and all(":f32[" in d for d in dots), dots
