@@ -24,11 +24,13 @@ Parameter tree (names are stable; checkpoints and sharding rules depend on them)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -133,6 +135,50 @@ class BertConfig:
 
 _init = nn.initializers.truncated_normal(stddev=0.02)
 
+# /proc/cpuinfo flags of CPUs whose bfloat16 matmuls XLA:CPU runs faster than float32 ones.
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return any(flag in line.split() for flag in _CPU_BF16_FLAGS)
+  except OSError:
+    pass
+  return False
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+  """The compute dtype that `name` stands for: itself, or for `"auto"` the fast one here.
+
+  `"auto"` is `"bfloat16"` on TPU and GPU (mixed precision: float32 params, bfloat16 activations,
+  float32 accumulation, as on the MXU), and on a CPU whose flags (Linux `/proc/cpuinfo`) include
+  AMX-BF16 or AVX512-BF16 — there XLA:CPU's bfloat16 matmuls with float32 accumulation run several
+  times faster than float32 ones (`benchmarks/embed_throughput.py --dtypes float32,bfloat16`);
+  elsewhere `"float32"`, because a CPU without them emulates bfloat16 and gets slower.
+
+  Args:
+    name: "float32", "bfloat16", "float16" or "auto".
+    backend: the JAX backend ("cpu", "gpu", "tpu"); default `jax.default_backend()`.
+
+  Returns:
+    A concrete dtype name.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name != "auto":
+    if name not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"unsupported dtype {name!r} (float32, bfloat16, float16 or auto)")
+    return name
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    return "bfloat16" if _cpu_has_fast_bfloat16() else "float32"
+  return "bfloat16"
+
 
 def _dot_general_f32_accumulation(lhs: Array, rhs: Array, dimension_numbers, precision=None,
                                   preferred_element_type=None) -> Array:
@@ -144,11 +190,52 @@ def _dot_general_f32_accumulation(lhs: Array, rhs: Array, dimension_numbers, pre
   [4096, 384] x [384, 1536] dot ran at ~27 GFLOP/s in float32, ~23-87 GFLOP/s as bf16 -> bf16 and
   ~120-460 GFLOP/s as bf16 -> float32 on one core (a shared host; `benchmarks/embed_throughput.py`
   measures the whole encoder).
+
+  The Dense contractions (the trailing axes of `lhs` with the leading axes of `rhs`, no batch
+  axes) get a custom VJP whose two backward matmuls also take bfloat16 operands with float32
+  accumulation; JAX's own transpose would multiply the float32 cotangent by the bfloat16 operand,
+  a float32 matmul. Other contractions use JAX's VJP.
   """
   del preferred_element_type
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  if (not lhs_batch and not rhs_batch and tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
+      and tuple(rhs_contract) == tuple(range(n)) and lhs.dtype == rhs.dtype):
+    return _dense_contraction(lhs, rhs, n, precision)
   out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                             preferred_element_type=jnp.float32)
   return out.astype(jnp.result_type(lhs, rhs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_contraction(lhs: Array, rhs: Array, num_contract: int, precision) -> Array:
+  """`lhs[..., K...] · rhs[K..., N...]` over the `num_contract` trailing/leading axes, float32
+  accumulation, result in the inputs' dtype."""
+  return _dense_contraction_fwd(lhs, rhs, num_contract, precision)[0]
+
+
+def _as_matrices(lhs: Array, rhs: Array, num_contract: int) -> tuple[Array, Array]:
+  k = int(np.prod(rhs.shape[:num_contract]))
+  return lhs.reshape(-1, k), rhs.reshape(k, -1)
+
+
+def _dense_contraction_fwd(lhs, rhs, num_contract, precision):
+  a, b = _as_matrices(lhs, rhs, num_contract)
+  out = jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+  shape = lhs.shape[:lhs.ndim - num_contract] + rhs.shape[num_contract:]
+  return out.astype(lhs.dtype).reshape(shape), (lhs, rhs)
+
+
+def _dense_contraction_bwd(num_contract, precision, residuals, g):
+  lhs, rhs = residuals
+  a, b = _as_matrices(lhs, rhs, num_contract)
+  g = g.reshape(a.shape[0], b.shape[1]).astype(lhs.dtype)
+  d_lhs = jnp.matmul(g, b.T, precision=precision, preferred_element_type=jnp.float32)
+  d_rhs = jnp.matmul(a.T, g, precision=precision, preferred_element_type=jnp.float32)
+  return d_lhs.astype(lhs.dtype).reshape(lhs.shape), d_rhs.astype(rhs.dtype).reshape(rhs.shape)
+
+
+_dense_contraction.defvjp(_dense_contraction_fwd, _dense_contraction_bwd)
 
 
 def dense_dot_general(dtype: Any):

@@ -36,7 +36,9 @@ class ModelConfig:
       decides, and `bert` (if given) must agree on the shapes.
     pooling, projection_size, share_embedders, score_scale: see `RetrieverConfig`.
     span_hidden_size, max_span_width: see `ReaderConfig`.
-    dtype: compute dtype of every BERT ("float32" or "bfloat16").
+    dtype: compute dtype of every BERT: "float32", "bfloat16", or "auto" (`bert.resolve_dtype`:
+      bfloat16 on TPU/GPU and on CPUs with AMX/AVX512-BF16, else float32), resolved when the BERT
+      config is built. Parameters and checkpoints stay float32 either way.
 
   Raises:
     ValueError: if neither a checkpoint nor a BERT shape is given.
@@ -55,6 +57,9 @@ class ModelConfig:
   def __post_init__(self):
     if self.init_checkpoint is None and self.bert is None:
       raise ValueError("ModelConfig: give init_checkpoint or a bert config")
+    if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+      raise ValueError(f"ModelConfig: dtype={self.dtype!r} is not one of float32, bfloat16, "
+                       "float16, auto")
 
   def checkpoint_dir(self) -> str | None:
     if self.init_checkpoint is None:
@@ -67,9 +72,9 @@ class ModelConfig:
     """The BERT shape: from the checkpoint's config.json, else `self.bert`."""
     ckpt = self.checkpoint_dir()
     if ckpt is None:
-      return dataclasses.replace(self.bert, dtype=self.dtype)
+      return dataclasses.replace(self.bert, dtype=bert.resolve_dtype(self.dtype))
     cfg = checkpoint_import.config_from_json(os.path.join(ckpt, "config.json"))
-    cfg = dataclasses.replace(cfg, dtype=self.dtype)
+    cfg = dataclasses.replace(cfg, dtype=bert.resolve_dtype(self.dtype))
     if self.bert is not None:
       for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
         if getattr(self.bert, name) != getattr(cfg, name):

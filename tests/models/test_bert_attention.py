@@ -186,3 +186,71 @@ def test_bfloat16_dense_layers_accumulate_in_float32():
   # Each matmul's result is float32 (then rounded once); a bf16 x bf16 -> bf16 dot would read
   # "…:bf16[…] = dot_general[".
   assert len(dots) >= 6 * TINY.num_layers and all(":f32[" in d for d in dots), dots
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_fast(tmp_path, monkeypatch):
+  """`dtype="auto"`: bfloat16 on TPU/GPU and on CPUs with AMX/AVX512-BF16, float32 elsewhere."""
+  from realm_jax.models import realm
+  fast, slow = tmp_path / "fast", tmp_path / "slow"
+  fast.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+  slow.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+  assert bert._cpu_has_fast_bfloat16(str(fast))  # pylint: disable=protected-access
+  assert not bert._cpu_has_fast_bfloat16(str(slow))  # pylint: disable=protected-access
+  assert not bert._cpu_has_fast_bfloat16(str(tmp_path / "missing"))  # pylint: disable=protected-access
+  for has_flag, expected in ((True, "bfloat16"), (False, "float32")):
+    monkeypatch.setattr(bert, "_cpu_has_fast_bfloat16", lambda has_flag=has_flag: has_flag)
+    assert bert.resolve_dtype("auto", backend="cpu") == expected
+    assert bert.resolve_dtype("auto", backend="tpu") == "bfloat16"
+    assert bert.resolve_dtype("float32", backend="tpu") == "float32"  # explicit names stay
+    model = realm.ModelConfig(init_checkpoint=None, bert=TINY, dtype="auto")
+    if jax.default_backend() == "cpu":
+      assert model.bert_config().dtype == expected
+      assert model.retriever_config().bert.dtype == expected
+  with pytest.raises(ValueError, match="dtype"):
+    bert.resolve_dtype("fp8")
+  with pytest.raises(ValueError, match="dtype='half'"):
+    realm.ModelConfig(init_checkpoint=None, bert=TINY, dtype="half")
+
+
+@pytest.mark.parametrize("kernel_shape", [(64, 32), (64, 4, 8)])
+def test_bfloat16_dense_gradients_use_bfloat16_operands(kernel_shape):
+  """The backward matmuls of a bf16 Dense (custom VJP) also take bf16 operands with float32
+  accumulation, and their gradients match float64 ones to bf16 rounding."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+  w = (rng.standard_normal(kernel_shape) / 8).astype(np.float32)
+  c = rng.standard_normal((3, 5) + kernel_shape[1:]).astype(np.float32)
+  dims = (((2,), (0,)), ((), ()))
+  dot = bert.dense_dot_general("bfloat16")
+
+  def loss(x, w):
+    y = dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dims)
+    return jnp.sum(y.astype(jnp.float32) * c)
+
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  wb = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64)
+  cb = np.asarray(jnp.asarray(c, jnp.bfloat16), np.float64)  # the cotangent, rounded once
+  w2, c2 = wb.reshape(64, -1), cb.reshape(15, -1)
+  ref_gx = (c2 @ w2.T).reshape(x.shape)
+  ref_gw = (xb.reshape(15, 64).T @ c2).reshape(w.shape)
+  for got, ref in ((gx, ref_gx), (gw, ref_gw)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=2 ** -7 * np.abs(ref).max())
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w))
+  dots = [line.strip() for line in jaxpr.splitlines() if "= dot_general[" in line]
+  assert len(dots) == 3 and all(":f32[" in d for d in dots), dots
+  # Operand dtypes: every dot's inputs are bf16 (no float32 x bfloat16 matmul in the backward).
+  eqns = [e for e in jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr.eqns]
+
+  def all_dots(eqns):
+    for e in eqns:
+      if e.primitive.name == "dot_general":
+        yield e
+      for p in e.params.values():
+        inner = getattr(p, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          yield from all_dots(inner.eqns)
+  found = list(all_dots(eqns))
+  assert len(found) == 3
+  assert all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), [
+      [v.aval.dtype for v in e.invars] for e in found]
