@@ -605,3 +605,45 @@ def test_no_checkpoint_before_the_first_interval(tmp_path):
     assert manager.all_steps() == [3, 4]
   finally:
     manager.close()
+
+
+def test_checkpoint_pruned_while_the_index_builder_lists_them(tmp_path, monkeypatch):
+  """The index builder's read-only orbax manager lists the step directories, then reads each
+  step's metadata; the trainer pruned the oldest one in between, and orbax raised
+  `NotADirectoryError: Path is not a directory: …/checkpoints/5350`, which killed the builder
+  (found by the 30-minute soak). The listing is now taken again."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.metadata import checkpoint as ocp_metadata  # pylint: disable=g-import-not-at-top
+  from realm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "checkpoints"
+  manager = checkpointing.CheckpointManager(str(directory), save_interval_steps=1,
+                                            async_save=False)
+  try:
+    for step in (10, 20, 30):
+      manager.save(step, {"retriever": {"w": jnp.full(2, float(step))}}, {"m": jnp.zeros(1)},
+                   {"data": step})
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  original = ocp_metadata._sanitize_metadata_path  # pylint: disable=protected-access
+  pruned = []
+
+  def prune_then_read(path):  # The trainer deletes step 10 just as its metadata is read.
+    if os.path.basename(str(path)) == "10" and not pruned:
+      shutil.rmtree(path)
+      pruned.append(str(path))
+    return original(path)
+
+  monkeypatch.setattr(ocp_metadata, "_sanitize_metadata_path", prune_then_read)
+  target = {"retriever": {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  params, step = checkpointing.restore_partial_params(str(directory), target)
+  assert pruned and step == 30
+  np.testing.assert_array_equal(np.asarray(params["retriever"]["w"]), [30.0, 30.0])
+  # A directory that keeps changing under every listing: a FileNotFoundError, which the index
+  # builder answers by polling again (never a traceback that ends the job).
+  monkeypatch.setattr(ocp_metadata, "_sanitize_metadata_path",
+                      lambda path: (_ for _ in ()).throw(NotADirectoryError(str(path))))
+  with pytest.raises(FileNotFoundError, match="deleted while being listed"):
+    checkpointing.restore_partial_params(str(directory), target)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any, Iterator
 
 import jax
@@ -184,12 +185,41 @@ def _absolute(directory: str) -> str:
   return directory if fileio.is_url(directory) else os.path.abspath(directory)
 
 
+# Attempts at listing a checkpoint directory that another job is pruning (see `_open_read_only`).
+_LIST_ATTEMPTS = 5
+
+
+def _open_read_only(directory: str) -> ocp.CheckpointManager:
+  """A read-only orbax manager over `directory`, robust to the writer pruning it meanwhile.
+
+  The manager lists the step directories, then reads each step's metadata. The trainer's manager
+  deletes its oldest checkpoint after each save (`max_to_keep`), so a reader in another job (the
+  index builder, `predict`) can list a step that is gone when its metadata is read: orbax then
+  raises `NotADirectoryError` or `FileNotFoundError` ("Path is not a directory: …/5350", found by
+  the soak test). The listing is simply taken again; the pruned step is no longer in it.
+
+  Raises:
+    FileNotFoundError: if the directory still changed under every one of `_LIST_ATTEMPTS` listings.
+  """
+  for attempt in range(_LIST_ATTEMPTS):
+    try:
+      return ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
+                                   options=ocp.CheckpointManagerOptions(create=False))
+    except (FileNotFoundError, NotADirectoryError) as e:
+      if attempt == _LIST_ATTEMPTS - 1:
+        raise FileNotFoundError(f"{directory}: checkpoints deleted while being listed, "
+                                f"{_LIST_ATTEMPTS} times ({e})") from e
+      logging.info("%s: a checkpoint was deleted while being listed (%s); listing again",
+                   directory, e)
+      time.sleep(0.05 * (attempt + 1))
+  raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def _read_only(directory: str, step: int | None) -> Iterator[tuple[ocp.CheckpointManager, int]]:
   """An orbax manager over an existing `checkpoints/` directory and the step to read (newest)."""
   directory = _absolute(directory)
-  manager = ocp.CheckpointManager(directory, item_names=(PARAMS, OPT_STATE, META),
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = _open_read_only(directory)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -269,6 +299,9 @@ def restore_partial_params(directory: str, target: Any, step: int | None = None
                                          partial_restore=True)}))
     except FileNotFoundError:
       raise
+    except NotADirectoryError as e:  # The step was pruned by its writer while being read.
+      raise FileNotFoundError(f"{directory}: checkpoint of step {step} deleted while being read "
+                              f"({e})") from e
     except (KeyError, ValueError) as e:
       raise ValueError(f"{directory}/{step}: cannot restore params {sorted(target)} with the "
                        f"model's shapes ({e}); was it written with this model config?") from e
