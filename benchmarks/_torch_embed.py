@@ -37,7 +37,9 @@ class TorchEmbedder:
     num_threads: `torch.set_num_threads` when positive; 0 keeps torch's default (one per core).
   """
 
-  def __init__(self, model_dir: str, batches: dict[str, np.ndarray], num_threads: int = 0):
+  def __init__(self, model_dir: str, batches: dict[str, np.ndarray], num_threads: int = 0,
+               dtype: str = "float32"):
+    self.autocast = dtype == "bfloat16"  # torch.autocast on CPU: bf16 matmuls (oneDNN), f32 rest
     if num_threads > 0:
       torch.set_num_threads(num_threads)
     self.model = transformers.BertModel.from_pretrained(model_dir, local_files_only=True).eval()
@@ -51,12 +53,13 @@ class TorchEmbedder:
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
         "attn_implementation": getattr(self.model.config, "_attn_implementation", "eager"),
+        "dtype": "bfloat16 (torch.autocast)" if self.autocast else "float32",
     }
 
   def run(self, j: int) -> float:
     """Seconds for one forward pass of batch `j` ([CLS] copied out to numpy inside the timing)."""
     b = self.batches[j]
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
       start = time.perf_counter()
       out = self.model(input_ids=b["input_ids"], token_type_ids=b["segment_ids"],
                        attention_mask=b["input_mask"])
@@ -66,8 +69,8 @@ class TorchEmbedder:
     return seconds
 
   def matmul(self, n: int) -> float:
-    """Best of 5 seconds for an `[n, n] x [n, n]` float32 matmul."""
-    a = torch.randn(n, n)
+    """Best of 5 seconds for an `[n, n] x [n, n]` matmul in the embedder's dtype."""
+    a = torch.randn(n, n, dtype=torch.bfloat16 if self.autocast else torch.float32)
     times = []
     with torch.inference_mode():
       a @ a  # pylint: disable=pointless-statement
@@ -83,10 +86,11 @@ def main() -> None:
   parser.add_argument("--model-dir", required=True)
   parser.add_argument("--inputs", required=True)
   parser.add_argument("--num-threads", type=int, default=0, help="0: torch's default")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = parser.parse_args()
   with np.load(args.inputs) as f:
     batches = {k: f[k] for k in f.files}
-  embedder = TorchEmbedder(args.model_dir, batches, args.num_threads)
+  embedder = TorchEmbedder(args.model_dir, batches, args.num_threads, args.dtype)
   print(json.dumps(embedder.info), flush=True)
   for line in sys.stdin:
     command, _, arg = line.strip().partition(" ")

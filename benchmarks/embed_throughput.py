@@ -12,10 +12,11 @@ Layouts (one table row per layout and batch size):
   bucketed  longest first, each batch padded to the next multiple of `--bucket` (the default).
 
 It prints, per row, blocks/s of each side (median round), the ratio, the model FLOP/s of the Flax
-side (matmul FLOPs of the shapes executed, padding included) against the float32 matmul peak of
-XLA measured in the same run (a 2048^3 matmul, best of 5, before and after), the share of padded
-token positions and the number of compiled shapes; then the [CLS] agreement, and a plot of blocks/s
-against the padded sequence length (one point per bucket, from the timed batches).
+side (matmul FLOPs of the shapes executed, padding included) against the matmul peak of XLA in the
+same dtype (`--dtype`: float32, or bfloat16 operands with float32 accumulation) measured in the
+same run (a 2048^3 matmul, best of 5, before and after), the share of padded token positions and
+the number of compiled shapes; then the [CLS] agreement, and a plot of blocks/s against the padded
+sequence length (one point per bucket, from the timed batches).
 
 Run from the repository root with the project venv (about 5 minutes on 2 idle cores; `--quick`
 about 1):
@@ -80,10 +81,11 @@ def encoder_flops(batch: int, length: int, hidden: int, intermediate: int, layer
   return layers * (per_layer + 4 * batch * length * length * hidden)
 
 
-def jax_matmul_seconds(n: int = PEAK_N) -> float:
-  """Best of 5 seconds for a jitted `[n, n] x [n, n]` float32 matmul."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def jax_matmul_seconds(n: int = PEAK_N, dtype: str = "float32") -> float:
+  """Best of 5 seconds for a jitted `[n, n] x [n, n]` matmul: float32, or bfloat16 operands with
+  float32 accumulation (the form the encoder's bf16 layers use, `bert.dense_dot_general`)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   times = []
   for _ in range(5):
@@ -96,10 +98,11 @@ def jax_matmul_seconds(n: int = PEAK_N) -> float:
 class TorchProcess:
   """`_torch_embed.TorchEmbedder`'s interface over a pipe to a subprocess in another venv."""
 
-  def __init__(self, python: str, model_dir: str, batches_path: str, num_threads: int):
+  def __init__(self, python: str, model_dir: str, batches_path: str, num_threads: int,
+               dtype: str = "float32"):
     self.proc = subprocess.Popen(
         [python, str(HERE / "_torch_embed.py"), "--model-dir", model_dir, "--inputs",
-         batches_path, "--num-threads", str(num_threads)],
+         batches_path, "--num-threads", str(num_threads), "--dtype", dtype],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     self.info = self._reply()
 
@@ -141,7 +144,7 @@ def start_torch(args, model_dir: pathlib.Path, batches: dict[str, np.ndarray], t
   if importlib.util.find_spec("torch") is not None:
     sys.path.insert(0, str(HERE))
     import _torch_embed  # pylint: disable=g-import-not-at-top
-    side = _torch_embed.TorchEmbedder(str(model_dir), batches, args.torch_threads)
+    side = _torch_embed.TorchEmbedder(str(model_dir), batches, args.torch_threads, args.dtype)
     side.cls_arrays = lambda: side.cls
     side.close = lambda: None
     return side, f"in-process ({sys.executable})"
@@ -153,7 +156,7 @@ def start_torch(args, model_dir: pathlib.Path, batches: dict[str, np.ndarray], t
         "torch transformers==4.40.2 safetensors numpy`, or pass --skip-torch")
   path = os.path.join(tmp, "batches.npz")
   np.savez(path, **batches)
-  side = TorchProcess(str(python), str(model_dir), path, args.torch_threads)
+  side = TorchProcess(str(python), str(model_dir), path, args.torch_threads, args.dtype)
   return side, f"subprocess ({python})"
 
 
@@ -208,6 +211,9 @@ def main() -> None:
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads for the PyTorch half; 0 keeps torch's default")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype of both sides: Flax `BertConfig.dtype` (bf16 operands, "
+                      "float32 accumulation), PyTorch `torch.autocast('cpu', torch.bfloat16)`")
   parser.add_argument("--plot", default=str(REPO / "docs" / "embed_throughput.png"),
                       help="PNG of blocks/s against sequence length ('' for none)")
   parser.add_argument("--json", default=None, help="also write the figures here")
@@ -245,7 +251,7 @@ def main() -> None:
           ids.append(j)
         cases.append({"layout": layout, "batch": b, "plan": plan, "ids": ids, "blocks": count})
 
-    ckpt = load_bert_checkpoint(model_dir)
+    ckpt = load_bert_checkpoint(model_dir, dtype=args.dtype)
     cfg = ckpt.config
     model = BertEncoder(cfg)
     params = jax.device_put(ckpt.params)
@@ -271,7 +277,7 @@ def main() -> None:
             seen.add(meta[j]["length"])
             torch_side.run(j)
 
-    peaks = {"jax": [jax_matmul_seconds()], "torch": []}
+    peaks = {"jax": [jax_matmul_seconds(dtype=args.dtype)], "torch": []}
     if torch_side:
       peaks["torch"].append(torch_side.matmul(PEAK_N))
     flax_s = {j: [] for j in range(len(meta))}
@@ -291,7 +297,7 @@ def main() -> None:
             out = np.asarray(embed_cls(params, *inputs))
             flax_s[j].append(time.perf_counter() - start)
             flax_cls.setdefault(f"cls_{j}", out)
-    peaks["jax"].append(jax_matmul_seconds())
+    peaks["jax"].append(jax_matmul_seconds(dtype=args.dtype))
     torch_cls = {}
     if torch_side:
       peaks["torch"].append(torch_side.matmul(PEAK_N))
@@ -333,7 +339,7 @@ def main() -> None:
       by_length[length] = entry
 
   dev = jax.devices()[0]
-  print(f"model: {model_dir} (float32, {cfg.num_layers} layers, hidden {cfg.hidden_size}); "
+  print(f"model: {model_dir} ({args.dtype}, {cfg.num_layers} layers, hidden {cfg.hidden_size}); "
         f"{num} real SQuAD blocks (mean length {lengths.mean():.0f} of {max_length} tokens), "
         f"{args.rounds} interleaved rounds")
   print(f"host: {platform.processor() or platform.machine()}, usable cores="
@@ -347,7 +353,7 @@ def main() -> None:
           f"attn_implementation={info['attn_implementation']}, threads={info['num_threads']}")
   else:
     print(f"torch: {where}")
-  print(f"float32 matmul peak ({PEAK_N}^3, best of 5, before/after): XLA "
+  print(f"{args.dtype} matmul peak ({PEAK_N}^3, best of 5, before/after): XLA "
         f"{peak_flops / 1e9:.0f} GFLOP/s"
         + (f"; torch {torch_peak / 1e9:.0f} GFLOP/s" if torch_peak else ""))
   print()

@@ -157,7 +157,7 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
   `"auto"` is `"bfloat16"` on TPU and GPU (mixed precision: float32 params, bfloat16 activations,
   float32 accumulation, as on the MXU), and on a CPU whose flags (Linux `/proc/cpuinfo`) include
   AMX-BF16 or AVX512-BF16 — there XLA:CPU's bfloat16 matmuls with float32 accumulation run several
-  times faster than float32 ones (`benchmarks/embed_throughput.py --dtypes float32,bfloat16`);
+  times faster than float32 ones (`benchmarks/embed_throughput.py --dtype bfloat16` vs float32);
   elsewhere `"float32"`, because a CPU without them emulates bfloat16 and gets slower.
 
   Args:
