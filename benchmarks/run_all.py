@@ -45,7 +45,10 @@ class Bench:
 BENCHES = (
     Bench("embed_throughput", "corpus embedding: Flax vs PyTorch BertModel, padding, compiles",
           (), ("--quick", "--plot", "")),
-    Bench("scann_vs_exact", "ScaNN vs exact search: build, queries/s, recall@k", (), ("--quick",)),
+    Bench("mixed_precision", "float32 vs bfloat16 compute: fine-tuning step, corpus embedding",
+          (), ("--steps", "1", "--num_blocks", "64")),
+    Bench("scann_vs_exact", "MIPS: numpy vs exact sharded vs ScaNN swept to recall@10 >= 0.95",
+          (), ("--quick",)),
     Bench("searcher_scale", "the MIPS index at 1M rows: snapshot write/validate/load, searchers",
           ("--num_blocks", "1000000", "--scann"), ("--num_blocks", "50000", "--scann"),
           (("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),)),
