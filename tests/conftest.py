@@ -82,3 +82,20 @@ def embed_each_block():
     return np.stack([np.asarray(tower(params, {k: v[i:i + 1] for k, v in inputs.items()}))[0]
                      for i in range(len(corpus))])
   return embed
+
+
+@pytest.fixture(scope="session")
+def comparable_manifest():
+  """`comparable(snapshot_dir) -> dict`: a committed snapshot manifest without what differs between
+  two correct builds of the same snapshot (the commit times, the checkpoint's mtime and the
+  searcher's build timings), for comparing a killed-and-resumed build with an uninterrupted one."""
+  from realm_jax.retrieval import snapshot as snap  # pylint: disable=g-import-not-at-top
+
+  def comparable(path):
+    manifest = snap.read_manifest(path)
+    for key in ("created", "created_unix"):
+      manifest.pop(key)
+    manifest["metadata"].pop("checkpoint_mtime")
+    manifest.get("searcher", {}).pop("info", None)
+    return manifest
+  return comparable

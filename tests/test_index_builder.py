@@ -365,19 +365,8 @@ def _shard_records(tmp_dir) -> list[int]:
   return sorted(int(p.name.split("-")[1]) for p in tmp_dir.glob("shard-*.json"))
 
 
-def _comparable_manifest(path) -> dict:
-  """A committed manifest without what differs between two correct builds: the commit times, the
-  checkpoint's mtime and the searcher's build timings."""
-  manifest = snap.read_manifest(path)
-  for key in ("created", "created_unix"):
-    manifest.pop(key)
-  manifest["metadata"].pop("checkpoint_mtime")
-  manifest.get("searcher", {}).pop("info", None)
-  return manifest
-
-
 def test_builder_killed_twice_mid_corpus_commits_what_an_uninterrupted_builder_commits(
-    tiny_corpus, base_params, tmp_path, embed_each_block):
+    tiny_corpus, base_params, tmp_path, embed_each_block, comparable_manifest):
   """Issue #14 §1: the index builder SIGKILLed twice while embedding the corpus for a snapshot (at
   seeded random shard counts, at a random moment of the shard cycle), restarted each time with the
   same command. The second run resumes the first run's shards, the third the second's; the committed
@@ -510,7 +499,7 @@ def test_builder_killed_twice_mid_corpus_commits_what_an_uninterrupted_builder_c
   # arrays (bit for bit), the block ids; and nothing left in staging.
   for step in (5, 8):
     ours, reference = root / str(step), workdirs["reference"] / "snapshots" / str(step)
-    assert _comparable_manifest(ours) == _comparable_manifest(reference), step
+    assert comparable_manifest(ours) == comparable_manifest(reference), step
     a, b = snap.read_snapshot(ours, validate=True), snap.read_snapshot(reference, validate=True)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     np.testing.assert_array_equal(a.block_ids, corpus.block_ids)

@@ -392,16 +392,6 @@ def _final_checkpoint(workdir: pathlib.Path, step: int):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(params)], meta
 
 
-def _comparable_manifest(path: pathlib.Path) -> dict[str, Any]:
-  from realm_jax.retrieval import snapshot as snap  # pylint: disable=g-import-not-at-top
-  manifest = snap.read_manifest(path)
-  for key in ("created", "created_unix"):
-    manifest.pop(key)
-  manifest["metadata"].pop("checkpoint_mtime")
-  manifest.get("searcher", {}).pop("info", None)
-  return manifest
-
-
 _LEFTOVER = re.compile(r"(^\.tmp-|^\.old-|^\.deleting-|orbax-checkpoint-tmp|\.partial$|"
                        r"^incomplete\.|^\.realm_corpus|^\.part-|^tmp)")
 
@@ -475,7 +465,7 @@ def _plan_steps(base, docs, env) -> tuple[int, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_soak_pipeline_with_sigkills_matches_an_uninterrupted_run(soak_base):
+def test_soak_pipeline_with_sigkills_matches_an_uninterrupted_run(soak_base, comparable_manifest):
   base, docs, jobs_tmp, env = soak_base
   assert set(KILLS) <= {"trainer", "builder"}, KILLS
   t_start = time.monotonic()
@@ -549,8 +539,8 @@ def test_soak_pipeline_with_sigkills_matches_an_uninterrupted_run(soak_base):
   assert got_meta["data"] == want_meta["data"]
   for got, wanted in zip(got_params, want_params, strict=True):
     np.testing.assert_array_equal(got, wanted)
-  assert (_comparable_manifest(workdir / "snapshots" / str(steps)) ==
-          _comparable_manifest(reference_dir / "snapshots" / str(steps)))
+  assert (comparable_manifest(workdir / "snapshots" / str(steps)) ==
+          comparable_manifest(reference_dir / "snapshots" / str(steps)))
 
   # No leaks: processes, temporary directories, staging entries; bounded logs and disk.
   starts = len(KILLS) + 1

@@ -219,7 +219,7 @@ def _narrow_offsets(path: pathlib.Path, chunk_rows: int = 1 << 20) -> tuple[int,
   tmp = path.with_name(path.name + ".u2")
   sha = hashlib.sha256()
   nbytes = 0
-  with open(path, "rb") as src, open(tmp, "wb") as dst:
+  with open(path, "rb") as src, open(tmp, "wb") as dst:  # Local staging directory (docstring).
     while True:
       data = src.read(chunk_rows * 8)
       if not data:
@@ -289,7 +289,7 @@ def write_part(directory: fileio.PathLike, blocks: Iterable[corpus_lib.Block],
       if _same_part_committed(directory, description):
         return description  # Another process (same sources) committed it first: keep theirs.
       if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(directory)  # Local (this branch): a stale or incomplete part, replaced.
       try:
         os.replace(stage, directory)
       except OSError:

@@ -146,8 +146,8 @@ def _cpu_has_fast_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
       for line in f:
         if line.startswith("flags"):
           return any(flag in line.split() for flag in _CPU_BF16_FLAGS)
-  except OSError:
-    pass
+  except OSError:  # No /proc/cpuinfo (not Linux) or unreadable: assume no fast bf16.
+    return False
   return False
 
 
