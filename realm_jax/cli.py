@@ -216,6 +216,8 @@ def enable_compilation_cache(workdir: str) -> str | None:
   then loads its compiled train, eval and embedding steps instead of compiling them again. A cache
   set by the user (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is kept; URL work directories get
   none (each host compiles locally; set `JAX_COMPILATION_CACHE_DIR` to a local path to have one).
+  Programs that compiled in under 0.5 s are not kept unless the user set
+  `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` (JAX's own default is 1 s).
 
   Returns:
     The cache directory in use, or None.
@@ -229,7 +231,8 @@ def enable_compilation_cache(workdir: str) -> str | None:
   cache = os.path.join(workdir, "compilation_cache")
   os.makedirs(cache, exist_ok=True)  # Local by the check above (JAX's cache needs a local path).
   jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return cache
 
 

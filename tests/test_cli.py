@@ -190,9 +190,12 @@ def test_second_run_in_a_workdir_reuses_its_compiled_steps(tmp_path, monkeypatch
   r = _cli("evaluate", "--gin_file", GIN, "--workdir", str(workdir))
   assert r.returncode == 0, r.stderr[-2000:]
   assert {p.name for p in cache.iterdir()} == first
-  # A user's own cache location wins.
+  # A user's own cache location and threshold win. (JAX keeps only programs that compiled in at
+  # least JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, 1 s by default: on a fast host `evaluate`'s
+  # programs compile faster than that, so the threshold is set to keep every program.)
   own = tmp_path / "own_cache"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(own))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(own),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   r = subprocess.run([sys.executable, "-m", "realm_jax.cli", "evaluate", "--gin_file", GIN,
                       "--workdir", str(tmp_path / "other"), "--gin_param",
                       f"finetune.train_and_evaluate.init_from='{workdir}'"], cwd=ROOT, env=env,
