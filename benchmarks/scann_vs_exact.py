@@ -50,8 +50,12 @@ def make_data(n: int, dim: int, kind: str, noise: float,
   centres = rng.standard_normal((num_centres, dim), np.float32)
   centres /= np.linalg.norm(centres, axis=1, keepdims=True)
   labels = rng.integers(num_centres, size=n)
-  rows = centres[labels] + rng.standard_normal((n, dim), np.float32) * (noise / np.sqrt(dim))
-  return rows.astype(np.float32), centres, labels
+  rows = np.empty((n, dim), np.float32)
+  for start in range(0, n, 1 << 20):  # In chunks (same random stream): no [n, dim] temporaries.
+    stop = min(n, start + (1 << 20))
+    noise_rows = rng.standard_normal((stop - start, dim), np.float32)
+    rows[start:stop] = centres[labels[start:stop]] + noise_rows * (noise / np.sqrt(dim))
+  return rows, centres, labels
 
 
 def make_queries(rows: np.ndarray, centres: np.ndarray, num_queries: int, kind: str, noise: float,
@@ -143,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     emb, centres, _ = make_data(n, args.dim, args.data, args.noise, rng)
     queries, near_dup = make_queries(emb, centres, num_queries, args.data, args.noise, rng)
     block_ids = np.arange(n, dtype=np.int64)
-    exact_ids, numpy_qps = timed_search(NumpyExact(emb), queries, args.k, args.exact_batch)
+    # A [batch, N] float32 score matrix (and numpy's negated copy) kept under ~1 GiB each.
+    exact_batch = max(1, min(args.exact_batch, 2**28 // n))
+    exact_ids, numpy_qps = timed_search(NumpyExact(emb), queries, args.k, exact_batch)
     exact_qps = {}
     for d, mesh in meshes.items():
       exact = searchers.ExactSearcher(emb, block_ids, mesh=mesh)
-      ids, exact_qps[d] = timed_search(exact, queries, args.k, args.exact_batch)
+      ids, exact_qps[d] = timed_search(exact, queries, args.k, exact_batch)
       agree = recall(ids, exact_ids)
       if agree < 0.999:  # Ties aside, both are exact.
         print(f"  warning: exact searcher ({d} dev) agrees with numpy on {agree:.4f} of top-k",
@@ -157,9 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     tried = [(None, None)] if n < 10_000 else [
         (max(1, int(np.ceil(frac * searchers.ScannSearcher.resolve_config(n, args.dim)[
             "num_leaves"]))), reorder) for frac, reorder in SWEEP]
+    scann = None
     for to_search, reorder in tried:
-      scann = searchers.ScannSearcher(emb, block_ids, num_leaves_to_search=to_search,
-                                      reorder_k=reorder)
+      if scann is None:  # One build per N; the sweep changes only query-time settings.
+        scann = searchers.ScannSearcher(emb, block_ids, num_leaves_to_search=to_search,
+                                        reorder_k=reorder)
+      else:
+        scann.set_search_settings(num_leaves_to_search=to_search, reorder_k=reorder)
       scann_ids, scann_qps = timed_search(scann, queries, args.k, args.scann_batch)
       config = (f"{scann.mode} {scann.num_leaves}/{scann.num_leaves_to_search} r{scann.reorder_k}"
                 if scann.mode == "tree_ah" else scann.mode)
@@ -172,17 +182,17 @@ def main(argv: list[str] | None = None) -> None:
                    f"{scann_qps / best_exact:.1f}x"])
       print(f"  N = {n:,}: {config}: recall@{args.k} {r:.3f}, {scann_qps:,.0f} q/s", file=sys.stderr,
             flush=True)
-      del scann
       if r >= args.target_recall:
         break
-    del emb
+    del emb, scann
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for r in rows:
     print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-  print("scann index = mode leaves/searched r<reorder candidates>; QPS = queries per second "
-        f"(exact and numpy in batches of {args.exact_batch}, ScaNN in batches of "
+  print("scann index = mode leaves/searched r<reorder candidates> (one build per N: 'build s'; the "
+        "sweep changes only query-time settings); QPS = queries per second "
+        f"(exact and numpy in batches of min({args.exact_batch}, 2^28 / N), ScaNN in batches of "
         f"{args.scann_batch}); rows of one N: the ScaNN settings tried (SWEEP) until recall@"
         f"{args.k} >= {args.target_recall}; recall is against numpy's exact top-{args.k}; "
         "scann / best exact = ScaNN QPS over the fastest exact search (numpy or sharded).")

@@ -546,6 +546,36 @@ class ScannSearcher:
     self.reorder_k = int(config["reorder_k"])
     self.num_threads = num_threads or os.cpu_count() or 1
 
+  def set_search_settings(self, num_leaves_to_search: int | None = None,
+                          reorder_k: int | None = None) -> None:
+    """Changes how many leaves a query searches and how many AH candidates are reordered exactly,
+    without rebuilding the index (ScaNN applies both per query). This is how recall is traded for
+    speed on a built or loaded index (`benchmarks/scann_vs_exact.py` sweeps them); `config` follows,
+    so a snapshot written afterwards records the settings in use.
+
+    Args:
+      num_leaves_to_search: partitions searched per query, `1 <= . <= num_leaves`; None keeps it.
+      reorder_k: AH candidates rescored exactly per query, `>= 1` (at least `k` is always used);
+        None keeps it.
+
+    Raises:
+      ValueError: for values outside those ranges, or leaves to search on a brute-force index.
+    """
+    if num_leaves_to_search is not None:
+      if self.mode != "tree_ah":
+        raise ValueError("ScannSearcher.set_search_settings: a brute-force index has no leaves")
+      if not 1 <= int(num_leaves_to_search) <= self.num_leaves:
+        raise ValueError(f"ScannSearcher: num_leaves_to_search={num_leaves_to_search} must be in "
+                         f"[1, num_leaves={self.num_leaves}]")
+      self.num_leaves_to_search = int(num_leaves_to_search)
+    if reorder_k is not None:
+      if int(reorder_k) < 1:
+        raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
+      self.reorder_k = int(reorder_k)
+    with self._lock:
+      self.config = dict(self.config, reorder_k=self.reorder_k,
+                         num_leaves_to_search=self.num_leaves_to_search)
+
   def serialize(self, directory: str | os.PathLike) -> None:
     """Writes the ScaNN index into the local, empty `directory` (ScaNN's `searcher.serialize`, with
     paths relative to the directory, so that it can be moved, uploaded and loaded elsewhere)."""
@@ -607,14 +637,16 @@ class ScannSearcher:
     queries = np.asarray(_check_queries(np.asarray(query_embeddings), self.dim,
                                         "ScannSearcher.search"))
     pre_reorder = max(self.reorder_k, k)
+    leaves = self.num_leaves_to_search if self.mode == "tree_ah" else None
     with self._lock:
       if queries.shape[0] >= 2 * self.num_threads and self.num_threads > 1:
         rows, scores = self._searcher.search_batched_parallel(
             queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder,
-            batch_size=max(16, -(-queries.shape[0] // self.num_threads)))
+            leaves_to_search=leaves, batch_size=max(16, -(-queries.shape[0] // self.num_threads)))
       else:
         rows, scores = self._searcher.search_batched(queries, final_num_neighbors=k,
-                                                     pre_reorder_num_neighbors=pre_reorder)
+                                                     pre_reorder_num_neighbors=pre_reorder,
+                                                     leaves_to_search=leaves)
     rows = np.asarray(rows).astype(np.int64)
     scores = np.asarray(scores, np.float32)
     # ScaNN pads with NaN when the searched leaves hold fewer than k rows: answer those exactly.

@@ -145,6 +145,31 @@ def test_scann_recall_on_clustered_vectors():
   assert np.all(np.diff(scores, axis=1) <= 0) and np.all(scores[:, 0] <= exact_scores[:, 0] + 1e-5)
 
 
+def test_scann_search_settings_change_recall_without_a_rebuild():
+  """Searching one leaf of 50 misses most neighbours; every leaf with enough reordering is exact.
+  The same built index serves both (no rebuild), and `config` records the settings in use."""
+  emb = _clustered(5000, 32, num_clusters=50, seed=21)
+  ids = np.arange(5000, dtype=np.int64)
+  searcher = searchers.ScannSearcher(emb, ids, brute_force_below=0, num_leaves_to_search=1,
+                                     reorder_k=10)
+  queries = np.random.default_rng(22).normal(size=(100, 32)).astype(np.float32)
+  exact_ids = searchers.ExactSearcher(emb, ids).search(queries, 10)[1]
+  narrow = _recall(searcher.search(queries, 10)[1], exact_ids)
+  index = searcher._searcher  # pylint: disable=protected-access
+  searcher.set_search_settings(num_leaves_to_search=50, reorder_k=5000)
+  assert searcher._searcher is index  # pylint: disable=protected-access
+  scores, got = searcher.search(queries, 10)
+  _assert_top_k(scores, got, queries, emb, ids, 10)
+  assert narrow < 0.8, narrow  # Random queries: their neighbours lie in many leaves (0.51 seen).
+  assert (searcher.config["num_leaves_to_search"], searcher.config["reorder_k"]) == (50, 5000)
+  with pytest.raises(ValueError, match="num_leaves_to_search=51"):
+    searcher.set_search_settings(num_leaves_to_search=51)
+  with pytest.raises(ValueError, match="reorder_k must be >= 1"):
+    searcher.set_search_settings(reorder_k=0)
+  with pytest.raises(ValueError, match="brute-force index has no leaves"):
+    searchers.ScannSearcher(emb[:100], ids[:100]).set_search_settings(num_leaves_to_search=1)
+
+
 def test_scann_k_larger_than_searched_leaves_falls_back_to_exact():
   emb, ids = _index(3000, 16, seed=11)
   searcher = searchers.ScannSearcher(emb, ids, brute_force_below=0, num_leaves=30,
