@@ -269,7 +269,9 @@ class BertLayer(nn.Module):
     dot = dense_dot_general(dt)
     h = nn.Dense(cfg.intermediate_size, dtype=dt, kernel_init=_init, dot_general=dot,
                  name="intermediate")(x)
-    h = nn.gelu(h, approximate=cfg.approximate_gelu)
+    # GELU in float32, rounded once to the compute dtype (in bf16 XLA:CPU would round after every
+    # elementwise op of erf/tanh and fuse them, repeated, into the next matmul's operand).
+    h = nn.gelu(h.astype(jnp.float32), approximate=cfg.approximate_gelu).astype(dt)
     h = nn.Dense(cfg.hidden_size, dtype=dt, kernel_init=_init, dot_general=dot, name="output")(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="output_layer_norm")(x + h)
@@ -348,11 +350,16 @@ def fused_attention(query: Array, key: Array, value: Array, bias: Array,
     implementation: `"xla"`: `jax.nn.dot_product_attention` (its XLA path); `"cpu"`: the same
       attention in batch chunks whose logits fit in cache (`CPU_ATTENTION_CHUNK_BYTES`), with the
       softmax normalisation applied after the second matmul (on `head_dim` rather than `seq_len`
-      columns); None (default): `"cpu"` on the CPU backend, else `"xla"`.
+      columns), computed in float32 whatever the input dtype; None (default): `"cpu"` on the CPU
+      backend, else `"xla"`.
 
   Returns:
     `[batch, seq_len, heads, head_dim]` in the dtype of `value`. Logits, softmax and the
-    normalisation are float32 (bfloat16 inputs too); bfloat16 probabilities meet `value`.
+    normalisation are float32 (bfloat16 inputs too); with `"xla"`, bfloat16 probabilities meet
+    `value`; with `"cpu"`, both matmuls are float32. (XLA:CPU's batched matmuls of a head's
+    `[seq_len, 32] x [32, seq_len]` ran slower with bfloat16 operands than float32 ones on an AMX
+    Xeon, one core, batch 32: 62 vs 40 ms a layer at 192 tokens, 172 vs 90 ms at 288;
+    `benchmarks/encoder_profile.py` shows the share.)
 
   Raises:
     ValueError: for an unknown `implementation`.
@@ -363,6 +370,8 @@ def fused_attention(query: Array, key: Array, value: Array, bias: Array,
     return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(jnp.float32))
   if implementation != "cpu":
     raise ValueError(f"fused_attention: unknown implementation {implementation!r}")
+  out_dtype = value.dtype
+  query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
   batch, seq_len, heads, _ = query.shape
   bias = jnp.broadcast_to(bias, (batch,) + bias.shape[1:]).astype(jnp.float32)
   chunk = batch
@@ -370,11 +379,11 @@ def fused_attention(query: Array, key: Array, value: Array, bias: Array,
                        or batch % chunk):
     chunk //= 2
   if chunk == batch:
-    return _deferred_softmax_attention(query, key, value, bias)
+    return _deferred_softmax_attention(query, key, value, bias).astype(out_dtype)
   split = lambda x: x.reshape((batch // chunk, chunk) + x.shape[1:])  # noqa: E731
   out = jax.lax.map(lambda a: _deferred_softmax_attention(*a),
                     (split(query), split(key), split(value), split(bias)))
-  return out.reshape(query.shape[:-1] + value.shape[-1:])
+  return out.reshape(query.shape[:-1] + value.shape[-1:]).astype(out_dtype)
 
 
 def _deferred_softmax_attention(query: Array, key: Array, value: Array, bias: Array) -> Array:

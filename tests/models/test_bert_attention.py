@@ -254,3 +254,33 @@ def test_bfloat16_dense_gradients_use_bfloat16_operands(kernel_shape):
   assert len(found) == 3
   assert all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), [
       [v.aval.dtype for v in e.invars] for e in found]
+
+
+def _dot_operand_dtypes(fn, *args):
+  """{(lhs dtype, rhs dtype, result dtype)} of every dot_general in `fn`'s jaxpr (nested too)."""
+  found = set()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.add(tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars)))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cpu_attention_core_is_float32_for_bfloat16_inputs(monkeypatch, chunked):
+  """The "cpu" path computes both attention matmuls in float32 (faster than bf16 operands on
+  XLA:CPU for head_dim 32) and returns the inputs' dtype; the "xla" path keeps bf16 operands."""
+  if chunked:
+    monkeypatch.setattr(bert, "CPU_ATTENTION_CHUNK_BYTES", 4 * 24 * 24 * 4 * 2)
+  q, k, v = _qkv("bfloat16", batch=4)
+  bias = _bias(np.ones((4, 24), np.int32))
+  cpu = lambda *a: bert.fused_attention(*a, implementation="cpu")  # noqa: E731
+  assert _dot_operand_dtypes(cpu, q, k, v, bias) == {("float32", "float32", "float32")}
+  assert cpu(q, k, v, bias).dtype == jnp.bfloat16
+  xla = lambda *a: bert.fused_attention(*a, implementation="xla")  # noqa: E731
+  assert all(d[0] == "bfloat16" for d in _dot_operand_dtypes(xla, q, k, v, bias))
