@@ -12,7 +12,8 @@ its HLO metadata (`op_name`, e.g. `.../layer_3/intermediate/dot_general`):
   FFN                     intermediate dense + GELU, output dense     (4·B·L·H·I)
   LayerNorm + residual    the two post-LN LayerNorms and their residual adds
   embeddings, pooling     lookups, embedding LayerNorm, mean pooling, projection
-  parameter casts         float32 kernels and biases cast to the compute dtype (bfloat16 only)
+  dtype conversions       casts XLA leaves unfused, named after a dense layer: its float32 kernel
+                          and bias to bfloat16, or a float32 result to bfloat16 (bfloat16 only)
   other                   parameter conversions, copies, transposes not inside a component
 
 For each component it prints the time per batch, its share, and for the matmul components the
@@ -44,9 +45,9 @@ from realm_jax.models import realm
 from realm_jax.retrieval import embedding
 
 COMPONENTS = ("attention projections", "attention core", "FFN", "LayerNorm + residual",
-              "embeddings, pooling", "parameter casts", "other")
+              "embeddings, pooling", "dtype conversions", "other")
 _PATTERNS = (  # (regular expression on op_name, component): the first match wins.
-    (r"/(query|key|value|out|intermediate|output)/convert_element_type$", "parameter casts"),
+    (r"/(query|key|value|out|intermediate|output)/convert_element_type$", "dtype conversions"),
     (r"/attention/(query|key|value|out)/", "attention projections"),
     (r"/attention/", "attention core"),
     (r"/layer_\d+/(intermediate|output)/|/layer_\d+/(erf|tanh|gelu|mul|integer_pow)", "FFN"),
