@@ -56,6 +56,8 @@ def _builder_gin(path: pathlib.Path, sources, data_dir: str, args) -> pathlib.Pa
   lines = [
       "from __gin__ import dynamic_registration",
       "from realm_jax import index_builder",
+      "from realm_jax.data import corpus_config",
+      "from realm_jax.models import realm",
       "include 'experiments/models/minilm.gin'",
       "index_builder.run.model = %MODEL",
       "index_builder.run.data = @corpus_config.CorpusConfig()",
@@ -65,6 +67,7 @@ def _builder_gin(path: pathlib.Path, sources, data_dir: str, args) -> pathlib.Pa
       f"index_builder.run.batch_size = {args.index_batch_size}",
       "index_builder.run.blocks_per_shard = 4096",
       f"index_builder.run.max_refreshes = {args.refreshes + 1}",
+      f"realm.ModelConfig.dtype = {args.dtype!r}",
       "index_builder.run.idle_timeout_s = 3600.0",
   ]
   path.write_text("\n".join(lines) + "\n")
@@ -121,6 +124,9 @@ def main(argv=None) -> int:
   parser.add_argument("--max_masks", type=int, default=5)
   parser.add_argument("--index_batch_size", type=int, default=32)
   parser.add_argument("--poll_interval_s", type=float, default=1.0)
+  parser.add_argument("--dtype", default="float32",
+                      help="compute dtype of both processes (realm.ModelConfig.dtype: float32, "
+                           "bfloat16 or auto)")
   parser.add_argument("--no_pin", action="store_true", help="both processes share every core")
   parser.add_argument("--first_index_all_cores", action="store_true",
                       help="build the first index (initial params) with a builder run on every core "
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
     from realm_jax.data import corpus as corpus_lib
     paths = corpus_lib.embedded_squad_paths()
     sources = [str(paths["dev"]), str(paths["train"])]
-  model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", score_scale=20.0)
+  model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", score_scale=20.0,
+                            dtype=args.dtype)
   data = corpus_config.CorpusConfig(sources=tuple(sources), data_dir=data_dir)
   t0 = time.time()
   _, corpus = corpus_config.load_corpus(data, model.checkpoint_dir(), str(workdir),
@@ -221,11 +228,19 @@ def main(argv=None) -> int:
     watcher = watcher_lib.IndexWatcher(
         workdir / "snapshots", corpus.fingerprint,
         lambda s: searchers.searcher_from_snapshot(s, kind="scann"),
-        poll_interval_s=args.poll_interval_s, max_index_staleness_steps=None, log_every_s=30)
+        poll_interval_s=args.poll_interval_s, max_index_staleness_steps=None, log_every_s=30,
+        wait_timeout_s=5.0)
     rng = jax.random.key(1)
     t_wait = time.time()
     print("# waiting for the builder's first index ...", flush=True)
-    watcher.before_step(0)
+    while True:  # Until the first index is live, or the builder has died (its log says why).
+      try:
+        watcher.before_step(0)
+        break
+      except watcher_lib.IndexStalenessError:
+        if builder.poll() is not None:
+          sys.exit(f"index_refresh: the index builder exited with code {builder.returncode} "
+                   f"before its first index; see {log_path}")
     first_wait_s = time.time() - t_wait
 
     step = 0

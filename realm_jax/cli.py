@@ -205,7 +205,8 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
   files = [_resolve_gin_file(f) for f in gin_files]
   try:
     gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
-  except (ValueError, SyntaxError, KeyError, ImportError) as e:
+  except (ValueError, SyntaxError, KeyError, ImportError, NameError) as e:
+    # NameError: a dynamic-registration file binds a module it does not import itself.
     raise UsageError(f"gin configuration error: {e}") from e
 
 

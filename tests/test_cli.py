@@ -101,6 +101,17 @@ def test_malformed_input_file_names_file_and_line(tmp_path):
   assert "corpus.jsonl" in r.stderr and "2" in r.stderr and "text" in r.stderr
 
 
+def test_gin_file_binding_a_module_it_does_not_import_is_one_line(tmp_path):
+  """Regression: with dynamic registration every file imports what it binds; a file that binds
+  `realm.…` relying on an included file's import raised a NameError traceback."""
+  gin = tmp_path / "extra.gin"
+  gin.write_text("from __gin__ import dynamic_registration\nrealm.ModelConfig.dtype = 'auto'\n")
+  r = _cli("finetune", "--gin_file", GIN, "--gin_file", str(gin), "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "gin configuration error" in r.stderr and "'realm' was not provided" in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_unknown_gin_file_and_missing_question():
   r = _cli("finetune", "--gin_file", "nope.gin")
   assert r.returncode == 2 and "nope.gin" in r.stderr and "Traceback" not in r.stderr
