@@ -392,6 +392,18 @@ class ExactSearcher:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_search_settings(num_leaves: int | None, num_leaves_to_search: int | None,
+                           reorder_k: int) -> None:
+  """Raises ValueError unless `reorder_k >= 1` and (when both are given) `1 <= num_leaves_to_search
+  <= num_leaves`: the ScaNN settings a query uses, at build time and in `set_search_settings`."""
+  if reorder_k < 1:
+    raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
+  if num_leaves is not None and num_leaves_to_search is not None and not (
+      1 <= num_leaves_to_search <= num_leaves):
+    raise ValueError(f"ScannSearcher: num_leaves_to_search={num_leaves_to_search} must be in [1, "
+                     f"num_leaves={num_leaves}]")
+
+
 class ScannSearcher:
   """ScaNN MIPS: k-means tree + anisotropic asymmetric hashing + exact float32 reordering (REALM §3.4).
 
@@ -510,8 +522,7 @@ class ScannSearcher:
     del num_threads
     n, dim = int(num_blocks), int(dim)
     reorder = 100 if reorder_k is None else int(reorder_k)
-    if reorder < 1:
-      raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
+    _check_search_settings(None, None, reorder)
     config: dict[str, Any] = {"kind": "scann", "distance": "dot_product", "num_neighbors": 10,
                               "num_blocks": n, "dim": dim, "reorder_k": reorder}
     if n < brute_force_below:
@@ -525,9 +536,7 @@ class ScannSearcher:
     if not 1 <= leaves <= sample:
       raise ValueError(f"ScannSearcher: num_leaves={leaves} must be in [1, "
                        f"training_sample_size={sample}]")
-    if not 1 <= search <= leaves:
-      raise ValueError(f"ScannSearcher: num_leaves_to_search={search} must be in [1, "
-                       f"num_leaves={leaves}]")
+    _check_search_settings(leaves, search, reorder)
     if dims_per_block < 1:
       raise ValueError(f"ScannSearcher: dims_per_block must be >= 1, got {dims_per_block}")
     threshold = float(anisotropic_quantization_threshold)
@@ -561,20 +570,15 @@ class ScannSearcher:
     Raises:
       ValueError: for values outside those ranges, or leaves to search on a brute-force index.
     """
-    if num_leaves_to_search is not None:
-      if self.mode != "tree_ah":
-        raise ValueError("ScannSearcher.set_search_settings: a brute-force index has no leaves")
-      if not 1 <= int(num_leaves_to_search) <= self.num_leaves:
-        raise ValueError(f"ScannSearcher: num_leaves_to_search={num_leaves_to_search} must be in "
-                         f"[1, num_leaves={self.num_leaves}]")
-      self.num_leaves_to_search = int(num_leaves_to_search)
-    if reorder_k is not None:
-      if int(reorder_k) < 1:
-        raise ValueError(f"ScannSearcher: reorder_k must be >= 1, got {reorder_k}")
-      self.reorder_k = int(reorder_k)
-    with self._lock:
-      self.config = dict(self.config, reorder_k=self.reorder_k,
-                         num_leaves_to_search=self.num_leaves_to_search)
+    if num_leaves_to_search is not None and self.mode != "tree_ah":
+      raise ValueError("ScannSearcher.set_search_settings: a brute-force index has no leaves")
+    search = self.num_leaves_to_search if num_leaves_to_search is None else int(num_leaves_to_search)
+    reorder = self.reorder_k if reorder_k is None else int(reorder_k)
+    _check_search_settings(self.num_leaves if self.mode == "tree_ah" else None,
+                           search if num_leaves_to_search is not None else None, reorder)
+    with self._lock:  # A concurrent search sees the old settings or the new ones, not a mix.
+      self.num_leaves_to_search, self.reorder_k = search, reorder
+      self.config = dict(self.config, reorder_k=reorder, num_leaves_to_search=search)
 
   def serialize(self, directory: str | os.PathLike) -> None:
     """Writes the ScaNN index into the local, empty `directory` (ScaNN's `searcher.serialize`, with
@@ -636,9 +640,9 @@ class ScannSearcher:
     k = _check_k(k, self.num_blocks, "ScannSearcher.search")
     queries = np.asarray(_check_queries(np.asarray(query_embeddings), self.dim,
                                         "ScannSearcher.search"))
-    pre_reorder = max(self.reorder_k, k)
-    leaves = self.num_leaves_to_search if self.mode == "tree_ah" else None
     with self._lock:
+      pre_reorder = max(self.reorder_k, k)
+      leaves = self.num_leaves_to_search if self.mode == "tree_ah" else None
       if queries.shape[0] >= 2 * self.num_threads and self.num_threads > 1:
         rows, scores = self._searcher.search_batched_parallel(
             queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder,
