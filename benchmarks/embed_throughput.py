@@ -49,6 +49,7 @@ import numpy as np
 
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import corpus_config
+from realm_jax.models import bert
 from realm_jax.models.bert import BertEncoder
 from realm_jax.models.checkpoint_import import load_bert_checkpoint, minilm_checkpoint_dir
 from realm_jax.retrieval import embedding
@@ -254,7 +255,8 @@ def main() -> None:
     ckpt = load_bert_checkpoint(model_dir, dtype=args.dtype)
     cfg = ckpt.config
     model = BertEncoder(cfg)
-    params = jax.device_put(ckpt.params)
+    # Dense weights in the compute dtype once, as the index builder casts them (a no-op in float32).
+    params = jax.device_put(bert.cast_dense_params(ckpt.params, cfg.compute_dtype))
     embed_cls = jax.jit(lambda p, ids, segs, mask: model.apply(
         {"params": p}, input_ids=ids, input_mask=mask, segment_ids=segs)[:, 0])
     compile_s = {}

@@ -13,7 +13,9 @@ its HLO metadata (`op_name`, e.g. `.../layer_3/intermediate/dot_general`):
   LayerNorm + residual    the two post-LN LayerNorms and their residual adds
   embeddings, pooling     lookups, embedding LayerNorm, mean pooling, projection
   dtype conversions       casts XLA leaves unfused, named after a dense layer: its float32 kernel
-                          and bias to bfloat16, or a float32 result to bfloat16 (bfloat16 only)
+                          and bias to bfloat16, or a float32 result to bfloat16 (bfloat16 only;
+                          the kernel casts vanish with `--dense_weights cast_once`, the default,
+                          which casts them once as the index builder does)
   other                   parameter conversions, copies, transposes not inside a component
 
 For each component it prints the time per batch, its share, and for the matmul components the
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realm_jax import sharding
+from realm_jax.models import bert
 from realm_jax.models import realm
 from realm_jax.retrieval import embedding
 
@@ -50,7 +53,9 @@ _PATTERNS = (  # (regular expression on op_name, component): the first match win
     (r"/(query|key|value|out|intermediate|output)/convert_element_type$", "dtype conversions"),
     (r"/attention/(query|key|value|out)/", "attention projections"),
     (r"/attention/", "attention core"),
-    (r"/layer_\d+/(intermediate|output)/|/layer_\d+/(erf|tanh|gelu|mul|integer_pow)", "FFN"),
+    # The GELU's float32 cast (`layer_i/convert_element_type`) heads the fusion that evaluates it.
+    (r"/layer_\d+/(intermediate|output)/|/layer_\d+/(erf|tanh|gelu|mul|integer_pow)"
+     r"|/layer_\d+/convert_element_type$", "FFN"),
     (r"/layer_\d+/(attention_layer_norm|output_layer_norm|add)", "LayerNorm + residual"),
     (r"/embeddings/|/projection|/reduce_sum|/div|/jit\(norm\)", "embeddings, pooling"),
 )
@@ -122,11 +127,14 @@ def component_flops(batch: int, length: int, hidden: int, intermediate: int,
           "FFN": 4 * tokens * hidden * intermediate * layers}
 
 
-def profile(dtype: str, batch: int, length: int, runs: int) -> tuple[dict[str, float], float]:
+def profile(dtype: str, batch: int, length: int, runs: int, cast_params: bool = True
+            ) -> tuple[dict[str, float], float]:
   """Per-component seconds per batch (from the profile) and the wall seconds per batch."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   model = realm.ModelConfig(init_checkpoint="minilm", pooling="mean", dtype=dtype)
   params = realm.init_params(model, jax.random.key(0), parts=("retriever",))["retriever"]
+  if cast_params:  # As `embedding.embed_snapshot` does once per snapshot.
+    params = bert.cast_dense_params(params, model.retriever_config().bert.compute_dtype)
   embed = embedding.make_document_embed_fn(model.retriever_config(), mesh)
   rng = np.random.default_rng(0)
   inputs = {"input_ids": rng.integers(1000, 20000, (batch, length)).astype(np.int32),
@@ -153,10 +161,16 @@ def profile(dtype: str, batch: int, length: int, runs: int) -> tuple[dict[str, f
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--batch", type=int, default=32, help="blocks per batch (the index builder's)")
-  parser.add_argument("--length", type=int, default=192,
-                      help="padded block length (tokens); the SQuAD corpus' buckets average ~190")
+  parser.add_argument("--batch", type=int, default=8,
+                      help="blocks per batch (the CPU gins' index batch size)")
+  parser.add_argument("--length", type=int, default=160,
+                      help="padded block length (tokens); the 20,780 SQuAD blocks in batches of 8 "
+                           "pad to 159 on average (16-token buckets)")
   parser.add_argument("--runs", type=int, default=3, help="profiled forward passes")
+  parser.add_argument("--dense_weights", default="cast_once", choices=("cast_once", "per_call", "both"),
+                      help="cast_once: the layers' Dense weights cast to the compute dtype once "
+                           "(`bert.cast_dense_params`, as the index builder does); per_call: float32 "
+                           "weights cast inside every call (before 2026-12-02)")
   args = parser.parse_args()
   cfg = realm.ModelConfig(init_checkpoint="minilm").retriever_config().bert
   flops = component_flops(args.batch, args.length, cfg.hidden_size, cfg.intermediate_size,
@@ -165,12 +179,17 @@ def main() -> None:
   print(f"# Document tower (MiniLM-L{cfg.num_layers}, hidden {cfg.hidden_size}), batch "
         f"[{args.batch}, {args.length}], {cores} usable core(s), load {os.getloadavg()[0]:.1f}, "
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s))\n")
-  for dtype in args.dtypes.split(","):
+  modes = ("cast_once", "per_call") if args.dense_weights == "both" else (args.dense_weights,)
+  for dtype, mode in ((d, m) for d in args.dtypes.split(",") for m in modes):
+    if dtype == "float32" and mode == "per_call" and len(modes) > 1:
+      continue  # Nothing to cast in float32: the two modes are the same program.
     peak = matmul_peak(dtype)
-    seconds, wall = profile(dtype, args.batch, args.length, args.runs)
+    seconds, wall = profile(dtype, args.batch, args.length, args.runs,
+                            cast_params=mode == "cast_once")
     total = sum(seconds.values())
-    print(f"## {dtype}: {wall * 1e3:.0f} ms a batch = {args.batch / wall:.1f} blocks/s; profiled "
-          f"ops {total * 1e3:.0f} ms; matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+    weights = "" if dtype == "float32" else f", Dense weights {mode.replace('_', ' ')}"
+    print(f"## {dtype}{weights}: {wall * 1e3:.0f} ms a batch = {args.batch / wall:.1f} blocks/s; "
+          f"profiled ops {total * 1e3:.0f} ms; matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| component | ms a batch | share | matmul GFLOP/s | of peak |")
     print("|---|---:|---:|---:|---:|")
     for name in COMPONENTS:

@@ -244,7 +244,8 @@ def run(workdir: str,
     poll_interval_s: seconds between looks at `WORKDIR/checkpoints`.
     keep_snapshots: newest committed snapshots kept (the official refresher keeps 3); the newest one
       is never deleted.
-    batch_size: blocks per forward pass (a multiple of the local device count is best).
+    batch_size: blocks per forward pass (a multiple of the local device count is best). On a CPU
+      core small batches are fastest (8: `experiments/cpu/*.gin`); on TPU/GPU large ones.
     blocks_per_shard: snapshot shard size in blocks, also the unit of resume after a crash.
     max_refreshes: stop after this many commits (the first index counts); None: no limit.
     exit_when_trainer_done: stop once the trainer's final checkpoint is embedded.

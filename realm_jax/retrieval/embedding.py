@@ -25,6 +25,7 @@ import tqdm
 
 from realm_jax import fileio
 from realm_jax import sharding
+from realm_jax.models import bert
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import snapshot as snapshot_lib
 
@@ -62,7 +63,10 @@ def make_query_embed_fn(config: retriever_lib.RetrieverConfig, mesh: jax.shardin
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-DEFAULT_BUCKET = 32
+# Padded lengths are multiples of 16 tokens. On the 20,780 SQuAD blocks (batches of 8) this computes
+# 4.7 % padding instead of 9.3 % with multiples of 32, for 18 bucket shapes instead of 9: each costs
+# one compilation (~0.9 s for MiniLM on one CPU core), paid once per process or cached on disk.
+DEFAULT_BUCKET = 16
 
 
 def bucket_length(n_tokens: int, max_length: int, bucket: int = DEFAULT_BUCKET) -> int:
@@ -74,7 +78,7 @@ def bucket_length(n_tokens: int, max_length: int, bucket: int = DEFAULT_BUCKET) 
 
 def bucket_lengths(max_length: int, bucket: int = DEFAULT_BUCKET) -> tuple[int, ...]:
   """The fixed set of padded lengths `bucket_length` picks from: multiples of `bucket`, then
-  `max_length` (e.g. 32, 64, …, 256, 288 for 288-token blocks). Its size bounds the compilations."""
+  `max_length` (e.g. 16, 32, …, 272, 288 for 288-token blocks). Its size bounds the compilations."""
   return tuple(sorted({bucket_length(n, max_length, bucket) for n in range(1, max_length + 1)}))
 
 
@@ -284,6 +288,9 @@ def embed_snapshot(root: str | pathlib.Path, corpus, retriever_cfg: retriever_li
   begin, end = process_range(num_blocks, process_index, process_count)
   done = set(writer.completed_shards())
   embed_fn = embed_fn or make_document_embed_fn(retriever_cfg, mesh)
+  # Every batch of the pass uses the same parameters: cast the layers' Dense weights to the compute
+  # dtype once, not inside each call (bit-identical embeddings).
+  retriever_params = bert.cast_dense_params(retriever_params, retriever_cfg.bert.compute_dtype)
   my_shards = range(process_index * per_process, (process_index + 1) * per_process)
   written, skipped = [], []
   for shard, (lo, hi) in zip(my_shards, shard_ranges(begin, end, per_process)):

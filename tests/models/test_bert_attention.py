@@ -284,3 +284,31 @@ def test_cpu_attention_core_is_float32_for_bfloat16_inputs(monkeypatch, chunked)
   assert cpu(q, k, v, bias).dtype == jnp.bfloat16
   xla = lambda *a: bert.fused_attention(*a, implementation="xla")  # noqa: E731
   assert all(d[0] == "bfloat16" for d in _dot_operand_dtypes(xla, q, k, v, bias))
+
+
+def test_cast_dense_params_is_exact_and_leaves_float32_modules_alone():
+  """Casting the layers' Dense weights once (the index builder's pass) gives bit-identical
+  bfloat16 document embeddings; embeddings, LayerNorms and the float32 projection head stay
+  float32 (casting the projection would change its output), and float32 configs are untouched."""
+  from realm_jax.models import retriever as retriever_lib
+  cfg = retriever_lib.RetrieverConfig(bert=dataclasses.replace(TINY, dtype="bfloat16"),
+                                      pooling="cls_projection", projection_size=16)
+  model = retriever_lib.Retriever(cfg)
+  inputs = _inputs()
+  params = model.init(jax.random.key(0), method=retriever_lib.Retriever.embed_documents,
+                      **inputs)["params"]
+  cast = bert.cast_dense_params(params, cfg.bert.compute_dtype)
+  dtypes = {"/".join(str(k.key) for k in path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+  bf16 = {p for p, d in dtypes.items() if d == jnp.bfloat16}
+  expected = {p for p in dtypes if "/layer_" in p and p.rsplit("/", 2)[-2] in (
+      "query", "key", "value", "out", "intermediate", "output")}
+  assert bf16 == expected and len(expected) == 2 * 6 * 2  # 2 layers × 6 Dense × (kernel, bias)
+  assert all(dtypes[p] == jnp.float32 for p in dtypes if "layer_norm" in p or "projection" in p
+             or "embeddings" in p)
+  embed = jax.jit(lambda p: model.apply({"params": p}, **inputs,
+                                        method=retriever_lib.Retriever.embed_documents))
+  np.testing.assert_array_equal(np.asarray(embed(cast)), np.asarray(embed(params)))
+  wrong = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # every leaf, projection too
+  assert not np.array_equal(np.asarray(embed(wrong)), np.asarray(embed(params)))
+  assert bert.cast_dense_params(params, jnp.float32) is params

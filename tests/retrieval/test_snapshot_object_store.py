@@ -301,7 +301,8 @@ class _TinyCorpus:
 
 def test_index_builder_resumes_the_shards_of_a_killed_run_on_memory(root):
   corpus = _TinyCorpus(20)
-  cfg = type("Cfg", (), {"embedding_dim": 4, "pooling": "cls"})()
+  bert_cfg = type("BertCfg", (), {"compute_dtype": np.dtype(np.float32)})()
+  cfg = type("Cfg", (), {"embedding_dim": 4, "pooling": "cls", "bert": bert_cfg})()
   calls = []
 
   def embed_fn(params, batch):  # [batch, 4] int32 -> [batch, 4] float32; a stand-in document tower.
