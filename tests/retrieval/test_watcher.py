@@ -183,7 +183,7 @@ def tiny_corpus(tmp_path_factory):
     for i in range(40):
       text = (f"{WORDS[i % 20].capitalize()} {i} is a town on the {WORDS[(i * 7) % 20]} river. It "
               f"was founded in {1800 + i} by {WORDS[(i * 3) % 20]} settlers.")
-      # 0, 2 or 4 more sentences: blocks of 24 to 57 wordpieces, in two length buckets (32, 64).
+      # 0, 2 or 4 more sentences: blocks of 24 to 57 wordpieces, in three length buckets (32, 48, 64).
       text += "".join(f" The {WORDS[(i + j) % 20]} market opened in {1900 + j}."
                       for j in range(i % 3 * 2))
       f.write(json.dumps({"title": f"Town {i}", "text": text}) + "\n")
@@ -192,7 +192,7 @@ def tiny_corpus(tmp_path_factory):
   _, corpus = corpus_config.load_corpus(data, MODEL.checkpoint_dir(), str(root),
                                        show_progress=False)
   lengths = corpus.retrieval_inputs(np.arange(len(corpus)))["input_mask"].sum(axis=1)
-  assert embedding.plan_batches(lengths, 8, MAX_BLOCK_LENGTH).shapes == (32, 64)  # bucketing runs
+  assert embedding.plan_batches(lengths, 8, MAX_BLOCK_LENGTH).shapes == (32, 48, 64)  # bucketing runs
   return data, corpus
 
 
