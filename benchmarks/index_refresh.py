@@ -147,7 +147,7 @@ def main(argv=None) -> int:
   trainer_cpus = builder_cpus = None
   all_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   if not args.no_pin and hasattr(os, "sched_getaffinity"):
-    trainer_cpus, builder_cpus = launch_local.split_cpus(os.sched_getaffinity(0))
+    trainer_cpus, builder_cpus = launch_local.split_cpus(all_cpus)
   _pin(trainer_cpus)
   os.environ["XLA_FLAGS"] = launch_local.child_env(1)["XLA_FLAGS"]
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

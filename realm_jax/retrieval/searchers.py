@@ -574,8 +574,7 @@ class ScannSearcher:
       raise ValueError("ScannSearcher.set_search_settings: a brute-force index has no leaves")
     search = self.num_leaves_to_search if num_leaves_to_search is None else int(num_leaves_to_search)
     reorder = self.reorder_k if reorder_k is None else int(reorder_k)
-    _check_search_settings(self.num_leaves if self.mode == "tree_ah" else None,
-                           search if num_leaves_to_search is not None else None, reorder)
+    _check_search_settings(self.num_leaves if self.mode == "tree_ah" else None, search, reorder)
     with self._lock:  # A concurrent search sees the old settings or the new ones, not a mix.
       self.num_leaves_to_search, self.reorder_k = search, reorder
       self.config = dict(self.config, reorder_k=reorder, num_leaves_to_search=search)
