@@ -54,18 +54,30 @@ class ReaderConfig:
 def span_candidates(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.ndarray]:
   """All spans (start, end), end − start < max_span_width, end < seq_len, in a fixed order.
 
+  The order is end-major, then width (span (e, e), then (e − 1, e), …): the spans of a shorter
+  input are a prefix of the spans of a longer one, `span_candidates(n, w)[0] ==
+  span_candidates(m, w)[0][:num_span_candidates(n, w)]` for n ≤ m. A reader batch cut to a
+  length bucket (`training.finetune.cut_reads`) therefore keeps its span indices: span i is the
+  same (start, end) at every padded length.
+
   Returns:
-    `(starts, ends)`, each `[num_spans]` int32, with `num_spans = Σ_w (seq_len − w)` for
-    `w < max_span_width`; span i covers tokens `starts[i] … ends[i]` inclusive. The order is
-    start-major, then width. Spans are later restricted to the block body by a mask.
+    `(starts, ends)`, each `[num_spans]` int32, `num_spans = num_span_candidates(seq_len,
+    max_span_width)`; span i covers tokens `starts[i] … ends[i]` inclusive. Spans are later
+    restricted to the block body by a mask.
   """
   starts, ends = [], []
-  for s in range(seq_len):
-    for w in range(max_span_width):
-      if s + w < seq_len:
-        starts.append(s)
-        ends.append(s + w)
+  for e in range(seq_len):
+    for w in range(min(max_span_width, e + 1)):
+      starts.append(e - w)
+      ends.append(e)
   return np.asarray(starts, np.int32), np.asarray(ends, np.int32)
+
+
+def num_span_candidates(seq_len: int, max_span_width: int) -> int:
+  """How many spans `span_candidates(seq_len, max_span_width)` lists: Σ_{e < seq_len}
+  min(e + 1, max_span_width), i.e. the spans that end before `seq_len`."""
+  full = min(seq_len, max_span_width)
+  return full * (full + 1) // 2 + (seq_len - full) * max_span_width
 
 
 def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
@@ -73,7 +85,7 @@ def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
   """Positions in `span_candidates(seq_len, max_span_width)` of the given (start, end) spans.
 
   Maps another enumeration onto ours, e.g. Hugging Face's `RealmReaderProjection`, which lists
-  spans width-major (every width-1 span, then width 2, …) where `span_candidates` is start-major:
+  spans width-major (every width-1 span, then width 2, …) where `span_candidates` is end-major:
   `our_logits[..., span_index(…, hf_starts, hf_ends)]` is in Hugging Face's order.
 
   Args:
@@ -90,16 +102,15 @@ def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
   starts, ends = np.asarray(starts), np.asarray(ends)
   if starts.shape != ends.shape:
     raise ValueError(f"span_index: starts {starts.shape} and ends {ends.shape} differ in shape")
-  our_starts, our_ends = span_candidates(seq_len, max_span_width)
-  # Start-major, then width: span (s, e) sits at offset(s) + (e - s).
-  offsets = np.searchsorted(our_starts, np.arange(seq_len))
   bad = (starts < 0) | (ends < starts) | (ends >= seq_len) | (ends - starts >= max_span_width)
   if np.any(bad):
     k = int(np.flatnonzero(bad)[0])
     raise ValueError(f"span_index: span ({int(starts[k])}, {int(ends[k])}) is not among the spans "
                      f"of width < {max_span_width} in {seq_len} tokens")
-  index = offsets[starts] + (ends - starts)
-  return index.astype(np.int64)
+  # End-major, then width: span (s, e) sits after every span ending before e, at offset e − s.
+  before = np.minimum(ends, max_span_width)
+  offsets = before * (before + 1) // 2 + (ends - before) * max_span_width
+  return (offsets + (ends - starts)).astype(np.int64)
 
 
 def gold_span_mask(seq_len: int, max_span_width: int, gold_starts: np.ndarray,

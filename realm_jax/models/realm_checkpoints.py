@@ -33,7 +33,7 @@ part), reusing `checkpoint_import`'s tensor-by-tensor BERT mapping for every `re
   `qa_outputs.layer_normalization` → `span_layer_norm/` (ε = `reader_layer_norm_eps` = 1e-3);
   `qa_outputs.dense_output` → `span_logits/`. `RealmReaderProjection` scores span (i, j) as
   dense_output(LayerNorm(ReLU(start[i] + end[j]))), exactly `SpanReader`'s formula; it enumerates
-  spans width-major where `span_candidates` is start-major (same set, another order).
+  spans width-major where `span_candidates` is end-major (same set, another order).
   `cls.predictions.*` and `realm.pooler.*` are unused by the reader and dropped.
 * `RealmForOpenQA`: `embedder.*` (the fine-tuned query tower) and `reader.*` as above, plus the
   `block_emb` buffer `[num_block_records, projection_size]` (the frozen document index of the

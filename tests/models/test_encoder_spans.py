@@ -25,6 +25,20 @@ def test_span_index_matches_a_lookup_table():
     encoder.span_index(7, 3, np.array([6]), np.array([7]))
 
 
+def test_spans_of_a_shorter_input_are_a_prefix_and_counted_in_closed_form():
+  """End-major order: the spans of n tokens are the first `num_span_candidates(n)` spans of any
+  longer input (what lets a reader batch be cut to a length bucket), each listed once."""
+  for width in (1, 3, 10):
+    long_starts, long_ends = encoder.span_candidates(40, width)
+    for n in (1, 2, 3, 9, 10, 11, 25, 40):
+      starts, ends = encoder.span_candidates(n, width)
+      brute = {(s, e) for s in range(n) for e in range(s, min(n, s + width))}
+      assert len(starts) == len(brute) == encoder.num_span_candidates(n, width)
+      assert set(zip(starts.tolist(), ends.tolist())) == brute
+      np.testing.assert_array_equal(long_starts[:len(starts)], starts)
+      np.testing.assert_array_equal(long_ends[:len(ends)], ends)
+
+
 def test_gold_span_mask_marks_exactly_the_gold_spans():
   starts, ends = encoder.span_candidates(6, 2)
   gold_s = np.array([[1, 4, -1], [0, -1, -1]])
