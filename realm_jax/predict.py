@@ -222,7 +222,8 @@ class Predictor:
       block_ids = np.pad(block_ids, ((0, 0), (0, cfg.num_retrieved - block_ids.shape[1])),
                          constant_values=-1)
     batch, reads = self.featurizer.batch(questions, block_ids, with_labels=False)
-    batch, _ = finetune.pad_batch(batch, data_size)  # Few shapes: multiples of the data axis.
+    # Few shapes: reads cut to a length bucket, questions padded to a multiple of the data axis.
+    batch, _ = finetune.pad_batch(self.featurizer.cut_to_bucket(batch), data_size)
     out = jax.device_get(self.eval_fn(self.params, batch))
     results = []
     for i, question in enumerate(questions):

@@ -119,6 +119,30 @@ def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> d
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def max_over_processes(values: Sequence[int]) -> tuple[int, ...]:
+  """The elementwise largest of every process's `values` (each passes its own; all get the same).
+
+  What makes a per-batch shape choice safe on several hosts: a padded length picked from this
+  process's rows alone could differ between processes, and the global array of
+  `global_batch_from_local` needs the same local shape everywhere. One process: `values` itself,
+  no communication. Several: one small all-gather across processes
+  (`jax.experimental.multihost_utils.process_allgather`, a collective on the devices, queued
+  behind the step in flight), which every process must call in the same order.
+
+  Args:
+    values: `[n]` integers (the same n on every process).
+
+  Returns:
+    `n` Python ints, the maximum of each over the processes.
+  """
+  values = np.asarray(values, np.int32).reshape(-1)
+  if jax.process_count() == 1:
+    return tuple(int(v) for v in values)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = np.asarray(multihost_utils.process_allgather(values))  # [processes, n]
+  return tuple(int(v) for v in gathered.reshape(-1, len(values)).max(axis=0))
+
+
 def setup_training_mesh(mesh_shape: Sequence[int], global_batch_size: int) -> Mesh:
   """Start-up shared by the train loops: `jax.distributed` (when multi-host), the mesh, batch check.
 

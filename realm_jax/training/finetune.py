@@ -36,6 +36,7 @@ from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import embedding
+from realm_jax.training import length_buckets
 from realm_jax.training import loop as loop_lib
 from realm_jax.training import losses
 from realm_jax.training import optim
@@ -55,6 +56,11 @@ class OpenQAConfig:
     query_length: `[CLS] question [SEP]` length for the query embedder, in wordpieces.
     reader_length: `[CLS] question [SEP] block [SEP]` length (288 + 32 in the paper).
     reader_query_length: wordpieces of the question kept in the reader input (incl. [CLS], [SEP]).
+    reader_length_bucket: the reads of a batch are padded to the smallest multiple of this many
+      wordpieces that holds the batch's longest read (capped at `reader_length`), not to
+      `reader_length`: the train, eval and predict steps then compile once per bucket length
+      (`reader_length / reader_length_bucket` shapes at most) and skip the padding past it. 0 pads
+      every batch to `reader_length` (one shape).
     gold_block_in_read: training only: when none of the `num_read` top retrieved blocks is a gold
       block (of the question's `gold_doc_ids`, SQuAD-style) holding an answer, the gold block takes
       the last read slot (and its retrieved rank, so the retriever's marginal sees it too). This is
@@ -70,6 +76,7 @@ class OpenQAConfig:
   query_length: int = 64
   reader_length: int = 320
   reader_query_length: int = 32
+  reader_length_bucket: int = 64
   gold_block_in_read: bool = False
 
   def __post_init__(self):
@@ -80,6 +87,9 @@ class OpenQAConfig:
       raise ValueError("OpenQAConfig: reader_length must exceed reader_query_length + 1")
     if self.query_length < 3:
       raise ValueError("OpenQAConfig: query_length must be at least 3")
+    if self.reader_length_bucket < 0:
+      raise ValueError("OpenQAConfig: reader_length_bucket must be >= 0 (0: no bucketing), got "
+                       f"{self.reader_length_bucket}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,6 +116,7 @@ class OpenQAFeaturizer:
     self.corpus = corpus
     self.embeddings = snapshot_embeddings
     self.config = config
+    self.max_span_width = max_span_width
     self.row_of_block = {int(b): i for i, b in enumerate(snapshot_block_ids)}
     self.position_of_block = {int(b): i for i, b in enumerate(corpus.block_ids)}
     self.starts, self.ends = encoder_lib.span_candidates(config.reader_length, max_span_width)
@@ -221,6 +232,77 @@ class OpenQAFeaturizer:
     if with_labels:
       batch["span_is_answer"] = span_labels
     return batch, reads
+
+  def cut_to_bucket(self, batch: dict[str, np.ndarray], across_processes: bool = False
+                    ) -> dict[str, np.ndarray]:
+    """`batch`'s reads cut to the bucket length of its longest read: `cut_to_bucket` with this
+    configuration's `reader_length_bucket` and span width."""
+    return cut_to_bucket(batch, self.config.reader_length_bucket, self.max_span_width,
+                         across_processes)
+
+
+def read_bucket_length(batch: dict[str, np.ndarray], bucket: int) -> int:
+  """The padded reader length a batch needs: the smallest multiple of `bucket` that holds its
+  longest read (`[CLS] x [SEP] z [SEP]`, counted from `reader_input_mask` `[n, R, L]`), capped at
+  the batch's length L; L itself when `bucket` is 0 (`OpenQAConfig.reader_length_bucket`)."""
+  return length_buckets.group_length(batch, "reader_", bucket)
+
+
+def cut_reads(batch: dict[str, np.ndarray], length: int, max_span_width: int
+              ) -> dict[str, np.ndarray]:
+  """Drops the reader padding past `length`: the same batch, fewer computed tokens.
+
+  The reader attends only to unmasked tokens and its span candidates are end-major
+  (`encoder.span_candidates`), so the spans of the first `length` tokens are the first
+  `num_span_candidates(length)` spans of the full length: span indices (`eval_step`'s
+  `best_span`, `OpenQAFeaturizer.predicted_span`) mean the same span after the cut. Losses and
+  gradients are those of the full length (up to float rounding); only dropout differs, its masks
+  being drawn for the cut shape (another sample of the same distribution).
+
+  Args:
+    batch: `reader_*` `[n, R, L]` int32; optional `span_is_answer` `[n, R, num_spans(L)]` bool;
+      other entries pass through.
+    length: the new reader length, 0 < length ≤ L.
+    max_span_width: the reader's maximum span width.
+
+  Returns:
+    A new dict; `reader_*` `[n, R, length]`, `span_is_answer` `[n, R, num_spans(length)]` (the
+    input's own arrays when `length` is L).
+
+  Raises:
+    ValueError: if `length` is out of range, or the cut would drop a real token or an answer span.
+  """
+  out = length_buckets.cut(batch, {"reader_": length})
+  if "span_is_answer" in batch and length < batch["reader_input_mask"].shape[-1]:
+    num_spans = encoder_lib.num_span_candidates(length, max_span_width)
+    if np.any(batch["span_is_answer"][..., num_spans:]):
+      raise ValueError(f"reader_*: an answer span ends past token {length}")
+    out["span_is_answer"] = np.ascontiguousarray(batch["span_is_answer"][..., :num_spans])
+  return out
+
+
+def cut_to_bucket(batch: dict[str, np.ndarray], bucket: int, max_span_width: int,
+                  across_processes: bool = False) -> dict[str, np.ndarray]:
+  """A batch's reads cut to the bucket length of its longest read (ORQA/REALM reader inputs
+  without the padding past it; `training.length_buckets`).
+
+  Args:
+    batch: from `OpenQAFeaturizer.batch` (reads `[n, R, reader_length]`).
+    bucket: `OpenQAConfig.reader_length_bucket` (0: no cut).
+    max_span_width: the reader's maximum span width.
+    across_processes: every process passes its own rows and all cut to the largest of their
+      bucket lengths (`sharding.max_over_processes`, one collective; training, where each host
+      featurises its own questions). False where every process builds the same batch
+      (evaluation, prediction).
+
+  Returns:
+    `batch` with `reader_*` `[n, R, length]` and `span_is_answer` `[n, R,
+    num_span_candidates(length)]` (`cut_reads`).
+  """
+  length = read_bucket_length(batch, bucket)
+  if across_processes:
+    (length,) = sharding.max_over_processes([length])
+  return cut_reads(batch, length, max_span_width)
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
@@ -414,7 +496,7 @@ class OpenQAEvaluator:
       if read:
         batch, reads = self.featurizer.batch(chunk, block_ids[:, :cfg.num_retrieved],
                                              with_labels=False)
-        batch, _ = pad_batch(batch, data_size)
+        batch, _ = pad_batch(self.featurizer.cut_to_bucket(batch), data_size)
         out = jax.device_get(self.eval_fn(params, batch))
       for i, q in enumerate(chunk):
         top = block_ids[i, :max(self.recall_ks)]
@@ -689,7 +771,8 @@ def train_and_evaluate(workdir: str,
     del step  # The order is resumable state of its own.
     local = [train_qs[i] for i in order.next_local_indices()]
     _, retrieved = evaluator.retrieve(state.params["retriever"], local, task.num_retrieved)
-    return featurizer.batch(local, retrieved, with_labels=True)[0]
+    return featurizer.cut_to_bucket(featurizer.batch(local, retrieved, with_labels=True)[0],
+                                    across_processes=True)
 
   state, fit = trainer.fit(loop_lib.Task(
       name="fine-tuning", train_step=parts.train_step, next_batch=next_batch, data_order=order,
@@ -717,7 +800,8 @@ def train_and_evaluate(workdir: str,
 
 def abstract_batch(task: OpenQAConfig, model: realm.ModelConfig, batch_size: int
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global batch (what `OpenQAFeaturizer.batch` produces)."""
+  """Shapes and dtypes of one global batch (what `OpenQAFeaturizer.batch` produces): the largest
+  one; `cut_to_bucket` shortens the reads (`reader_*`, `span_is_answer`) of most batches."""
   b, k, r, lr, lq = (batch_size, task.num_retrieved, task.num_read, task.reader_length,
                      task.query_length)
   num_spans = len(encoder_lib.span_candidates(lr, model.max_span_width)[0])

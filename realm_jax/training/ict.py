@@ -39,6 +39,7 @@ from realm_jax.data import corpus_config
 from realm_jax.data import example_order
 from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
+from realm_jax.training import length_buckets
 from realm_jax.training import loop as loop_lib
 from realm_jax.training import optim
 from realm_jax.training import train_state
@@ -58,6 +59,12 @@ class IctConfig:
     block_length: `[CLS] title [SEP] body [SEP]` length (288).
     remove_sentence_prob: probability that the query sentence is removed from its block (0.9).
     min_sentences: blocks with fewer sentences are not used (their evidence would be empty).
+    length_bucket: on one process, each batch's queries and blocks are cut to the smallest
+      multiple of this many wordpieces that holds the batch's longest of each
+      (`training.length_buckets`): the step compiles once per pair of bucket lengths and skips
+      the padding past them. 0, or several processes: every batch at `query_length` and
+      `block_length` (agreeing on a length across processes takes a collective, which would wait
+      for the step in flight: ICT builds the next batch while the step runs).
 
   Raises:
     ValueError: on impossible sizes or a probability outside [0, 1].
@@ -67,6 +74,7 @@ class IctConfig:
   block_length: int = 288
   remove_sentence_prob: float = 0.9
   min_sentences: int = 2
+  length_bucket: int = 64
 
   def __post_init__(self):
     if self.query_length < 3 or self.block_length < 4:
@@ -75,6 +83,9 @@ class IctConfig:
     if not 0.0 <= self.remove_sentence_prob <= 1.0:
       raise ValueError(f"IctConfig.remove_sentence_prob={self.remove_sentence_prob} is not in "
                        "[0, 1]")
+    if self.length_bucket < 0:
+      raise ValueError(f"IctConfig.length_bucket={self.length_bucket} must be >= 0 (0: no "
+                       "bucketing)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,7 +259,8 @@ def make_eval_step(model_cfg: realm.ModelConfig, mesh: jax.sharding.Mesh):
 
 
 def abstract_batch(task: IctConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global ICT batch (what `IctBatcher.next_local_batch` produces)."""
+  """Shapes and dtypes of one global ICT batch (what `IctBatcher.next_local_batch` produces): the
+  largest one; `length_buckets.cut_to_buckets` shortens most batches' queries and blocks."""
   spec = {}
   for name in BATCH_FIELDS:
     if name == "block_id":
@@ -330,9 +342,15 @@ def train(workdir: str,
   state = trainer.initial_state(
       random_params=parts.init_params, tx=tx, data_order=batcher,
       initial_params=lambda: realm.init_params(model, jax.random.key(seed), parts=("retriever",)))
+  bucket = task.length_bucket if jax.process_count() == 1 else 0  # IctConfig.length_bucket
+
+  def next_batch(step: int, state: train_state.TrainState) -> dict[str, np.ndarray]:
+    del step, state  # The batcher's order is resumable state of its own; no retrieval.
+    return length_buckets.cut_to_buckets(batcher.next_local_batch(), ("query_", "block_"),
+                                         bucket)[0]
+
   state, fit = trainer.fit(loop_lib.Task(
-      name="ICT", train_step=parts.train_step,
-      next_batch=lambda step, state: batcher.next_local_batch(), data_order=batcher,
+      name="ICT", train_step=parts.train_step, next_batch=next_batch, data_order=batcher,
       global_batch_size=batch_size,
       checkpoint_meta={"model": dataclasses.asdict(model), "task": dataclasses.asdict(task)},
       learning_rate=optim.learning_rate_schedule(optimizer),

@@ -60,6 +60,7 @@ from realm_jax.models import realm
 from realm_jax.models import retriever as retriever_lib
 from realm_jax.retrieval import embedding
 from realm_jax.retrieval import trainer_done
+from realm_jax.training import length_buckets
 from realm_jax.training import loop as loop_lib
 from realm_jax.training import losses
 from realm_jax.training import optim
@@ -93,6 +94,11 @@ class PretrainConfig:
     max_masks: masked-LM slots per query (10, the official local launcher).
     extra_retrieved: blocks retrieved beyond k − 1, so that dropping trivial retrievals still
       leaves k − 1 candidates.
+    length_bucket: each train batch's query, candidate and joined inputs are cut to the smallest
+      multiple of this many wordpieces that holds the batch's longest row of each
+      (`training.length_buckets`; all processes agree on the lengths), so the step compiles once
+      per combination of bucket lengths and skips the padding past them. 0: every batch at
+      `query_length`, `candidate_length`, `joint_length`.
 
   Raises:
     ValueError: on sizes that cannot form an example.
@@ -103,6 +109,7 @@ class PretrainConfig:
   candidate_length: int = 288
   max_masks: int = 10
   extra_retrieved: int = 2
+  length_bucket: int = 64
 
   def __post_init__(self):
     if self.num_candidates < 2:
@@ -116,6 +123,9 @@ class PretrainConfig:
     if self.max_masks < 1 or self.extra_retrieved < 0:
       raise ValueError("PretrainConfig: max_masks must be >= 1 and extra_retrieved >= 0, got "
                        f"{self.max_masks}, {self.extra_retrieved}")
+    if self.length_bucket < 0:
+      raise ValueError(f"PretrainConfig.length_bucket={self.length_bucket} must be >= 0 (0: no "
+                       "bucketing)")
 
   @property
   def joint_length(self) -> int:
@@ -484,8 +494,13 @@ def make_eval_step(model_cfg: realm.ModelConfig, mesh: jax.sharding.Mesh):
                  in_shardings=(rep, data), out_shardings=rep)
 
 
+# The token inputs a train batch is cut to length buckets by (`PretrainConfig.length_bucket`).
+BUCKETED_GROUPS = ("query_", "candidate_", "joint_")
+
+
 def abstract_batch(task: PretrainConfig, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global batch (what `PretrainFeaturizer.featurize` produces)."""
+  """Shapes and dtypes of one global batch (what `PretrainFeaturizer.featurize` produces): the
+  largest one; `length_buckets.cut_to_buckets` shortens the token inputs of most batches."""
   b, k, q, c, m = (batch_size, task.num_candidates, task.query_length, task.candidate_length,
                    task.max_masks)
   i32 = jnp.int32
@@ -816,8 +831,10 @@ def train(workdir: str,
     staleness["now"] = step - int(index.snapshot.params_step)
     staleness["max"] = max(staleness["max"], staleness["now"])
     local = train_indices[data_order.next_local_indices()]
-    return retrieve_and_featurize(featurizer, examples.batch(local), state.params["retriever"],
-                                  index.searcher, query_embed_fn, mesh)
+    batch = retrieve_and_featurize(featurizer, examples.batch(local), state.params["retriever"],
+                                   index.searcher, query_embed_fn, mesh)
+    return length_buckets.cut_to_buckets(batch, BUCKETED_GROUPS, task.length_bucket,
+                                         across_processes=True)[0]
 
   def host_metrics(step: int) -> dict[str, float]:
     out = {"retrieval/index_staleness_steps": float(staleness["now"])}

@@ -16,18 +16,27 @@ TINY = realm.ModelConfig(
 LOSS_KEY = {"finetune": "train/loss", "ict": "train/loss", "pretrain": "train/loss"}
 
 
+FINETUNE_BUCKET = 8
+
+
 def finetune(global_batch, mesh):
+  """Reads of 14 tokens in the first half of the batch, 20 in the second (reader_length 32): cut
+  to 8-token buckets, the first half alone needs 16 tokens and the whole batch 24 (`prepare`)."""
   import jax
   from realm_jax.training import finetune as ft
   from realm_jax.training import optim
-  task = ft.OpenQAConfig(num_retrieved=4, num_read=2, query_length=8, reader_length=24,
-                         reader_query_length=8)
+  task = ft.OpenQAConfig(num_retrieved=4, num_read=2, query_length=8, reader_length=32,
+                         reader_query_length=8, reader_length_bucket=FINETUNE_BUCKET)
   rng = np.random.default_rng(0)
   b, k, r, length = global_batch, task.num_retrieved, task.num_read, task.reader_length
   from realm_jax.models import encoder
-  num_spans = len(encoder.span_candidates(length, TINY.max_span_width)[0])
-  body = np.zeros((b, r, length), np.int32)
-  body[:, :, 10:20] = 1
+  starts, ends = encoder.span_candidates(length, TINY.max_span_width)
+  read_length = np.where(np.arange(b) < b // 2, 14, 20)[:, None, None]
+  position = np.arange(length)[None, None, :]
+  mask = np.broadcast_to(position < read_length, (b, r, length)).astype(np.int32)
+  body = ((position >= 10) & (position < read_length - 1)).astype(np.int32) * np.ones((b, r, 1),
+                                                                                     np.int32)
+  in_body = body[..., starts].astype(bool) & body[..., ends].astype(bool)
   batch = {
       "query_input_ids": rng.integers(1, 128, (b, task.query_length)).astype(np.int32),
       "query_input_mask": np.ones((b, task.query_length), np.int32),
@@ -35,11 +44,11 @@ def finetune(global_batch, mesh):
       "retrieved_embeddings": rng.normal(size=(b, k, 8)).astype(np.float32),
       "retrieved_valid": np.ones((b, k), bool),
       "retrieved_has_answer": rng.random((b, k)) < 0.5,
-      "reader_input_ids": rng.integers(1, 128, (b, r, length)).astype(np.int32),
+      "reader_input_ids": rng.integers(1, 128, (b, r, length)).astype(np.int32) * mask,
       "reader_segment_ids": body.copy(),
-      "reader_input_mask": np.ones((b, r, length), np.int32),
+      "reader_input_mask": mask,
       "reader_body_mask": body,
-      "span_is_answer": rng.random((b, r, num_spans)) < 0.01,
+      "span_is_answer": (rng.random((b, r, len(starts))) < 0.1) & in_body,
   }
   tx = optim.bert_adamw(optim.OptimizerConfig(learning_rate=1e-3, num_train_steps=10,
                                               warmup_steps=0))
@@ -47,6 +56,14 @@ def finetune(global_batch, mesh):
   state = train_state.create_train_state(params, tx, mesh)
   train_fn = loop.jit_train_step(ft.step_parts(TINY, task, b, tx).train_step, mesh)
   return state, train_fn, batch
+
+
+def prepare_finetune(local_batch):
+  """This process's rows cut to the reader length all processes agree on (what fine-tuning's
+  `next_batch` does): the processes holding only 14-token reads must still use 24 tokens."""
+  from realm_jax.training import finetune as ft
+  return ft.cut_to_bucket(local_batch, FINETUNE_BUCKET, TINY.max_span_width,
+                          across_processes=True)
 
 
 def _random_batch(spec, rng):
@@ -99,3 +116,4 @@ def pretrain(global_batch, mesh):
 
 
 BUILDERS = {"finetune": finetune, "ict": ict, "pretrain": pretrain}
+PREPARE = {"finetune": prepare_finetune}  # Per-process host work on the local rows, if any.

@@ -78,3 +78,6 @@ def test_multi_process_matches_single_process(step, layout):
   assert multi["processes"] == num_processes and multi["devices"] == 8
   np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
   assert single["losses"][1] != single["losses"][0]  # the first step changed the params
+  if step == "finetune":  # Process 0 holds only short reads (16 tokens) but cuts to the agreed 24.
+    assert single["shapes"]["reader_input_ids"][-1] == 24
+    assert multi["shapes"]["reader_input_ids"][-1] == 24

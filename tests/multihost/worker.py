@@ -35,6 +35,8 @@ state, train_fn, batch = steps.BUILDERS[STEP](GLOBAL_BATCH, mesh)
 local = GLOBAL_BATCH // jax.process_count()
 rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
 local_batch = {k: v[rows] for k, v in batch.items()}
+if STEP in steps.PREPARE:
+  local_batch = steps.PREPARE[STEP](local_batch)
 losses = []
 for _ in range(2):
   state, metrics = train_fn(state, sharding.global_batch_from_local(local_batch, mesh),
@@ -43,4 +45,5 @@ for _ in range(2):
   losses.append(float(metrics[steps.LOSS_KEY[STEP]]))
 if jax.process_index() == 0:
   print(json.dumps({"losses": losses, "devices": jax.device_count(),
-                    "processes": jax.process_count()}), flush=True)
+                    "processes": jax.process_count(),
+                    "shapes": {k: list(v.shape) for k, v in local_batch.items()}}), flush=True)

@@ -13,9 +13,11 @@ from realm_jax.data import corpus_store
 from realm_jax.data import featurize
 from realm_jax.data.questions import Question
 from realm_jax.models import bert
+from realm_jax.models import encoder as encoder_lib
 from realm_jax.models import realm
 from realm_jax.data import example_order
 from realm_jax.training import finetune
+from realm_jax.training import length_buckets
 from realm_jax.training import loop
 from realm_jax.training import optim
 from realm_jax.training import train_state
@@ -38,7 +40,7 @@ QUESTIONS = [
     Question("q3", "Where does the Nile flow?", ["the Mediterranean Sea"]),
 ]
 TASK = finetune.OpenQAConfig(num_retrieved=4, num_read=2, query_length=16, reader_length=48,
-                             reader_query_length=16)
+                             reader_query_length=16, reader_length_bucket=8)
 MODEL = realm.ModelConfig(
     init_checkpoint=None, pooling="cls_projection", projection_size=8, span_hidden_size=8,
     max_span_width=4,
@@ -319,9 +321,13 @@ def test_evaluator_span_to_text_to_exact_match_on_known_answers(setup):
       return np.zeros(ids.shape, np.float32), ids
 
   starts, ends = featurizer.starts, featurizer.ends
+  lengths = []
 
   def eval_fn(params, batch):
     n = len(batch["query_input_ids"])
+    # The evaluator cuts the reads to their 8-token bucket (reads here are 24–36 tokens long).
+    assert batch["reader_input_ids"].shape[-1] in (32, 40, 48), batch["reader_input_ids"].shape
+    lengths.append(batch["reader_input_ids"].shape[-1])
     out = {"best_read": np.zeros(n, np.int32), "best_span": np.zeros(n, np.int32),
            "best_score": np.arange(n, dtype=np.float32),
            "p_z": np.full((n, TASK.num_retrieved), 1 / TASK.num_retrieved, np.float32)}
@@ -351,6 +357,66 @@ def test_evaluator_span_to_text_to_exact_match_on_known_answers(setup):
   # Paris) miss; by rank 2 every question has an answer-bearing block.
   assert metrics == {"num_questions": 5.0, "exact_match": 0.8, "answer_recall@1": 0.6,
                      "answer_recall@2": 1.0, "answer_recall@4": 1.0}
+  assert max(lengths) < TASK.reader_length  # every chunk was read cut short: the spans still map
+
+
+def test_reads_cut_to_their_bucket_give_the_full_length_losses_gradients_and_spans(setup):
+  """`cut_to_bucket` drops only padding: the train step's losses and gradients and the eval step's
+  best read, span and score are those of the same batch at the full reader length, and a span
+  index means the same (start, end) at both lengths."""
+  import optax
+  featurizer, batch = setup[2], setup[3]
+  full = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 8 questions
+  longest = int(full["reader_input_mask"].sum(-1).max())
+  length = finetune.read_bucket_length(full, 8)
+  assert length == -(-longest // 8) * 8 and length < TASK.reader_length
+  cut = finetune.cut_to_bucket(full, 8, MODEL.max_span_width)
+  num_spans = encoder_lib.num_span_candidates(length, MODEL.max_span_width)
+  assert cut["reader_input_ids"].shape == (8, TASK.num_read, length)
+  assert cut["span_is_answer"].shape == (8, TASK.num_read, num_spans)
+  assert cut["span_is_answer"].sum() == full["span_is_answer"].sum() > 0  # no answer span lost
+  for field in length_buckets.TOKEN_FIELDS:
+    np.testing.assert_array_equal(cut["reader_" + field], full["reader_" + field][..., :length])
+  np.testing.assert_array_equal(featurizer.starts[:num_spans],
+                                encoder_lib.span_candidates(length, MODEL.max_span_width)[0])
+  uncut = finetune.cut_to_bucket(full, 0, MODEL.max_span_width)  # 0: no bucketing
+  assert all(uncut[k] is full[k] for k in full)
+
+  mesh = sharding.make_mesh()
+  tx = optax.sgd(1.0)  # the update is −grad: the gradients come back exactly
+  params = jax.jit(lambda key: realm.init_params(MODEL, key))(jax.random.key(3))
+  train_fn = loop.jit_train_step(finetune.step_parts(MODEL, TASK, 8, tx).train_step, mesh)
+  results = []
+  for b in (full, cut):
+    state = train_state.create_train_state(params, tx, mesh)
+    new_state, metrics = train_fn(state, sharding.global_batch_from_local(b, mesh),
+                                  jax.random.key(1))
+    results.append((jax.device_get(metrics), jax.device_get(new_state.params)))
+  (m_full, p_full), (m_cut, p_cut) = results
+  for key in ("train/loss", "train/retriever_loss", "train/reader_loss", "train/reader_accuracy"):
+    np.testing.assert_allclose(m_cut[key], m_full[key], rtol=1e-5, err_msg=key)
+  for path, a in jax.tree_util.tree_leaves_with_path(p_full):
+    b = dict(jax.tree_util.tree_leaves_with_path(p_cut))[path]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  eval_fn = finetune.make_eval_step(MODEL, TASK, mesh)
+  out_full, out_cut = (jax.device_get(eval_fn(p_full, sharding.global_batch_from_local(b, mesh)))
+                       for b in (full, cut))
+  np.testing.assert_array_equal(out_cut["best_read"], out_full["best_read"])
+  np.testing.assert_array_equal(out_cut["best_span"], out_full["best_span"])
+  np.testing.assert_allclose(out_cut["best_score"], out_full["best_score"], rtol=1e-5)
+
+
+def test_cut_reads_refuses_to_drop_tokens_or_answers(setup):
+  full = setup[3]
+  length = finetune.read_bucket_length(full, 8)
+  with pytest.raises(ValueError, match=f"reader_\\*: a row is longer than {length - 8} tokens"):
+    finetune.cut_reads(full, length - 8, MODEL.max_span_width)
+  with pytest.raises(ValueError, match="outside"):
+    finetune.cut_reads(full, TASK.reader_length + 1, MODEL.max_span_width)
+  bad = dict(full, span_is_answer=full["span_is_answer"].copy())
+  bad["span_is_answer"][0, 0, -1] = True  # a label on a span that ends at the last position
+  with pytest.raises(ValueError, match=f"an answer span ends past token {length}"):
+    finetune.cut_reads(bad, length, MODEL.max_span_width)
 
 
 @pytest.mark.parametrize("process_count", [2, 4, 8])
