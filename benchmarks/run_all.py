@@ -45,6 +45,8 @@ class Bench:
 BENCHES = (
     Bench("embed_throughput", "corpus embedding: Flax vs PyTorch BertModel, padding, compiles",
           (), ("--quick", "--plot", "")),
+    Bench("reader_buckets", "fine-tuning train step: reads cut to length buckets vs padded to "
+          "reader_length (padding, compiles, s/step)", (), ("--batches", "20", "--steps", "2")),
     Bench("mixed_precision", "float32 vs bfloat16 compute: fine-tuning step, corpus embedding",
           (), ("--steps", "1", "--num_blocks", "64")),
     Bench("encoder_profile", "document tower per component (XLA:CPU profile), f32 vs bf16",
