@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import pathlib
 import statistics
 import time
 
@@ -92,7 +91,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=8, help="timed train steps per configuration")
   p.add_argument("--buckets", default="0,64,32",
                  help="reader_length_bucket values, comma-separated (0: no cut)")
-  p.add_argument("--out", default="", help="also write the Markdown table here")
+  p.add_argument("--out", default="", help="also write the Markdown table here (local or gs://)")
   args = p.parse_args()
   buckets = [int(x) for x in args.buckets.split(",")]
 
@@ -160,7 +159,8 @@ def main() -> None:
   expected = {bucket: sum(price(n) * c for n, c in stats[bucket]["lengths"].items())
               / len(batches) for bucket in buckets}
   rows = ["| reader_length_bucket | padded share of reader tokens | reader lengths (batches) | "
-          "compiles | compile s | s/step, timed steps | s/step expected over all batches | "
+          "shapes over all batches | compile s (shapes of the timed steps) | s/step, timed steps | "
+          "s/step expected over all batches | "
           f"vs first row | loss after {args.steps} steps |",
           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
   for bucket in buckets:
@@ -169,7 +169,8 @@ def main() -> None:
     mean = statistics.mean(step_s[bucket]) if step_s[bucket] else float("nan")
     loss = losses[bucket][-1] if losses[bucket] else float("nan")
     rows.append(f"| {bucket or 'off (' + str(task.reader_length) + ')'} | {100 * s['padded']:.1f} % "
-                f"| {shapes} | {len(s['lengths'])} | {compile_s[bucket]:.1f} | {mean:.2f} | "
+                f"| {shapes} | {len(s['lengths'])} | {compile_s[bucket]:.1f} "
+                f"({len(set(lengths_seen[bucket]))}) | {mean:.2f} | "
                 f"{expected[bucket]:.2f} | {expected[bucket] / expected[base]:.2f}× | {loss:.4f} |")
   rows += ["", "Median timed step by reader length: " + ", ".join(
       f"{n}: {statistics.median(by_length[n]):.2f} s ({len(by_length[n])})" for n in timed) + "."]
@@ -180,8 +181,9 @@ def main() -> None:
       f"full length); {jax.device_count()} device(s), {args.steps} timed steps per row, "
       "interleaved.", "", *rows, ""])  # pylint: disable=line-too-long
   print(table)
-  if args.out:
-    pathlib.Path(args.out).write_text(table)
+  if args.out:  # Local or gs://, written atomically.
+    from realm_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_atomic(args.out, table)
 
 
 if __name__ == "__main__":
