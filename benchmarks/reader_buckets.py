@@ -100,6 +100,7 @@ def main() -> None:
   from realm_jax import sharding
   from realm_jax.models import encoder
   from realm_jax.training import finetune
+  from realm_jax.training import length_buckets
   from realm_jax.training import loop
   from realm_jax.training import optim
   from realm_jax.training import train_state
@@ -113,7 +114,7 @@ def main() -> None:
   real = sum(int(b["reader_input_mask"].sum()) for b in batches)
   stats = {}
   for bucket in buckets:
-    lengths = [finetune.read_bucket_length(b, bucket) for b in batches]
+    lengths = [length_buckets.group_length(b, "reader_", bucket) for b in batches]
     computed = sum(len(b["reader_input_mask"]) * task.num_read * n for b, n in zip(batches, lengths))
     stats[bucket] = {"padded": 1 - real / computed, "lengths": collections.Counter(lengths),
                      "computed": computed}

@@ -73,11 +73,21 @@ def span_candidates(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.n
   return np.asarray(starts, np.int32), np.asarray(ends, np.int32)
 
 
-def num_span_candidates(seq_len: int, max_span_width: int) -> int:
+def num_span_candidates(seq_len, max_span_width: int):
   """How many spans `span_candidates(seq_len, max_span_width)` lists: Σ_{e < seq_len}
-  min(e + 1, max_span_width), i.e. the spans that end before `seq_len`."""
-  full = min(seq_len, max_span_width)
-  return full * (full + 1) // 2 + (seq_len - full) * max_span_width
+  min(e + 1, max_span_width), i.e. the spans that end before `seq_len`.
+
+  Args:
+    seq_len: an int, or an int array `[...]` (elementwise).
+    max_span_width: as in `span_candidates`.
+
+  Returns:
+    A Python int for an int `seq_len`; an int64 array of its shape otherwise.
+  """
+  seq_len = np.asarray(seq_len, np.int64)
+  full = np.minimum(seq_len, max_span_width)
+  count = full * (full + 1) // 2 + (seq_len - full) * max_span_width
+  return int(count) if count.ndim == 0 else count
 
 
 def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
@@ -108,9 +118,7 @@ def span_index(seq_len: int, max_span_width: int, starts: np.ndarray,
     raise ValueError(f"span_index: span ({int(starts[k])}, {int(ends[k])}) is not among the spans "
                      f"of width < {max_span_width} in {seq_len} tokens")
   # End-major, then width: span (s, e) sits after every span ending before e, at offset e − s.
-  before = np.minimum(ends, max_span_width)
-  offsets = before * (before + 1) // 2 + (ends - before) * max_span_width
-  return (offsets + (ends - starts)).astype(np.int64)
+  return (num_span_candidates(ends, max_span_width) + (ends - starts)).astype(np.int64)
 
 
 def gold_span_mask(seq_len: int, max_span_width: int, gold_starts: np.ndarray,

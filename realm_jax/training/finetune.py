@@ -241,13 +241,6 @@ class OpenQAFeaturizer:
                          across_processes)
 
 
-def read_bucket_length(batch: dict[str, np.ndarray], bucket: int) -> int:
-  """The padded reader length a batch needs: the smallest multiple of `bucket` that holds its
-  longest read (`[CLS] x [SEP] z [SEP]`, counted from `reader_input_mask` `[n, R, L]`), capped at
-  the batch's length L; L itself when `bucket` is 0 (`OpenQAConfig.reader_length_bucket`)."""
-  return length_buckets.group_length(batch, "reader_", bucket)
-
-
 def cut_reads(batch: dict[str, np.ndarray], length: int, max_span_width: int
               ) -> dict[str, np.ndarray]:
   """Drops the reader padding past `length`: the same batch, fewer computed tokens.
@@ -272,19 +265,26 @@ def cut_reads(batch: dict[str, np.ndarray], length: int, max_span_width: int
   Raises:
     ValueError: if `length` is out of range, or the cut would drop a real token or an answer span.
   """
-  out = length_buckets.cut(batch, {"reader_": length})
-  if "span_is_answer" in batch and length < batch["reader_input_mask"].shape[-1]:
-    num_spans = encoder_lib.num_span_candidates(length, max_span_width)
-    if np.any(batch["span_is_answer"][..., num_spans:]):
-      raise ValueError(f"reader_*: an answer span ends past token {length}")
-    out["span_is_answer"] = np.ascontiguousarray(batch["span_is_answer"][..., :num_spans])
-  return out
+  return _cut_span_labels(length_buckets.cut(batch, {"reader_": length}), length, max_span_width)
+
+
+def _cut_span_labels(batch: dict[str, np.ndarray], length: int, max_span_width: int
+                     ) -> dict[str, np.ndarray]:
+  """`batch` (a new dict) with `span_is_answer`, if any, cut to the spans of `length` tokens."""
+  labels = batch.get("span_is_answer")
+  num_spans = encoder_lib.num_span_candidates(length, max_span_width)
+  if labels is None or labels.shape[-1] == num_spans:
+    return batch
+  if np.any(labels[..., num_spans:]):
+    raise ValueError(f"reader_*: an answer span ends past token {length}")
+  return dict(batch, span_is_answer=np.ascontiguousarray(labels[..., :num_spans]))
 
 
 def cut_to_bucket(batch: dict[str, np.ndarray], bucket: int, max_span_width: int,
                   across_processes: bool = False) -> dict[str, np.ndarray]:
   """A batch's reads cut to the bucket length of its longest read (ORQA/REALM reader inputs
-  without the padding past it; `training.length_buckets`).
+  without the padding past it; `training.length_buckets.cut_to_buckets` on the `reader_` group,
+  then `span_is_answer` as in `cut_reads`).
 
   Args:
     batch: from `OpenQAFeaturizer.batch` (reads `[n, R, reader_length]`).
@@ -297,12 +297,13 @@ def cut_to_bucket(batch: dict[str, np.ndarray], bucket: int, max_span_width: int
 
   Returns:
     `batch` with `reader_*` `[n, R, length]` and `span_is_answer` `[n, R,
-    num_span_candidates(length)]` (`cut_reads`).
+    num_span_candidates(length)]`.
+
+  Raises:
+    ValueError: as `cut_reads`.
   """
-  length = read_bucket_length(batch, bucket)
-  if across_processes:
-    (length,) = sharding.max_over_processes([length])
-  return cut_reads(batch, length, max_span_width)
+  out, lengths = length_buckets.cut_to_buckets(batch, ("reader_",), bucket, across_processes)
+  return _cut_span_labels(out, lengths["reader_"], max_span_width)
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:

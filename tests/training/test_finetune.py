@@ -368,7 +368,7 @@ def test_reads_cut_to_their_bucket_give_the_full_length_losses_gradients_and_spa
   featurizer, batch = setup[2], setup[3]
   full = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 8 questions
   longest = int(full["reader_input_mask"].sum(-1).max())
-  length = finetune.read_bucket_length(full, 8)
+  length = length_buckets.group_length(full, "reader_", 8)
   assert length == -(-longest // 8) * 8 and length < TASK.reader_length
   cut = finetune.cut_to_bucket(full, 8, MODEL.max_span_width)
   num_spans = encoder_lib.num_span_candidates(length, MODEL.max_span_width)
@@ -408,7 +408,7 @@ def test_reads_cut_to_their_bucket_give_the_full_length_losses_gradients_and_spa
 
 def test_cut_reads_refuses_to_drop_tokens_or_answers(setup):
   full = setup[3]
-  length = finetune.read_bucket_length(full, 8)
+  length = length_buckets.group_length(full, "reader_", 8)
   with pytest.raises(ValueError, match=f"reader_\\*: a row is longer than {length - 8} tokens"):
     finetune.cut_reads(full, length - 8, MODEL.max_span_width)
   with pytest.raises(ValueError, match="outside"):
